@@ -1,0 +1,217 @@
+"""The interface every merge method implements: pure tensor math, no files, no devices.
+
+The engine hands a method one base tensor at a time with every input's task update for it,
+already on the worker device, in fp32, in the **canonical orientation** ``[d_out, d_in]``
+of ``nn.Linear`` (the engine transposes GPT-2 ``Conv1D`` / ``fan_in_fan_out`` weights and
+embeddings before the call and back after it), with each adapter's scaling ``s_i`` folded
+into ``up``.  The method returns the merged *update*; the engine adds it to the base
+(``W0 + up @ down`` in one GEMM for low-rank results), casts once and writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import MethodParameterError
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A task update ``ΔW = up @ down`` (``up`` [d_out, r], ``down`` [r, d_in]), scale folded into ``up``."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.up @ self.down
+
+
+@dataclass(frozen=True)
+class DenseUpdate:
+    """A dense task update (full fine-tune task vector, modules_to_save, biases); any shape."""
+
+    delta: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.delta
+
+
+TaskUpdate = LowRankUpdate | DenseUpdate
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """Everything a method sees for one tensor.
+
+    Attributes:
+        name: output tensor name (for stats and messages).
+        base: base weight ``W0``, fp32, canonical orientation, on the worker device.
+        updates: one task update per input that touches this tensor, in input order.
+        weights: the user weight ``w_i`` of each of those inputs.
+        generator: random generator seeded from (recipe seed, tensor name), on ``base.device``.
+    """
+
+    name: str
+    base: torch.Tensor
+    updates: tuple[TaskUpdate, ...]
+    weights: tuple[float, ...]
+    generator: torch.Generator
+
+
+@dataclass
+class MergeResult:
+    """A method's answer: the merged update to add to the base, and per-tensor statistics."""
+
+    update: TaskUpdate
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+_PARSERS: dict[type, Callable[[str], Any]] = {
+    int: int,
+    float: float,
+    str: str,
+}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared method parameter (also the CLI help text for ``--param``)."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def coerce(self, method: str, value: Any) -> Any:
+        """Parse a CLI string (or check a recipe value) into this parameter's type and range."""
+        try:
+            parsed = self._parse(value)
+        except (TypeError, ValueError):
+            raise MethodParameterError(
+                f"method {method!r}: parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+        if self.choices is not None and parsed not in self.choices:
+            raise MethodParameterError(
+                f"method {method!r}: parameter {self.name!r} must be one of {list(self.choices)}, got {value!r}")
+        if self.minimum is not None and parsed < self.minimum:
+            raise MethodParameterError(
+                f"method {method!r}: parameter {self.name!r} must be >= {self.minimum}, got {value!r}")
+        if self.maximum is not None and parsed > self.maximum:
+            raise MethodParameterError(
+                f"method {method!r}: parameter {self.name!r} must be <= {self.maximum}, got {value!r}")
+        return parsed
+
+    def _parse(self, value: Any) -> Any:
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(value)
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, str):
+            return _PARSERS[self.kind](value.strip())
+        if self.kind is float and isinstance(value, int):
+            return float(value)
+        if not isinstance(value, self.kind):
+            raise TypeError(value)
+        return value
+
+
+MergeFunction = Callable[[MergeInputs, Mapping[str, Any]], MergeResult]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: registry name (``--method``).
+        summary: one line for ``streammerge methods``.
+        params: declared parameters with defaults.
+        merge: the pure function ``(MergeInputs, resolved params) -> MergeResult``.
+        dense_inputs: True if the method materialises a dense fp32 delta per input
+            (sizes the memory estimate); False for exact low-rank methods.
+        uses_random: True if results depend on ``MergeInputs.generator``.
+    """
+
+    name: str
+    summary: str
+    params: tuple[Param, ...]
+    merge: MergeFunction
+    dense_inputs: bool = False
+    uses_random: bool = False
+
+    def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults overlaid with ``given``, every value validated.
+
+        Raises:
+            MethodParameterError: listing unknown names (with the known ones) or the bad value.
+        """
+        declared = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(declared))
+        if unknown:
+            known = ", ".join(declared) or "(none)"
+            raise MethodParameterError(
+                f"method {self.name!r} has no parameter(s) {', '.join(map(repr, unknown))}; it takes: {known}")
+        resolved = {p.name: p.default for p in self.params}
+        for key, value in given.items():
+            resolved[key] = declared[key].coerce(self.name, value)
+        return resolved
+
+
+def parse_param_assignment(text: str) -> tuple[str, str]:
+    """Split a ``--param name=value`` argument."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise MethodParameterError(f"--param expects name=value, got {text!r}")
+    return name.strip(), value
+
+
+LAMBDA = Param("lambda", float, 1.0, "global scale λ of the merged update")
+
+
+def stack_low_rank(updates: Sequence[LowRankUpdate], coefficients: Sequence[float]) -> LowRankUpdate:
+    """``Σ c_i up_i down_i`` as one exact low-rank update (concatenated factors, rank Σ r_i)."""
+    ups = [u.up * c for u, c in zip(updates, coefficients)]
+    return LowRankUpdate(up=torch.cat(ups, dim=1), down=torch.cat([u.down for u in updates], dim=0))
+
+
+def weighted_sum(updates: Sequence[TaskUpdate], coefficients: Sequence[float]) -> TaskUpdate:
+    """``Σ c_i ΔW_i``: exact low-rank when every update is low-rank, else one dense tensor.
+
+    Dense deltas are accumulated one input at a time, so at most one extra dense tensor exists.
+    """
+    if all(isinstance(u, LowRankUpdate) for u in updates):
+        return stack_low_rank(updates, coefficients)  # type: ignore[arg-type]
+    total: torch.Tensor | None = None
+    for update, c in zip(updates, coefficients):
+        term = update.dense() * c
+        total = term if total is None else total.add_(term)
+    assert total is not None
+    return DenseUpdate(total)
+
+
+def apply_update(base: torch.Tensor, update: TaskUpdate) -> torch.Tensor:
+    """``W0 + ΔW`` in fp32 (one GEMM for a low-rank update)."""
+    if isinstance(update, LowRankUpdate):
+        if update.rank == 0:
+            return base.clone()
+        return torch.addmm(base, update.up, update.down)
+    return base + update.delta
