@@ -1,0 +1,250 @@
+"""The pipeline: for each output shard, for each tensor: read → merge on the worker → cast → write.
+
+The engine executes a ``MergePlan`` and nothing else: it holds one tensor (and the
+factors of the inputs touching it) at a time, writes each shard under a temporary name
+and renames it when complete, and writes the index, config and model card last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import AdapterError, OutputError
+from .io.atomic import write_bytes_atomic
+from .io.dtypes import DTYPES
+from .io.reader import CheckpointReader, open_checkpoint
+from .io.writer import ShardWriter, layout_shard, write_index
+from .memory import PeakMemoryMonitor
+from .methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, apply_update, get_method
+from .modelcard import render_model_card
+from .names import (CONFIG_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
+                    WEIGHT_FILE_SUFFIXES)
+from .plan import Contribution, MergePlan, TensorJob
+
+ProgressCallback = Callable[[str, int], None]
+
+
+@dataclass
+class ShardRecord:
+    """A finished output shard."""
+
+    file_name: str
+    size: int
+    sha256: str
+
+
+@dataclass
+class MergeReport:
+    """What a finished job did and measured."""
+
+    output_dir: Path
+    device: str
+    shards: list[ShardRecord] = field(default_factory=list)
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss: int = 0
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OutputError("--device cuda was requested but torch sees no CUDA device; use --device auto or cpu")
+    return torch.device(name)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor random seed: a resumed or re-run job draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class _Readers:
+    """One lazily opened reader per input file."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, CheckpointReader] = {}
+
+    def get(self, file: str) -> CheckpointReader:
+        reader = self._readers.get(file)
+        if reader is None:
+            reader = CheckpointReader(open_checkpoint(file))
+            self._readers[file] = reader
+        return reader
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+class TensorMerger:
+    """The device worker: merges one ``TensorJob`` with the plan's method."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers) -> None:
+        self.plan = plan
+        self.device = device
+        self.readers = readers
+        self.method = get_method(plan.recipe.method)
+        self.params = dict(plan.method_params)
+        self.weights = [spec.weight for spec in plan.recipe.inputs]
+
+    def _load(self, file: str, key: str) -> torch.Tensor:
+        tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
+        return tensor
+
+    def _input_update(self, contribs: list[Contribution], base: torch.Tensor, transposed: bool) -> TaskUpdate | None:
+        low_rank: LowRankUpdate | None = None
+        dense: torch.Tensor | None = None
+        for c in contribs:
+            if c.kind == "lora":
+                a = self._load(c.file, c.keys[0])
+                b = self._load(c.file, c.keys[1])
+                low_rank = LowRankUpdate(up=b.mul_(c.scale), down=a)
+                continue
+            value = self._load(c.file, c.keys[0])
+            if c.kind == "lora_bias":
+                delta = value.mul_(c.scale)
+            else:  # "replacement" / "full": the task vector is the new tensor minus the base
+                value = value.T if transposed else value
+                if torch.equal(value, base):
+                    continue  # e.g. an embedding PEFT saved unchanged
+                delta = value.sub_(base)
+            dense = delta if dense is None else dense.add_(delta)
+        if dense is None:
+            return low_rank
+        if low_rank is not None:
+            dense = dense.add_(low_rank.dense())
+        return DenseUpdate(dense)
+
+    def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, float]]:
+        """The merged tensor, cast to the output dtype, on the CPU, in stored orientation."""
+        transposed = any(c.transposed for c in job.contributions)
+        base = self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device)
+        if transposed:
+            base = base.T
+        by_input: dict[int, list[Contribution]] = {}
+        for c in job.contributions:
+            by_input.setdefault(c.input_index, []).append(c)
+        updates, weights = [], []
+        for index, contribs in by_input.items():
+            update = self._input_update(contribs, base, transposed)
+            if update is not None:
+                updates.append(update)
+                weights.append(self.weights[index])
+        stats: dict[str, float] = {}
+        if updates:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+            result = self.method.merge(
+                MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
+            merged = apply_update(base, result.update)
+            stats = result.stats
+        else:
+            merged = base
+        if transposed:
+            merged = merged.T
+        out = merged.to(DTYPES[job.out_dtype].torch_dtype).contiguous().cpu()  # type: ignore[arg-type]
+        return out, stats
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir``; refuse one that already holds files (never overwrite a model)."""
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise OutputError(f"output path {str(out_dir)!r} exists and is not a directory")
+        leftovers = [p for p in out_dir.iterdir() if not p.name.endswith(PARTIAL_SUFFIX)]
+        if leftovers:
+            raise OutputError(
+                f"output directory {str(out_dir)!r} is not empty (it holds {sorted(p.name for p in leftovers)[:5]}); "
+                "choose a new directory or empty it")
+        for p in out_dir.iterdir():
+            p.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output directory {str(out_dir)!r}: {e.strerror or e}") from e
+
+
+def write_shard(shard_path: Path, jobs: tuple[TensorJob, ...], merger: TensorMerger, report: MergeReport,
+                progress: ProgressCallback | None) -> ShardRecord:
+    """Write one output shard, tensor by tensor, and rename it into place when complete."""
+    layout = layout_shard((t.name, t.out_dtype, t.shape) for t in jobs)
+    with ShardWriter(shard_path, layout) as writer:
+        for job in jobs:
+            if job.is_copy:
+                for chunk in merger.readers.get(job.source_file).iter_bytes(job.source):
+                    writer.write_bytes(job.name, chunk)
+                report.tensors_copied += 1
+            else:
+                tensor, stats = merger.merge(job)
+                writer.write_tensor(job.name, tensor)
+                del tensor
+                if stats:
+                    report.stats[job.name] = stats
+                report.tensors_merged += 1
+            if progress is not None:
+                progress(job.name, job.out_bytes)
+        digest = writer.commit()
+    return ShardRecord(shard_path.name, layout.file_size, digest)
+
+
+def copy_model_files(plan: MergePlan, out_dir: Path) -> None:
+    """Copy config, tokenizer and generation files; apply the plan's config updates."""
+    base_root = Path(plan.recipe.base)
+    if base_root.is_file():
+        base_root = base_root.parent
+    for path in sorted(base_root.iterdir()):
+        if (not path.is_file() or path.name.startswith(".") or path.name in NOT_COPIED_NAMES
+                or path.name.endswith(WEIGHT_FILE_SUFFIXES)):
+            continue
+        if path.name == CONFIG_NAME and plan.config_updates:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config.update(dict(plan.config_updates))
+            write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        else:
+            shutil.copyfile(path, out_dir / path.name)
+
+
+def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | None = None) -> MergeReport:
+    """Execute ``plan`` into ``out_dir`` (which must be new or empty)."""
+    out_dir = Path(out_dir)
+    device = resolve_device(plan.recipe.device)
+    prepare_output_dir(out_dir)
+    report = MergeReport(output_dir=out_dir, device=str(device))
+    readers = _Readers()
+    start = time.perf_counter()
+    try:
+        with PeakMemoryMonitor() as monitor, torch.inference_mode():
+            merger = TensorMerger(plan, device, readers)
+            for shard in plan.shards:
+                record = write_shard(out_dir / shard.file_name, shard.tensors, merger, report, progress)
+                report.shards.append(record)
+                report.bytes_written += record.size
+            copy_model_files(plan, out_dir)
+            if plan.write_index:
+                weight_map = {t.name: s.file_name for s in plan.shards for t in s.tensors}
+                write_index(out_dir, weight_map, sum(t.out_bytes for s in plan.shards for t in s.tensors))
+            report.seconds = time.perf_counter() - start
+            report.peak_rss = monitor.peak_rss
+            write_bytes_atomic(out_dir / RECIPE_NAME, (json.dumps(
+                {"recipe": plan.recipe.to_dict(), "plan_fingerprint": plan.fingerprint()}, indent=2) + "\n").encode())
+            write_bytes_atomic(out_dir / MODEL_CARD_NAME, render_model_card(plan, report).encode())
+        report.peak_rss = monitor.peak_rss
+    finally:
+        readers.close()
+    return report

@@ -1,0 +1,201 @@
+"""Lazy, one-tensor-at-a-time reading of safetensors checkpoints.
+
+A checkpoint is a single ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``.  Headers are parsed and validated up front
+(``header.read_header``) so planning needs no tensor data.  Tensor bytes are read through
+our own read-only memory map of each shard; after a tensor is copied out, its pages are
+released with ``madvise(MADV_DONTNEED)`` so mapped pages never pile up in the process's
+resident set (safetensors' ``safe_open`` keeps its map, and thus RSS, growing to the shard
+size).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from ..errors import InputError, SafetensorsFormatError
+from ..names import INDEX_NAME, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX, SINGLE_FILE_NAME
+from .dtypes import DTYPES
+from .header import SafetensorsHeader, TensorInfo, read_header
+
+COPY_CHUNK_BYTES = 64 << 20
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Which shard holds which tensor: the validated headers of a checkpoint."""
+
+    root: Path
+    shards: tuple[Path, ...]
+    headers: dict[Path, SafetensorsHeader]
+    shard_of: dict[str, Path]
+    index_path: Path | None
+
+    def info(self, name: str) -> TensorInfo:
+        return self.headers[self.shard_of[name]].tensors[name]
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.shard_of)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for h in self.headers.values() for t in h.tensors.values())
+
+
+def _inside(root: Path, candidate: Path) -> bool:
+    try:
+        candidate.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def _load_index(root: Path, index_path: Path) -> dict[str, str]:
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsFormatError(f"cannot read shard index {str(index_path)!r}: {e}") from e
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SafetensorsFormatError(
+            f"shard index {str(index_path)!r} must hold a \"weight_map\" object of tensor name -> shard file name")
+    for name, shard in weight_map.items():
+        target = root / shard
+        if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(root, target):
+            raise SafetensorsFormatError(
+                f"shard index {str(index_path)!r} maps tensor {name!r} to {shard!r}, outside the model directory")
+    return weight_map
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointLayout:
+    """Find and validate the safetensors files of a model directory (or a single file).
+
+    Raises:
+        InputError: no safetensors weights (pickle-only checkpoints are named as such).
+        SafetensorsFormatError: a malformed header or index, a missing shard, an index
+            entry whose tensor is not in its shard, or a tensor stored in two shards.
+    """
+    root = Path(path)
+    if root.is_file():
+        header = read_header(root)
+        return CheckpointLayout(root=root.parent, shards=(root,), headers={root: header},
+                                shard_of={n: root for n in header.tensors}, index_path=None)
+    if not root.is_dir():
+        raise InputError(f"model path {str(root)!r} does not exist")
+    index_path = root / INDEX_NAME
+    if index_path.is_file():
+        weight_map = _load_index(root, index_path)
+        shard_names = list(dict.fromkeys(weight_map.values()))
+        headers: dict[Path, SafetensorsHeader] = {}
+        for shard in shard_names:
+            shard_path = root / shard
+            if not shard_path.is_file():
+                raise SafetensorsFormatError(
+                    f"shard index {str(index_path)!r} names {shard!r}, which does not exist in {str(root)!r}")
+            headers[shard_path] = read_header(shard_path)
+        shard_of: dict[str, Path] = {}
+        for name, shard in weight_map.items():
+            shard_path = root / shard
+            if name not in headers[shard_path].tensors:
+                raise SafetensorsFormatError(
+                    f"shard index {str(index_path)!r} places tensor {name!r} in {shard!r}, but that shard has no such tensor")
+            shard_of[name] = shard_path
+        return CheckpointLayout(root, tuple(headers), headers, shard_of, index_path)
+    single = root / SINGLE_FILE_NAME
+    if single.is_file():
+        header = read_header(single)
+        return CheckpointLayout(root, (single,), {single: header}, {n: single for n in header.tensors}, None)
+    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
+    others = sorted(p.name for p in root.iterdir() if p.suffix == SAFETENSORS_SUFFIX)
+    if others:
+        raise InputError(
+            f"{str(root)!r} has safetensors files {others[:5]} but neither {SINGLE_FILE_NAME!r} nor {INDEX_NAME!r}; "
+            "rename the single file to model.safetensors or add an index")
+    if pickles:
+        raise InputError(
+            f"{str(root)!r} holds only pickle weights {pickles[:5]}; streammerge reads safetensors only "
+            "(pickles can run code when loaded). Convert them to safetensors first.")
+    raise InputError(f"{str(root)!r} holds no model weights ({SINGLE_FILE_NAME!r} or {INDEX_NAME!r} expected)")
+
+
+class CheckpointReader:
+    """Reads tensors of a checkpoint one at a time; use as a context manager."""
+
+    def __init__(self, layout: CheckpointLayout) -> None:
+        self.layout = layout
+        self._maps: dict[Path, tuple[object, mmap.mmap]] = {}
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for f, mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a tensor view is still alive; the map closes when it is collected
+            f.close()  # type: ignore[attr-defined]
+        self._maps.clear()
+
+    def _map(self, shard: Path) -> mmap.mmap:
+        entry = self._maps.get(shard)
+        if entry is None:
+            try:
+                f = open(shard, "rb")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise SafetensorsFormatError(f"cannot map {str(shard)!r}: {e}") from e
+            expected = self.layout.headers[shard].file_size
+            if len(mm) != expected:
+                raise SafetensorsFormatError(
+                    f"{str(shard)!r} changed size while reading ({expected} -> {len(mm)} bytes)")
+            entry = (f, mm)
+            self._maps[shard] = entry
+        return entry[1]
+
+    def _release(self, mm: mmap.mmap, begin: int, end: int) -> None:
+        start = begin - begin % _PAGE
+        if end > start and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``name`` as a fresh CPU tensor (converted to ``dtype`` if given)."""
+        info = self.layout.info(name)
+        mm = self._map(self.layout.shard_of[name])
+        torch_dtype = DTYPES[info.dtype].torch_dtype
+        if torch_dtype is None:
+            raise SafetensorsFormatError(f"tensor {name!r} has dtype {info.dtype}, which torch cannot represent")
+        target = dtype or torch_dtype
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=target)
+        view = torch.frombuffer(mm, dtype=torch_dtype, count=info.numel, offset=info.begin).reshape(info.shape)
+        tensor = view.to(target, copy=True)
+        del view
+        self._release(mm, info.begin, info.end)
+        return tensor
+
+    def iter_bytes(self, name: str, chunk: int = COPY_CHUNK_BYTES) -> Iterator[memoryview]:
+        """The raw bytes of tensor ``name`` in chunks, for byte-exact copies."""
+        info = self.layout.info(name)
+        mm = self._map(self.layout.shard_of[name])
+        with memoryview(mm) as whole:
+            for start in range(info.begin, info.end, chunk):
+                stop = min(start + chunk, info.end)
+                with whole[start:stop] as part:
+                    yield part
+                self._release(mm, start, stop)

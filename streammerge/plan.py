@@ -1,0 +1,389 @@
+"""Planning: turn a recipe into plain data the engine executes, and find every problem first.
+
+The plan says, for every output tensor, which base tensor it is read from and which
+inputs change it (and how); how tensors are grouped into output shards; and what the job
+will cost in memory and disk.  It reads only headers and configs, never tensor data, and
+collects all problems before raising one ``PlanError`` that lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .adapters.lora import LoraAdapter, load_lora_adapter
+from .errors import InputError, PlanError, StreamMergeError
+from .io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
+from .io.reader import CheckpointLayout, open_checkpoint
+from .io.writer import layout_shard
+from .methods import MergeMethod, get_method
+from .names import CONFIG_NAME, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
+from .recipe import Recipe
+
+LM_HEAD = "lm_head.weight"
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+# Interpreter, torch and bookkeeping, measured on CPU; added to the per-tensor working set.
+PROCESS_BASELINE_BYTES = 400 << 20
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """How one input changes one output tensor.
+
+    Attributes:
+        input_index: position of the input in the recipe.
+        kind: "lora" (keys = A, B), "lora_bias" (keys = bias), "replacement" (keys = the
+            replacing tensor) or "full" (keys = the fine-tuned tensor; ΔW = it − base).
+        file: the safetensors file holding ``keys``.
+        keys: tensor names inside ``file``.
+        scale: LoRA scaling s (folded into B), 1 otherwise.
+        transposed: the stored tensor is (B A)ᵀ (fan_in_fan_out or embedding LoRA).
+    """
+
+    input_index: int
+    kind: str
+    file: str
+    keys: tuple[str, ...]
+    scale: float = 1.0
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor: read ``source`` from the base, apply contributions, cast, write."""
+
+    name: str
+    source: str
+    source_file: str
+    dtype: str
+    out_dtype: str
+    shape: tuple[int, ...]
+    contributions: tuple[Contribution, ...] = ()
+
+    @property
+    def is_copy(self) -> bool:
+        """Untouched and not cast: copied byte for byte."""
+        return not self.contributions and self.dtype == self.out_dtype and self.source == self.name
+
+    @property
+    def out_bytes(self) -> int:
+        return byte_size(self.out_dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One output file; ``tensors`` are in the order they are written (file order)."""
+
+    file_name: str
+    tensors: tuple[TensorJob, ...]
+
+    @property
+    def file_size(self) -> int:
+        return layout_shard((t.name, t.out_dtype, t.shape) for t in self.tensors).file_size
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    """What the plan found in one input."""
+
+    index: int
+    kind: str
+    path: str
+    weight: float
+    fingerprint: str
+    tensors_changed: int
+    ranks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Plain data: everything the engine needs, printable and hashable."""
+
+    recipe: Recipe
+    method_params: tuple[tuple[str, Any], ...]
+    base_fingerprint: str
+    inputs: tuple[InputSummary, ...]
+    shards: tuple[ShardJob, ...]
+    write_index: bool
+    config_updates: tuple[tuple[str, Any], ...]
+    estimated_peak_bytes: int
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def merged_count(self) -> int:
+        return sum(1 for s in self.shards for t in s.tensors if t.contributions)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the plan's content: guards a resumed job against changed recipes or inputs."""
+        doc = asdict(self)
+        doc["recipe"] = self.recipe.to_dict()
+        doc["recipe"].pop("device")
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def resolve_dtype(name: str | None) -> str | None:
+    """Map a user dtype spelling to a safetensors dtype name (None keeps base dtypes)."""
+    if name is None:
+        return None
+    key = DTYPE_ALIASES.get(name.lower(), name.upper())
+    if key not in FLOAT_DTYPE_NAMES:
+        raise InputError(f"unknown output dtype {name!r}; use bfloat16, float16 or float32")
+    return key
+
+
+def layout_fingerprint(layout: CheckpointLayout) -> str:
+    """A cheap identity of a checkpoint: each shard's name, size and header hash."""
+    h = hashlib.sha256()
+    for shard in layout.shards:
+        header = layout.headers[shard]
+        h.update(f"{shard.name}:{header.file_size}:{header.header_sha256}\n".encode())
+    return h.hexdigest()
+
+
+def read_config(root: Path) -> dict[str, Any]:
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {str(path)!r}: {e}") from e
+    return doc if isinstance(doc, dict) else {}
+
+
+def _family(architecture: str | None) -> str | None:
+    if not architecture:
+        return None
+    return re.sub(r"(For[A-Z]\w*|Model)$", "", architecture) or None
+
+
+class _Planner:
+    """Collects contributions and problems input by input."""
+
+    def __init__(self, recipe: Recipe, base: CheckpointLayout, base_config: dict[str, Any]) -> None:
+        self.recipe = recipe
+        self.base = base
+        self.base_config = base_config
+        self.problems: list[str] = []
+        self.contributions: dict[str, list[Contribution]] = {}
+        self.virtual_sources: dict[str, str] = {}
+        embed = next((n for n in base.shard_of if n.endswith(_EMBED_SUFFIXES)), None)
+        if LM_HEAD not in base.shard_of and embed is not None:
+            # Tied embeddings: lm_head is not stored. An adapter that changes lm_head unties it.
+            self.virtual_sources[LM_HEAD] = embed
+        self.names = set(base.shard_of) | set(self.virtual_sources)
+        self.base_family = _family((base_config.get("architectures") or [None])[0])
+
+    def base_shape(self, name: str) -> tuple[int, ...]:
+        return self.base.info(self.virtual_sources.get(name, name)).shape
+
+    def add(self, target: str, contribution: Contribution) -> None:
+        self.contributions.setdefault(target, []).append(contribution)
+
+    def check_family(self, where: str, architecture: str | None) -> None:
+        family = _family(architecture)
+        if family and self.base_family and family != self.base_family:
+            self.problems.append(
+                f"{where} was made for a {architecture} model but the base is a "
+                f"{self.base_config['architectures'][0]}")
+
+    def add_adapter(self, index: int, adapter: LoraAdapter) -> tuple[int, ...]:
+        where = f"adapter {str(adapter.root)!r}"
+        self.check_family(where, adapter.settings.base_model_class)
+        header = adapter.header
+        file = str(adapter.weights.shards[0])
+        ranks = []
+        for m in adapter.modules:
+            a, b = header.tensors[m.a_key], header.tensors[m.b_key]
+            bad = [t for t in (a, b) if t.dtype not in FLOAT_DTYPE_NAMES]
+            if bad:
+                self.problems.append(f"{where}: {bad[0].name!r} has dtype {bad[0].dtype}; LoRA factors must be floating point")
+                continue
+            if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+                self.problems.append(f"{where}: {m.a_key!r} {list(a.shape)} and {m.b_key!r} {list(b.shape)} "
+                                     "are not LoRA factors A [r, d_in] and B [d_out, r] of one rank")
+                continue
+            if a.shape[0] != m.rank:
+                self.problems.append(f"{where}: module {m.module!r} has rank {a.shape[0]} in its weights but "
+                                     f"{m.rank} in adapter_config.json (r / rank_pattern)")
+                continue
+            canonical = (b.shape[0], a.shape[1])
+            expected = canonical[::-1] if m.transposed else canonical
+            if self.base_shape(m.target) != expected:
+                self.problems.append(
+                    f"{where}: module {m.module!r} gives an update of shape {list(expected)} but base tensor "
+                    f"{m.target!r} has shape {list(self.base_shape(m.target))}")
+                continue
+            ranks.append(m.rank)
+            self.add(m.target, Contribution(index, "lora", file, (m.a_key, m.b_key), m.scale, m.transposed))
+        for t in adapter.tensors:
+            info = header.tensors[t.key]
+            if info.shape != self.base_shape(t.target):
+                self.problems.append(f"{where}: {t.key!r} has shape {list(info.shape)} but base tensor "
+                                     f"{t.target!r} has shape {list(self.base_shape(t.target))}")
+                continue
+            self.add(t.target, Contribution(index, t.kind, file, (t.key,), t.scale))
+        return tuple(sorted(set(ranks)))
+
+    def add_model(self, index: int, model: CheckpointLayout) -> int:
+        where = f"model {str(model.root)!r}"
+        config = read_config(model.root)
+        self.check_family(where, (config.get("architectures") or [None])[0])
+        missing = sorted(set(self.base.shard_of) - set(model.shard_of))
+        extra = sorted(set(model.shard_of) - set(self.base.shard_of))
+        if missing:
+            self.problems.append(f"{where} lacks {len(missing)} base tensor(s), e.g. {missing[:3]}")
+        if extra:
+            self.problems.append(f"{where} has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
+        changed = 0
+        for name in self.base.shard_of:
+            if name not in model.shard_of:
+                continue
+            info = model.info(name)
+            if info.shape != self.base.info(name).shape:
+                self.problems.append(f"{where}: tensor {name!r} has shape {list(info.shape)}, "
+                                     f"the base has {list(self.base.info(name).shape)}")
+                continue
+            self.add(name, Contribution(index, "full", str(model.shard_of[name]), (name,)))
+            changed += 1
+        return changed
+
+
+def build_plan(recipe: Recipe) -> MergePlan:
+    """Validate a recipe against its files and produce the plan.
+
+    Raises:
+        PlanError: listing every problem found.
+    """
+    problems = recipe.validate()
+    method: MergeMethod | None = None
+    method_params: dict[str, Any] = {}
+    try:
+        method = get_method(recipe.method)
+        method_params = method.resolve_params(dict(recipe.params))
+    except StreamMergeError as e:
+        problems.append(str(e))
+    try:
+        out_dtype = resolve_dtype(recipe.dtype)
+    except InputError as e:
+        problems.append(str(e))
+        out_dtype = None
+    try:
+        base = open_checkpoint(recipe.base)
+    except StreamMergeError as e:
+        raise PlanError([*problems, f"base model: {e}"]) from e
+
+    planner = _Planner(recipe, base, read_config(base.root))
+    summaries = []
+    for index, spec in enumerate(recipe.inputs):
+        try:
+            if spec.kind == "adapter":
+                adapter = load_lora_adapter(spec.path, planner.names, planner.problems)
+                ranks = planner.add_adapter(index, adapter)
+                fingerprint = layout_fingerprint(adapter.weights)
+                changed = len(adapter.modules) + len(adapter.tensors)
+            else:
+                model = open_checkpoint(spec.path)
+                ranks = ()
+                changed = planner.add_model(index, model)
+                fingerprint = layout_fingerprint(model)
+        except StreamMergeError as e:
+            planner.problems.append(str(e))
+            continue
+        summaries.append(InputSummary(index, spec.kind, spec.path, spec.weight, fingerprint, changed, ranks))
+    problems += planner.problems
+    for target, contribs in planner.contributions.items():
+        if len({c.transposed for c in contribs if c.kind == "lora"}) > 1:
+            problems.append(f"inputs disagree on the orientation of {target!r} (fan_in_fan_out differs)")
+    if problems:
+        raise PlanError(problems)
+    assert method is not None
+
+    jobs = _tensor_jobs(base, planner, out_dtype)
+    shards, write_index = _shard_map(base, jobs, recipe.max_shard_size, planner.virtual_sources)
+    config_updates: dict[str, Any] = {}
+    if any(LM_HEAD == t.name and t.source != LM_HEAD for s in shards for t in s.tensors):
+        config_updates["tie_word_embeddings"] = False
+    if out_dtype is not None:
+        config_updates["torch_dtype"] = str(DTYPES[out_dtype].torch_dtype).removeprefix("torch.")
+    return MergePlan(
+        recipe=recipe,
+        method_params=tuple(sorted(method_params.items())),
+        base_fingerprint=layout_fingerprint(base),
+        inputs=tuple(summaries),
+        shards=shards,
+        write_index=write_index,
+        config_updates=tuple(sorted(config_updates.items())),
+        estimated_peak_bytes=estimate_peak_bytes(jobs.values(), method),
+    )
+
+
+def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | None) -> dict[str, TensorJob]:
+    jobs: dict[str, TensorJob] = {}
+    names = list(base.shard_of) + [v for v in planner.virtual_sources if v in planner.contributions]
+    for name in names:
+        source = planner.virtual_sources.get(name, name)
+        info = base.info(source)
+        cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES else info.dtype
+        contribs = tuple(sorted(planner.contributions.get(name, ()), key=lambda c: (c.input_index, c.kind)))
+        jobs[name] = TensorJob(name, source, str(base.shard_of[source]), info.dtype, cast_to, info.shape, contribs)
+    return jobs
+
+
+def _shard_map(base: CheckpointLayout, jobs: dict[str, TensorJob], max_shard_size: int | None,
+               virtual: dict[str, str]) -> tuple[tuple[ShardJob, ...], bool]:
+    def in_file_order(group: list[TensorJob]) -> tuple[TensorJob, ...]:
+        order = {slot.name: i for i, slot in enumerate(layout_shard((t.name, t.out_dtype, t.shape) for t in group).slots)}
+        return tuple(sorted(group, key=lambda t: order[t.name]))
+
+    if max_shard_size is None:
+        groups: dict[str, list[TensorJob]] = {}
+        for name, job in jobs.items():
+            shard = base.shard_of[virtual.get(name, name)]
+            groups.setdefault(shard.name, []).append(job)
+        shards = tuple(ShardJob(file, in_file_order(group)) for file, group in groups.items())
+        return shards, base.index_path is not None
+    buckets: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs.values():
+        if buckets[-1] and size + job.out_bytes > max_shard_size:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(job)
+        size += job.out_bytes
+    if len(buckets) == 1:
+        return (ShardJob(SINGLE_FILE_NAME, in_file_order(buckets[0])),), False
+    count = len(buckets)
+    return tuple(ShardJob(SHARD_NAME_TEMPLATE.format(index=i + 1, count=count), in_file_order(b))
+                 for i, b in enumerate(buckets)), True
+
+
+def estimate_peak_bytes(jobs: Any, method: MergeMethod) -> int:
+    """Predicted peak resident memory: the process baseline plus the largest tensor's working set.
+
+    A merged tensor of n elements needs its fp32 base (4n), the fp32 result (4n) and the
+    cast output; a dense method adds a per-input fp32 delta and an accumulator (8n);
+    copied tensors stream in fixed-size chunks.
+    """
+    worst = 0
+    for job in jobs:
+        if not job.contributions:
+            continue
+        n = 1
+        for d in job.shape:
+            n *= d
+        need = 8 * n + job.out_bytes + (8 * n if method.dense_inputs or any(
+            c.kind in ("full", "replacement") for c in job.contributions) else 0)
+        worst = max(worst, need)
+    return PROCESS_BASELINE_BYTES + worst
