@@ -348,10 +348,9 @@ def _shard_map(base: CheckpointLayout, jobs: dict[str, TensorJob], max_shard_siz
         return tuple(sorted(group, key=lambda t: order[t.name]))
 
     if max_shard_size is None:
-        groups: dict[str, list[TensorJob]] = {}
+        groups: dict[str, list[TensorJob]] = {shard.name: [] for shard in base.shards}
         for name, job in jobs.items():
-            shard = base.shard_of[virtual.get(name, name)]
-            groups.setdefault(shard.name, []).append(job)
+            groups[base.shard_of[virtual.get(name, name)].name].append(job)
         shards = tuple(ShardJob(file, in_file_order(group)) for file, group in groups.items())
         return shards, base.index_path is not None
     buckets: list[list[TensorJob]] = [[]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .dtypes import DTYPES
 from .header import SafetensorsHeader, TensorInfo, read_header
 
 COPY_CHUNK_BYTES = 64 << 20
+
 _PAGE = mmap.PAGESIZE
 
 
@@ -183,7 +185,11 @@ class CheckpointReader:
         target = dtype or torch_dtype
         if info.numel == 0:
             return torch.empty(info.shape, dtype=target)
-        view = torch.frombuffer(mm, dtype=torch_dtype, count=info.numel, offset=info.begin).reshape(info.shape)
+        with warnings.catch_warnings():
+            # frombuffer warns that the map is read-only; the view is only ever copied from.
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mm, dtype=torch_dtype, count=info.numel, offset=info.begin)
+        view = view.reshape(info.shape)
         tensor = view.to(target, copy=True)
         del view
         self._release(mm, info.begin, info.end)

@@ -1,0 +1,1 @@
+"""Developer tools: synthetic models and adapters for the demo, tests and benchmarks."""
