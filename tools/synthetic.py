@@ -56,6 +56,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("llama", 64, 128, 2, 4, 2, 512, tied=False),
     "tiny-tied": Preset("llama", 64, 128, 2, 4, 2, 512, tied=True),
     "tiny-qwen2": Preset("qwen2", 64, 160, 2, 4, 2, 512, tied=True, qkv_bias=True, rope_theta=1e6),
+    "small": Preset("llama", 512, 1408, 8, 8, 4, 8192, tied=False),
     "1b": Preset("llama", 2048, 8192, 16, 32, 8, 128256, tied=True),  # Llama-3.2-1B
     "8b": Preset("llama", 4096, 14336, 32, 32, 8, 128256, tied=False),  # Llama-3-8B
     "70b-slice": Preset("llama", 8192, 28672, 2, 64, 8, 128256, tied=False),  # Llama-3-70B, k layers
@@ -204,6 +205,11 @@ def write_adapter(model: Path, out: Path, rank: int = 16, alpha: float | None = 
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "base_model_name_or_path": str(model),
     }
+    model_config = json.loads((model / CONFIG_NAME).read_text()) if (model / CONFIG_NAME).is_file() else {}
+    if model_config.get("architectures"):
+        model_type = model_config.get("model_type", "")
+        config["auto_mapping"] = {"base_model_class": model_config["architectures"][0],
+                                  "parent_library": f"transformers.models.{model_type}.modeling_{model_type}"}
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
