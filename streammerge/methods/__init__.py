@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 from ..errors import MethodParameterError
-from . import task_arithmetic
+from . import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    do_merging,
+    knots,
+    linear,
+    magnitude_prune,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from .base import (
     DenseUpdate,
     LowRankUpdate,
@@ -25,6 +37,16 @@ REGISTRY: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         task_arithmetic.METHOD,
+        do_merging.METHOD,
+        linear.METHOD,
+        ties.METHOD,
+        dare_linear.METHOD,
+        dare_ties.METHOD,
+        breadcrumbs.METHOD,
+        breadcrumbs_ties.METHOD,
+        magnitude_prune.METHOD,
+        knots.METHOD,
+        tsv.METHOD,
     )
 }
 

@@ -149,6 +149,8 @@ class MergeMethod:
         dense_inputs: True if the method materialises a dense fp32 delta per input
             (sizes the memory estimate); False for exact low-rank methods.
         uses_random: True if results depend on ``MergeInputs.generator``.
+        validate: optional check of the resolved parameters as a whole (constraints that
+            span several parameters); raises ``MethodParameterError``.
     """
 
     name: str
@@ -157,6 +159,7 @@ class MergeMethod:
     merge: MergeFunction
     dense_inputs: bool = False
     uses_random: bool = False
+    validate: Callable[[Mapping[str, Any]], None] | None = None
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, every value validated.
@@ -173,6 +176,8 @@ class MergeMethod:
         resolved = {p.name: p.default for p in self.params}
         for key, value in given.items():
             resolved[key] = declared[key].coerce(self.name, value)
+        if self.validate is not None:
+            self.validate(resolved)
         return resolved
 
 

@@ -1,0 +1,100 @@
+"""One generalized sparsify + consensus merge; TIES, DARE, Breadcrumbs and magnitude pruning are
+configurations of it (mergekit's "generalized task arithmetic"), not subclasses.
+
+``W = W0 + λ · combine_i(sparsify(w_i ΔW_i))`` where ``combine`` is a sum or the TIES sign
+election + disjoint mean.  Composable variants also take DO-Merging's components: orthogonalize
+the factors first, and/or run sparsify + combine on the unit directions ``D_i`` and recombine
+with the mean magnitude ``m̄``.  Those two apply to 2-D tensors only; other tensors (biases)
+are sparsified and combined element-wise like everything else.
+Dense deltas are built one input at a time in fp32 (``dense_inputs=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ..errors import MethodParameterError
+from . import decouple, orthogonalize
+from .base import DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, TaskUpdate
+from .common import as_dense, fold_weights, is_matrix
+from .consensus import combine
+from .sparsify import build_sparsifier
+
+__all__ = ["Variant", "density_param", "GAMMA", "SCOPE", "make_method", "merge"]
+
+GAMMA = Param("gamma", float, 0.01, "fraction of each row's largest |values| dropped as outliers",
+              minimum=0.0, maximum=1.0)
+SCOPE = Param("scope", str, "tensor",
+              "where the density threshold applies: per tensor (global, over the whole model as in the "
+              "original TIES code, needs a whole-model pass and is not supported yet)", choices=("tensor",))
+
+
+def density_param(default: float) -> Param:
+    """The ``density`` parameter (fraction of entries kept) with a method-specific default."""
+    return Param("density", float, default, "fraction of each delta's entries kept", minimum=0.0, maximum=1.0)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the generalized merge is configured.
+
+    Attributes:
+        sparsify: a key of ``sparsify.SPARSIFIERS`` (``none``, ``magnitude``, ``random``, ``band``).
+        elect_sign: TIES sign election + disjoint mean instead of a plain sum.
+        composable: accepts ``orthogonalize`` / ``decouple`` (DO-Merging components).
+    """
+
+    sparsify: str
+    elect_sign: bool
+    composable: bool = False
+
+
+def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
+    density, gamma = params.get("density"), params.get("gamma")
+    if variant.sparsify == "random" and density == 0:
+        raise MethodParameterError(
+            f"method {method!r}: parameter 'density' must be > 0 (kept entries are rescaled by 1/density), got 0.0")
+    if gamma is not None and density is not None and gamma + density > 1:
+        raise MethodParameterError(
+            f"method {method!r}: gamma + density must be <= 1 (a row cannot drop {gamma} and keep {density} "
+            f"of its entries), got {gamma + density}")
+
+
+def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> MergeResult:
+    """The generalized merge of one tensor for ``variant``; returns a dense update."""
+    updates: list[TaskUpdate] = fold_weights(inputs)
+    count = len(updates)
+    stats: dict[str, float] = {}
+    components = variant.composable and is_matrix(inputs)
+    if components and params["orthogonalize"]:
+        settings = orthogonalize.OrthoSettings.from_params(params)
+        updates, stats = orthogonalize.orthogonalize_updates(updates, settings, inputs.name)
+    sparsify = build_sparsifier(variant.sparsify, params, inputs.generator, count)
+    if components and params["decouple"]:
+        axis, eps = params["norm_axis"], params["eps"]
+        mags, mbar = decouple.mean_magnitude(updates, axis)
+        directions = combine(count, lambda i: decouple.unit_direction(updates[i], mags[i], axis, eps),
+                             sparsify, variant.elect_sign)
+        merged = decouple.recombine(directions, mbar, axis)
+    else:
+        merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign)
+    return MergeResult(DenseUpdate(merged.mul_(params["lambda"])), stats)
+
+
+def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:
+    """A registered method for ``variant``; composable variants get the DO-Merging switches appended."""
+    if variant.composable:
+        params = (*params, orthogonalize.switch(False), decouple.switch(False), *decouple.DECOUPLE_PARAMS,
+                  *orthogonalize.ORTHOGONALIZE_PARAMS)
+    return MergeMethod(
+        name=name,
+        summary=summary,
+        params=params,
+        merge=partial(merge, variant=variant),
+        dense_inputs=True,
+        uses_random=variant.sparsify == "random",
+        validate=partial(_validate, name, variant),
+    )

@@ -1,0 +1,202 @@
+"""DO-Merging step 1: nudge each task's factors so different tasks' factors become orthogonal.
+
+Per module and separately for the A's (rows live in input space) and the B's (columns live in
+output space), minimise (ALGORITHMS.md, DO-Merging step 1)::
+
+    L = Σ_{i≠j} ‖(X_i+δ_i)(X_j+δ_j)ᵀ‖_F² / (‖X_i‖² ‖X_j‖²) + μ Σ_i ‖δ_i‖² / ‖X_i‖²
+
+with ``X_i = A_i`` (``[r_i, d_in]``) or ``X_i = B_iᵀ`` (``[r_i, d_out]``), by Adam from δ = 0.
+All tasks are stacked into one ``[Σr, d]`` matrix, so each step is two small GEMMs whatever T.
+
+Adam's step is about ``lr`` *per element*.  We therefore optimise ``P_i = δ_i / rms(X_i)``
+(rms = ‖X_i‖_F / √numel): one step then moves ``‖δ_i‖/‖X_i‖`` by at most about ``lr``, for any
+shape, so ``lr · steps = 1e-3 · 200 = 0.2`` matches the default ``max_delta``.  (Read literally,
+"lr on δ/‖X_i‖" would move ``‖δ‖/‖X‖`` by ``lr·√numel`` per step: 0.25 for a 16×4096 A.)
+The gradient is analytic (``∂L/∂X = 4 C X``, C = off-diagonal blocks of ``X Xᵀ``), so this
+runs under ``torch.inference_mode`` and on any device.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import StreamMergeError
+from .base import DenseUpdate, LowRankUpdate, Param, TaskUpdate
+from .lowrank import dense_factors
+
+__all__ = ["ON_MAX_DELTA", "ORTHOGONALIZE_PARAMS", "OrthoSettings", "SideResult", "orthogonalize_rows",
+           "orthogonalize_updates", "switch"]
+
+ON_MAX_DELTA = ("warn_skip", "clip", "error")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-12
+"""Far below torch's 1e-8: normalised gradients of nearly orthogonal factors are ~1e-7."""
+
+ORTHOGONALIZE_PARAMS: tuple[Param, ...] = (
+    Param("steps", int, 200, "Adam steps of the orthogonalization", minimum=0),
+    Param("lr", float, 1e-3, "Adam learning rate on δ in units of rms(A_i) (resp. B_i)", minimum=0.0),
+    Param("mu", float, 1.0, "weight μ of the ‖δ‖²/‖A‖² penalty", minimum=0.0),
+    Param("max_delta", float, 0.2, "largest allowed ‖δ_i‖/‖A_i‖ (resp. B) per task", minimum=0.0),
+    Param("on_max_delta", str, "warn_skip",
+          "when max_delta is exceeded: warn_skip (warn, keep that side's factors unchanged), "
+          "clip (shrink δ_i to the bound) or error", choices=ON_MAX_DELTA),
+    Param("svd_rank", int, 64, "rank k of the SVD factors orthogonalized for full fine-tunes", minimum=1),
+)
+
+
+def switch(default: bool) -> Param:
+    """The ``orthogonalize`` on/off parameter with a method-specific default."""
+    return Param("orthogonalize", bool, default, "orthogonalize the tasks' factors first (DO-Merging step 1)")
+
+
+@dataclass(frozen=True)
+class OrthoSettings:
+    """The orthogonalization parameters, resolved."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    mu: float = 1.0
+    max_delta: float = 0.2
+    on_max_delta: str = "warn_skip"
+    svd_rank: int = 64
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> OrthoSettings:
+        """Pick this component's values out of a method's resolved parameters."""
+        return cls(**{p.name: params[p.name] for p in ORTHOGONALIZE_PARAMS})
+
+
+@dataclass
+class SideResult:
+    """The perturbed factors of one side (A or B) and what it took."""
+
+    factors: list[torch.Tensor]
+    cross_before: float
+    cross_after: float
+    delta_max: float
+    skipped: bool
+    steps: int
+
+
+def _cross_norm(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((x @ x.T).mul_(mask)))
+
+
+def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
+    """Adam on ``P`` for ``X = x0 + P·scale`` (``scale`` = 1/√numel per row); returns ``P``."""
+    b1, b2 = ADAM_BETAS
+    p = torch.zeros_like(x0)
+    m = torch.zeros_like(x0)
+    v = torch.zeros_like(x0)
+    penalty = (2 * s.mu) * scale * scale
+    for t in range(1, s.steps + 1):
+        x = torch.addcmul(x0, p, scale)
+        cross = (x @ x.T).mul_(mask)
+        grad = (cross @ x).mul_(4 * scale).addcmul_(p, penalty)
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(ADAM_EPS)
+        p.addcdiv_(m, denom, value=-s.lr / (1 - b1 ** t))
+    return p
+
+
+def _enforce_bound(side: str, name: str, ratios: torch.Tensor, s: OrthoSettings) -> bool:
+    """Apply ``on_max_delta``; True if this side must be left unchanged."""
+    worst = float(ratios.max())
+    if worst <= s.max_delta:
+        return False
+    message = (f"tensor {name!r}: orthogonalizing the {side} factors needs ‖δ‖/‖{side}‖ = {worst:.4g}, "
+               f"above max_delta={s.max_delta}")
+    if s.on_max_delta == "error":
+        raise StreamMergeError(
+            f"{message}; raise max_delta or mu, or set on_max_delta to warn_skip or clip")
+    if s.on_max_delta == "warn_skip":
+        warnings.warn(f"{message}; leaving the {side} factors unchanged", RuntimeWarning, stacklevel=3)
+        return True
+    return False  # "clip": the caller shrinks δ
+
+
+def orthogonalize_rows(mats: Sequence[torch.Tensor], settings: OrthoSettings, side: str = "A",
+                       name: str = "") -> SideResult:
+    """Make the row spaces of different tasks' factor matrices (near) orthogonal.
+
+    Args:
+        mats: one ``[r_i, d]`` matrix per task (``A_i``, or ``B_iᵀ``), same ``d``, fp32.
+        settings: steps, lr, μ and the ``max_delta`` policy.
+        side: ``"A"`` or ``"B"``, for stats and messages.
+        name: tensor name, for messages.
+
+    Returns:
+        The perturbed matrices ``X_i + δ_i`` (the inputs themselves when nothing is done) and
+        the normalised cross-Gram norm before/after, max ``‖δ_i‖/‖X_i‖``, skip flag, steps run.
+
+    Raises:
+        StreamMergeError: if ``on_max_delta="error"`` and the bound is exceeded.
+    """
+    norms = [float(torch.linalg.vector_norm(x)) for x in mats]
+    active = [i for i, n in enumerate(norms) if n > 0 and mats[i].numel() > 0]  # B=0: untrained LoRA
+    if len(active) < 2 or settings.steps == 0:
+        return SideResult(list(mats), 0.0, 0.0, 0.0, False, 0)
+    device = mats[active[0]].device
+    x0 = torch.cat([mats[i] / norms[i] for i in active])
+    ranks = [mats[i].shape[0] for i in active]
+    owner = torch.repeat_interleave(torch.arange(len(active), device=device),
+                                    torch.tensor(ranks, device=device))
+    rms_units = torch.tensor([1 / math.sqrt(mats[i].numel()) for i in active], device=device)
+    scale = rms_units[owner][:, None]
+    mask = 1 - torch.block_diag(*[torch.ones(r, r, device=device) for r in ranks])
+    before = _cross_norm(x0, mask)
+
+    p = _adam(x0, scale, mask, settings)
+    ratios = torch.zeros(len(active), device=device).index_add_(0, owner, (p * scale).square().sum(1)).sqrt_()
+    delta_max = float(ratios.max())
+    if _enforce_bound(side, name, ratios, settings):
+        return SideResult(list(mats), before, before, delta_max, True, settings.steps)
+    over = ratios > settings.max_delta  # only possible here with on_max_delta="clip"
+    shrink = torch.where(over, settings.max_delta / ratios.clamp_min(1e-30), torch.ones_like(ratios))
+    p.mul_(shrink[owner][:, None])
+    delta_max = float((ratios * shrink).max())
+
+    out = list(mats)
+    for k, (i, rows) in enumerate(zip(active, p.split(ranks))):
+        out[i] = mats[i] + rows * (norms[i] * float(rms_units[k]))
+    after = _cross_norm(torch.addcmul(x0, p, scale), mask)
+    return SideResult(out, before, after, delta_max, False, settings.steps)
+
+
+def orthogonalize_updates(updates: Sequence[TaskUpdate], settings: OrthoSettings,
+                          name: str = "") -> tuple[list[TaskUpdate], dict[str, float]]:
+    """Orthogonalize the A's and, separately, the B's of 2-D task updates.
+
+    LoRA updates are perturbed factor by factor and stay low-rank.  A full fine-tune's
+    ``τ_i`` is factored by a rank-``svd_rank`` SVD (``up = U√σ``, ``down = √σVᵀ``); its factors
+    are perturbed the same way and the result is ``τ_i + B̂_i Â_i − B_i A_i`` (the SVD tail is kept).
+
+    Returns:
+        The new updates (input order) and stats ``ortho_cross_gram_{A,B}_{before,after}``,
+        ``ortho_delta_{A,B}_max``, ``ortho_skipped_{A,B}`` (0/1) and ``ortho_steps``.
+    """
+    factors = [u if isinstance(u, LowRankUpdate) else dense_factors(u.delta, settings.svd_rank)
+               for u in updates]
+    a_side = orthogonalize_rows([f.down for f in factors], settings, "A", name)
+    b_side = orthogonalize_rows([f.up.T for f in factors], settings, "B", name)
+    result: list[TaskUpdate] = []
+    for update, f, a, bt in zip(updates, factors, a_side.factors, b_side.factors):
+        if isinstance(update, LowRankUpdate):
+            result.append(LowRankUpdate(up=bt.T, down=a))
+        else:
+            result.append(DenseUpdate((update.delta - f.dense()).addmm_(bt.T, a)))
+    stats: dict[str, float] = {}
+    for label, side in (("A", a_side), ("B", b_side)):
+        stats[f"ortho_cross_gram_{label}_before"] = side.cross_before
+        stats[f"ortho_cross_gram_{label}_after"] = side.cross_after
+        stats[f"ortho_delta_{label}_max"] = side.delta_max
+        stats[f"ortho_skipped_{label}"] = float(side.skipped)
+    stats["ortho_steps"] = float(max(a_side.steps, b_side.steps))
+    return result, stats

@@ -1,0 +1,19 @@
+"""TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint mean.
+
+Per tensor: keep each ``w_i ΔW_i``'s top ``density`` fraction by ``|value|``, elect
+``γ = sign(Σ_i trimmed_i)`` (zeros → +), average the entries that are non-zero and agree with
+γ, ``W = W0 + λ τ*``.  ``scope: global`` (one threshold over the whole model, as in the
+original code) needs a whole-model pass before merging and is not offered yet.
+"""
+
+from __future__ import annotations
+
+from .base import LAMBDA
+from .generalized import SCOPE, Variant, density_param, make_method
+
+METHOD = make_method(
+    "ties",
+    "TIES: trim to top density by |value|, elect sign, disjoint mean; λ",
+    Variant(sparsify="magnitude", elect_sign=True, composable=True),
+    (density_param(0.2), LAMBDA, SCOPE),
+)
