@@ -134,7 +134,8 @@ def orthogonalize_rows(mats: Sequence[torch.Tensor], settings: OrthoSettings, si
 
     Returns:
         The perturbed matrices ``X_i + δ_i`` (the inputs themselves when nothing is done) and
-        the normalised cross-Gram norm before/after, max ``‖δ_i‖/‖X_i‖``, skip flag, steps run.
+        the cross-Gram norm ``sqrt(Σ_{i≠j} ‖X_i X_jᵀ‖²)`` of the Frobenius-normalised factors
+        before/after, max ``‖δ_i‖/‖X_i‖``, skip flag, steps run.
 
     Raises:
         StreamMergeError: if ``on_max_delta="error"`` and the bound is exceeded.
@@ -166,7 +167,8 @@ def orthogonalize_rows(mats: Sequence[torch.Tensor], settings: OrthoSettings, si
     out = list(mats)
     for k, (i, rows) in enumerate(zip(active, p.split(ranks))):
         out[i] = mats[i] + rows * (norms[i] * float(rms_units[k]))
-    after = _cross_norm(torch.addcmul(x0, p, scale), mask)
+    # Report the overlap of the factors as returned: renormalised, so shrinking them does not count.
+    after = _cross_norm(torch.cat([out[i] / torch.linalg.vector_norm(out[i]) for i in active]), mask)
     return SideResult(out, before, after, delta_max, False, settings.steps)
 
 
@@ -184,14 +186,22 @@ def orthogonalize_updates(updates: Sequence[TaskUpdate], settings: OrthoSettings
     """
     factors = [u if isinstance(u, LowRankUpdate) else dense_factors(u.delta, settings.svd_rank)
                for u in updates]
-    a_side = orthogonalize_rows([f.down for f in factors], settings, "A", name)
-    b_side = orthogonalize_rows([f.up.T for f in factors], settings, "B", name)
-    result: list[TaskUpdate] = []
-    for update, f, a, bt in zip(updates, factors, a_side.factors, b_side.factors):
+    # A task whose update is zero (an untrained LoRA has B = 0) has nothing to keep apart from.
+    live = [i for i, f in enumerate(factors) if bool(f.up.any()) and bool(f.down.any())]
+    downs = [factors[i].down for i in live]
+    ups_t = [factors[i].up.T for i in live]
+    a_side = orthogonalize_rows(downs, settings, "A", name)
+    b_side = orthogonalize_rows(ups_t, settings, "B", name)
+    result = list(updates)
+    for k, i in enumerate(live):
+        a, bt = a_side.factors[k], b_side.factors[k]
+        if a is downs[k] and bt is ups_t[k]:
+            continue  # untouched (one task, steps=0, or both sides skipped)
+        update = updates[i]
         if isinstance(update, LowRankUpdate):
-            result.append(LowRankUpdate(up=bt.T, down=a))
+            result[i] = LowRankUpdate(up=bt.T, down=a)
         else:
-            result.append(DenseUpdate((update.delta - f.dense()).addmm_(bt.T, a)))
+            result[i] = DenseUpdate((update.delta - factors[i].dense()).addmm_(bt.T, a))
     stats: dict[str, float] = {}
     for label, side in (("A", a_side), ("B", b_side)):
         stats[f"ortho_cross_gram_{label}_before"] = side.cross_before
