@@ -11,7 +11,8 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from functools import partial
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,13 +24,16 @@ from .io.dtypes import DTYPES
 from .io.reader import CheckpointReader, open_checkpoint
 from .io.writer import ShardWriter, layout_shard, write_index
 from .memory import PeakMemoryMonitor
-from .methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, apply_update, get_method
+from .methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
 from .modelcard import render_model_card
 from .names import (CONFIG_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
+from .pipeline import OrderedStage
 from .plan import Contribution, MergePlan, TensorJob
 
 ProgressCallback = Callable[[str, int], None]
+# fp32 bytes of one row block of a merged tensor: bounds the working set of huge tensors.
+DEFAULT_BLOCK_BYTES = 64 << 20
 
 
 @dataclass
@@ -93,13 +97,15 @@ class _Readers:
 class TensorMerger:
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers,
+                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
         self.plan = plan
         self.device = device
         self.readers = readers
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
         self.weights = [spec.weight for spec in plan.recipe.inputs]
+        self.block_bytes = block_bytes
 
     def _load(self, file: str, key: str) -> torch.Tensor:
         tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
@@ -131,12 +137,25 @@ class TensorMerger:
             dense = dense.add_(low_rank.dense())
         return DenseUpdate(dense)
 
-    def merge(self, job: TensorJob) -> tuple[torch.Tensor, dict[str, float]]:
-        """The merged tensor, cast to the output dtype, on the CPU, in stored orientation."""
-        transposed = any(c.transposed for c in job.contributions)
+    def _base(self, job: TensorJob, canonical_shape: tuple[int, ...], transposed: bool,
+              needs_values: bool) -> torch.Tensor:
+        """The base in canonical orientation: real values, or a zero-stride placeholder of the right shape."""
+        if not needs_values:
+            return torch.zeros((), device=self.device).expand(canonical_shape)
         base = self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device)
-        if transposed:
-            base = base.T
+        return base.T if transposed else base
+
+    def merge(self, job: TensorJob) -> tuple[Iterator[torch.Tensor], dict[str, float]]:
+        """The merged tensor as row blocks (stored orientation, output dtype, CPU), and method stats.
+
+        The method sees factors only; the base is streamed through ``W0[rows] + L[rows] @ R``
+        block by block, so a tensor never needs more than its factors, one fp32 row block and
+        its cast copy — unless the method or a dense input needs the base values.
+        """
+        transposed = any(c.transposed for c in job.contributions)
+        canonical = tuple(reversed(job.shape)) if transposed else job.shape
+        needs_values = self.method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions)
+        base = self._base(job, canonical, transposed, needs_values)
         by_input: dict[int, list[Contribution]] = {}
         for c in job.contributions:
             by_input.setdefault(c.input_index, []).append(c)
@@ -146,20 +165,50 @@ class TensorMerger:
             if update is not None:
                 updates.append(update)
                 weights.append(self.weights[index])
-        stats: dict[str, float] = {}
-        if updates:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-            result = self.method.merge(
-                MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
-            merged = apply_update(base, result.update)
-            stats = result.stats
-        else:
-            merged = base
-        if transposed:
-            merged = merged.T
-        out = merged.to(DTYPES[job.out_dtype].torch_dtype).contiguous().cpu()  # type: ignore[arg-type]
-        return out, stats
+        if not updates:
+            return self._blocks(job, base if needs_values else None, transposed, None), {}
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
+        return self._blocks(job, base if needs_values else None, transposed, result.update), result.stats
+
+    def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
+                update: TaskUpdate | None) -> Iterator[torch.Tensor]:
+        out_dtype = DTYPES[job.out_dtype].torch_dtype
+        if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
+            left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
+        elif isinstance(update, DenseUpdate):
+            delta = update.delta.T if transposed else update.delta
+        stored = None if base is None else (base.T if transposed else base)
+        for start, stop in row_blocks(job.shape, self.block_bytes):
+            if stored is not None:
+                block = stored[start:stop].clone() if job.shape else stored.clone()
+            else:
+                block = self.readers.get(job.source_file).read_rows(job.source, start, stop, torch.float32)
+                block = block.to(self.device)
+            if isinstance(update, LowRankUpdate):
+                if update.rank:
+                    block.addmm_(left[start:stop], right)
+            elif isinstance(update, DenseUpdate):
+                block.add_(delta[start:stop] if job.shape else delta)
+            yield block.to(out_dtype).contiguous().cpu()  # type: ignore[arg-type]
+            del block
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int) -> Iterator[tuple[int, int]]:
+    """Row ranges of a tensor such that one fp32 block stays near ``block_bytes`` (at least one row)."""
+    if not shape:
+        yield 0, 1
+        return
+    rows = shape[0]
+    row_numel = 1
+    for dim in shape[1:]:
+        row_numel *= dim
+    step = max(1, block_bytes // max(1, 4 * row_numel))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+    if rows == 0:
+        yield 0, 0
 
 
 def prepare_output_dir(out_dir: Path) -> None:
@@ -182,23 +231,30 @@ def prepare_output_dir(out_dir: Path) -> None:
 
 def write_shard(shard_path: Path, jobs: tuple[TensorJob, ...], merger: TensorMerger, report: MergeReport,
                 progress: ProgressCallback | None) -> ShardRecord:
-    """Write one output shard, tensor by tensor, and rename it into place when complete."""
+    """Write one output shard, tensor by tensor, and rename it into place when complete.
+
+    Merging happens on this thread; writes, checksums and byte copies run on a background
+    stage behind a bounded queue, so the disk stays busy while the next tensor is merged.
+    """
     layout = layout_shard((t.name, t.out_dtype, t.shape) for t in jobs)
-    with ShardWriter(shard_path, layout) as writer:
+    with ShardWriter(shard_path, layout) as writer, OrderedStage("streammerge-writer", max_pending=2) as stage:
         for job in jobs:
             if job.is_copy:
-                for chunk in merger.readers.get(job.source_file).iter_bytes(job.source):
-                    writer.write_bytes(job.name, chunk)
+                reader = merger.readers.get(job.source_file)
+                for start, stop in reader.byte_ranges(job.source):
+                    stage.submit(partial(reader.copy_range, job.source, start, stop, writer.write_bytes))
                 report.tensors_copied += 1
             else:
-                tensor, stats = merger.merge(job)
-                writer.write_tensor(job.name, tensor)
-                del tensor
+                blocks, stats = merger.merge(job)
+                for block in blocks:
+                    stage.submit(partial(writer.write_tensor_block, job.name, block))
+                    del block
                 if stats:
                     report.stats[job.name] = stats
                 report.tensors_merged += 1
             if progress is not None:
                 progress(job.name, job.out_bytes)
+        stage.drain()
         digest = writer.commit()
     return ShardRecord(shard_path.name, layout.file_size, digest)
 

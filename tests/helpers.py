@@ -76,8 +76,17 @@ def read_model(path: Path) -> dict[str, torch.Tensor]:
 
 def read_raw(path: Path) -> dict[str, bytes]:
     layout = open_checkpoint(path)
+    raw: dict[str, bytes] = {}
+
+    def sink(name: str, part: memoryview) -> None:
+        raw[name] = raw.get(name, b"") + bytes(part)
+
     with CheckpointReader(layout) as reader:
-        return {name: b"".join(bytes(c) for c in reader.iter_bytes(name)) for name in layout.tensor_names}
+        for name in layout.tensor_names:
+            raw[name] = b""
+            for start, stop in reader.byte_ranges(name):
+                reader.copy_range(name, start, stop, sink)
+    return raw
 
 
 def load_adapter_file(adapter: Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import json
 import mmap
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -178,30 +178,48 @@ class CheckpointReader:
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor ``name`` as a fresh CPU tensor (converted to ``dtype`` if given)."""
         info = self.layout.info(name)
+        rows = info.shape[0] if info.shape else 1
+        return self.read_rows(name, 0, rows, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (along the first dimension) of tensor ``name`` as a fresh CPU tensor.
+
+        Rows are contiguous on disk, so a block of a huge tensor (a 128k-row embedding) is
+        read without touching the rest of it.
+        """
+        info = self.layout.info(name)
         mm = self._map(self.layout.shard_of[name])
         torch_dtype = DTYPES[info.dtype].torch_dtype
         if torch_dtype is None:
             raise SafetensorsFormatError(f"tensor {name!r} has dtype {info.dtype}, which torch cannot represent")
         target = dtype or torch_dtype
-        if info.numel == 0:
-            return torch.empty(info.shape, dtype=target)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        row_numel = info.numel // info.shape[0] if info.shape and info.shape[0] else 1
+        count = (stop - start) * row_numel if info.shape else info.numel
+        if count == 0:
+            return torch.empty(shape, dtype=target)
+        begin = info.begin + start * row_numel * torch_dtype.itemsize
         with warnings.catch_warnings():
             # frombuffer warns that the map is read-only; the view is only ever copied from.
             warnings.simplefilter("ignore", UserWarning)
-            view = torch.frombuffer(mm, dtype=torch_dtype, count=info.numel, offset=info.begin)
-        view = view.reshape(info.shape)
-        tensor = view.to(target, copy=True)
+            view = torch.frombuffer(mm, dtype=torch_dtype, count=count, offset=begin)
+        tensor = view.reshape(shape).to(target, copy=True)
         del view
-        self._release(mm, info.begin, info.end)
+        self._release(mm, begin, begin + count * torch_dtype.itemsize)
         return tensor
 
-    def iter_bytes(self, name: str, chunk: int = COPY_CHUNK_BYTES) -> Iterator[memoryview]:
-        """The raw bytes of tensor ``name`` in chunks, for byte-exact copies."""
+    def byte_ranges(self, name: str, chunk: int = COPY_CHUNK_BYTES) -> list[tuple[int, int]]:
+        """Absolute byte ranges covering tensor ``name`` in chunks (maps its shard now)."""
         info = self.layout.info(name)
-        mm = self._map(self.layout.shard_of[name])
-        with memoryview(mm) as whole:
-            for start in range(info.begin, info.end, chunk):
-                stop = min(start + chunk, info.end)
-                with whole[start:stop] as part:
-                    yield part
-                self._release(mm, start, stop)
+        self._map(self.layout.shard_of[name])
+        return [(start, min(start + chunk, info.end)) for start in range(info.begin, info.end, chunk)]
+
+    def copy_range(self, name: str, start: int, stop: int, sink: Callable[[str, memoryview], None]) -> None:
+        """Pass bytes ``start:stop`` of the shard holding ``name`` to ``sink(name, bytes)``, then release them.
+
+        The shard must already be mapped (``byte_ranges``), so this is safe on another thread.
+        """
+        mm = self._maps[self.layout.shard_of[name]][1]
+        with memoryview(mm) as whole, whole[start:stop] as part:
+            sink(name, part)
+        self._release(mm, start, stop)

@@ -156,6 +156,15 @@ class ShardWriter:
                 f"the header promised {slot.dtype} {slot.shape}")
         self.write_bytes(name, tensor_bytes(tensor))
 
+    def write_tensor_block(self, name: str, block: torch.Tensor) -> None:
+        """Write the next rows of tensor ``name``; the dtype must match its slot."""
+        slot = self._expect(name)
+        dtype = safetensors_name(block.dtype)
+        if dtype != slot.dtype:
+            raise OutputError(f"internal error writing {str(self.path)!r}: a block of {name!r} is {dtype}, "
+                              f"the header promised {slot.dtype}")
+        self.write_bytes(name, tensor_bytes(block))
+
     def write_bytes(self, name: str, data: bytes | memoryview) -> None:
         """Write (part of) the raw bytes of tensor ``name``."""
         slot = self._expect(name)

@@ -53,7 +53,9 @@ class MergeInputs:
 
     Attributes:
         name: output tensor name (for stats and messages).
-        base: base weight ``W0``, fp32, canonical orientation, on the worker device.
+        base: base weight ``W0``, fp32, canonical orientation, on the worker device; for a
+            method without ``reads_base`` only its shape, dtype and device are meaningful
+            (a zero-stride placeholder).
         updates: one task update per input that touches this tensor, in input order.
         weights: the user weight ``w_i`` of each of those inputs.
         generator: random generator seeded from (recipe seed, tensor name), on ``base.device``.
@@ -151,6 +153,9 @@ class MergeMethod:
         uses_random: True if results depend on ``MergeInputs.generator``.
         validate: optional check of the resolved parameters as a whole (constraints that
             span several parameters); raises ``MethodParameterError``.
+        reads_base: True if the method reads the *values* of ``MergeInputs.base``.  Otherwise
+            the engine passes a zero-stride placeholder with the base's shape, dtype and device
+            and streams the base through ``W0 + update`` in row blocks, never loading it whole.
     """
 
     name: str
@@ -160,6 +165,7 @@ class MergeMethod:
     dense_inputs: bool = False
     uses_random: bool = False
     validate: Callable[[Mapping[str, Any]], None] | None = None
+    reads_base: bool = False
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, every value validated.
