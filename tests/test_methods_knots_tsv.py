@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import pytest
 import torch
 
-from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
+from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 
 TOL = {"rtol": 2e-4, "atol": 2e-5}
 
@@ -26,7 +26,7 @@ def lora(d_out: int, d_in: int, r: int, seed: int) -> LowRankUpdate:
 
 
 def merge(method: str, updates: Sequence[TaskUpdate], weights: Sequence[float] | None = None, seed: int = 0,
-          **params: object):  # noqa: ANN201 - MergeResult
+          **params: object) -> MergeResult:
     m = get_method(method)
     shape = updates[0].dense().shape
     inputs = MergeInputs("w", torch.randn(shape), tuple(updates), tuple(weights or [1.0] * len(updates)),

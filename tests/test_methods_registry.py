@@ -112,6 +112,7 @@ CASES: dict[str, Callable[[], tuple[torch.Tensor, tuple[TaskUpdate, ...]]]] = {
     "one_lora": lambda: (torch.randn(12, 20), (_lora(4, 4),)),
     "full_fine_tunes": lambda: (torch.randn(12, 20), (DenseUpdate(torch.randn(12, 20)), DenseUpdate(torch.randn(12, 20)))),
     "mixed": lambda: (torch.randn(12, 20), (_lora(3, 5), DenseUpdate(torch.randn(12, 20)))),
+    "transposed_full_fine_tune": lambda: (torch.randn(12, 20), (DenseUpdate(torch.randn(20, 12).T), _lora(2, 6))),
     "biases": lambda: (torch.randn(12), (DenseUpdate(torch.randn(12)), DenseUpdate(torch.randn(12)))),
 }
 

@@ -199,3 +199,19 @@ def test_orthogonalize_first_then_method(method: str) -> None:
                                .update.dense(), **TOL)
     assert result.stats == pytest.approx(stats)
     assert stats["ortho_cross_gram_A_after"] < stats["ortho_cross_gram_A_before"]
+
+
+@pytest.mark.parametrize("axis", ["row", "col", "matrix"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_components_on_full_fine_tunes_and_biases(method: str, axis: str) -> None:
+    m = get_method(method)
+    params = m.resolve_params({"orthogonalize": True, "decouple": True, "norm_axis": axis, "steps": 5, "density": 0.5})
+    mixed: tuple[TaskUpdate, ...] = (lora(12, 20, 3, 19), DenseUpdate(torch.randn(20, 12).T))
+    biases: tuple[TaskUpdate, ...] = (DenseUpdate(torch.randn(12)), DenseUpdate(torch.randn(12)))
+    for base, updates in ((torch.randn(12, 20), mixed), (torch.randn(12), biases)):
+        result = m.merge(MergeInputs("w", base, updates, (1.0, 2.0), torch.Generator().manual_seed(0)), params)
+        assert result.update.dense().shape == base.shape and torch.isfinite(result.update.dense()).all()
+    # Biases skip orthogonalize/decouple: element-wise, like the method with both off.
+    plain = m.merge(MergeInputs("w", torch.randn(12), biases, (1.0, 2.0), torch.Generator().manual_seed(0)),
+                    {**params, "orthogonalize": False, "decouple": False})
+    torch.testing.assert_close(result.update.dense(), plain.update.dense())

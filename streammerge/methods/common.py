@@ -65,4 +65,4 @@ def as_dense(update: TaskUpdate) -> torch.Tensor:
     """A fresh dense fp32 tensor for ``update`` that the caller may modify in place."""
     if isinstance(update, LowRankUpdate):
         return update.dense()
-    return update.delta.clone()
+    return update.delta.clone(memory_format=torch.contiguous_format)

@@ -1,6 +1,7 @@
 """Combine sparsified dense deltas: plain sum, or TIES sign election + disjoint mean.
 
-Deltas are produced on demand by ``term(i)`` (a fresh fp32 tensor each call) and freed after
+Deltas are produced on demand by ``term(i)`` (a fresh fp32 tensor each call, which the
+sparsifier and the accumulators may overwrite) and freed after
 use, so at most one delta plus the accumulators is alive — never all T deltas.  Election needs
 two passes over the inputs; the sparsifiers make the second pass see the same entries.
 """
@@ -32,7 +33,7 @@ def disjoint_mean(count: int, term: Term, sparsify: Sparsifier, positive: torch.
     for i in range(count):
         delta = sparsify(term(i), i)
         agree = (delta != 0) & ((delta > 0) == positive)
-        kept = delta.mul_(agree)  # term() and the sparsifiers hand out fresh tensors
+        kept = delta.mul_(agree)  # term() hands out a fresh tensor
         total = kept if total is None else total.add_(kept)
         agreeing = agree.float() if agreeing is None else agreeing.add_(agree)
         del delta, agree, kept

@@ -1,6 +1,7 @@
 """Sparsifiers for dense task deltas: magnitude trim (TIES), random drop (DARE), band (Breadcrumbs).
 
-A sparsifier is called as ``sparsify(delta, index)`` and returns a *new* tensor; ``index`` names
+A sparsifier is called as ``sparsify(delta, index)`` on a fresh tensor that it may overwrite
+(saving a dense copy per input) and returns the result; ``index`` names
 the input so that a two-pass consumer (TIES sign election, then disjoint mean) gets the same
 answer twice: magnitude thresholds are cached per input, DARE masks are regenerated from a
 per-input seed drawn once from the tensor's generator (ALGORITHMS.md rule 6).
@@ -50,7 +51,7 @@ class MagnitudeTrim:
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._thresholds:
             self._thresholds[index] = self.threshold(delta)
-        return delta * (delta.abs() >= self._thresholds[index])
+        return delta.mul_(delta.abs() >= self._thresholds[index])
 
 
 class RandomDrop:
@@ -72,7 +73,7 @@ class RandomDrop:
         return torch.rand(shape, generator=generator, device=self.device) < self.density
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
-        return (delta * self.mask(delta.shape, index)).div_(self.density)
+        return delta.mul_(self.mask(delta.shape, index)).div_(self.density)
 
 
 class Band:
@@ -100,9 +101,11 @@ class Band:
         if index not in self._bounds:
             self._bounds[index] = self.bounds(delta)
         low, high = self._bounds[index]
-        rows = delta.reshape(-1, delta.shape[-1]) if delta.dim() else delta.reshape(1, 1)
+        delta = delta.contiguous()  # a transposed (Conv1D) task vector arrives strided
+        rows = delta.view(-1, delta.shape[-1]) if delta.dim() else delta.view(1, 1)
         magnitude = rows.abs()
-        return (rows * ((magnitude >= low) & (magnitude <= high))).reshape(delta.shape)
+        rows.mul_((magnitude >= low) & (magnitude <= high))
+        return delta
 
 
 def _magnitude(params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
