@@ -98,14 +98,14 @@ class TensorMerger:
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
     def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+                 block_bytes: int | None = None) -> None:
         self.plan = plan
         self.device = device
         self.readers = readers
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
         self.weights = [spec.weight for spec in plan.recipe.inputs]
-        self.block_bytes = block_bytes
+        self.block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
 
     def _load(self, file: str, key: str) -> torch.Tensor:
         tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
