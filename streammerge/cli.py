@@ -16,6 +16,7 @@ from typing import Any
 from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
 from .modelcard import stats_summary
+from .osrm.commands import add_osrm_commands
 from .plan import MergePlan, build_plan
 from .recipe import DEVICES, InputSpec, Recipe, parse_size
 
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
     methods.set_defaults(handler=cmd_methods)
+    add_osrm_commands(sub)
     return parser
 
 
