@@ -131,3 +131,10 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"streammerge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def random_lora(d_out: int, d_in: int, r: int, seed: int, scale: float = 1.0):
+    """A seeded random LoRA update (B scaled by ``scale``) for method tests."""
+    from streammerge.methods import LowRankUpdate
+    g = torch.Generator().manual_seed(seed)
+    return LowRankUpdate(up=torch.randn(d_out, r, generator=g) * scale, down=torch.randn(r, d_in, generator=g))

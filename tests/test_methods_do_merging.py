@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -13,22 +13,13 @@ import torch
 from streammerge.errors import StreamMergeError
 from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
 from streammerge.methods.orthogonalize import OrthoSettings, orthogonalize_rows, orthogonalize_updates
+from tests.helpers import random_lora as lora
 
 TOL = {"rtol": 2e-4, "atol": 2e-5}
 METHOD = get_method("do_merging")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lora(d_out: int, d_in: int, r: int, seed: int, scale: float = 1.0) -> LowRankUpdate:
-    g = torch.Generator().manual_seed(seed)
-    return LowRankUpdate(up=torch.randn(d_out, r, generator=g) * scale, down=torch.randn(r, d_in, generator=g))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs_of(updates: Sequence[TaskUpdate], weights: Sequence[float] | None = None,

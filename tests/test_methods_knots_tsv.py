@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 
 from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
+from tests.helpers import random_lora as lora
 
 TOL = {"rtol": 2e-4, "atol": 2e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lora(d_out: int, d_in: int, r: int, seed: int) -> LowRankUpdate:
-    g = torch.Generator().manual_seed(seed)
-    return LowRankUpdate(up=torch.randn(d_out, r, generator=g), down=torch.randn(r, d_in, generator=g))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def merge(method: str, updates: Sequence[TaskUpdate], weights: Sequence[float] | None = None, seed: int = 0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,12 +12,7 @@ from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpd
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def peft_lora(d_out: int, d_in: int, r: int, alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,22 +17,12 @@ from streammerge.methods.lowrank import (
     row_norms,
     update_svd,
 )
+from tests.helpers import random_lora as lora
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matrices: a second BLAS thread only adds contention on a shared 2-core box.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lora(d_out: int, d_in: int, r: int, seed: int) -> LowRankUpdate:
-    g = torch.Generator().manual_seed(seed)
-    return LowRankUpdate(up=torch.randn(d_out, r, generator=g), down=torch.randn(r, d_in, generator=g))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("update", [lora(12, 20, 4, 0), DenseUpdate(torch.randn(12, 20))])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -11,21 +11,12 @@ import torch
 from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
 from streammerge.methods.orthogonalize import OrthoSettings, orthogonalize_updates
 from streammerge.methods.sparsify import RandomDrop
+from tests.helpers import random_lora as lora
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lora(d_out: int, d_in: int, r: int, seed: int) -> LowRankUpdate:
-    g = torch.Generator().manual_seed(seed)
-    return LowRankUpdate(up=torch.randn(d_out, r, generator=g), down=torch.randn(r, d_in, generator=g))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def inputs_of(updates: Sequence[TaskUpdate], weights: Sequence[float] | None = None, seed: int = 0) -> MergeInputs:
