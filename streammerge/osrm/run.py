@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,11 @@ class GatherReport:
     reused: tuple[str, ...]
     collected: tuple[str, ...]
     forward_passes: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON data."""
+        return {"reused": list(self.reused), "collected": list(self.collected),
+                "forward_passes": dict(self.forward_passes)}
 
 
 def _device(name: str) -> torch.device:
@@ -303,7 +308,7 @@ def osrm_init(base: str | Path, tasks: Mapping[str, str | Path], out: str | Path
         adapters[task] = {"path": str(out / task), **_summary(modules)}
         warnings += _short_warnings(task, modules)
     report = {"output": str(out), "stats_dir": str(stats_dir), "variant": variant, "center": center,
-              "rank": rank, "target_modules": list(target_modules), **asdict(gathered), "adapters": adapters,
+              "rank": rank, "target_modules": list(target_modules), **gathered.as_dict(), "adapters": adapters,
               "warnings": warnings}
     _write_report(out, report)
     return report
@@ -390,4 +395,4 @@ def osrm_project(adapter: str | Path, base: str | Path, tasks: Mapping[str, str 
             "unchanged_modules": [m.module for m in parsed.modules if m.embedding]}
     write_adapter_dir(out, tensors, None, info)
     return {"output": str(out), "stats_dir": str(stats_dir), "variant": variant, "center": center,
-            **asdict(gathered), **summary, "warnings": _short_warnings(own or str(adapter), modules)}
+            **gathered.as_dict(), **summary, "warnings": _short_warnings(own or str(adapter), modules)}
