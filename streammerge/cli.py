@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,36 @@ from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
 from .modelcard import stats_summary
 from .osrm.commands import add_osrm_commands
-from .plan import MergePlan, build_plan
-from .recipe import DEVICES, InputSpec, Recipe, parse_size
+from .describe import describe_plan
+from .plan import build_plan
+from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
+                     parse_size)
 
 EPILOG_MERGE = """examples:
   streammerge merge --base ./Llama-3-8B --adapter ./lora_math --adapter ./lora_code \\
       --method task_arithmetic --out ./merged
-  streammerge merge --base B --adapter X --adapter Y --weight 1.0 --weight 0.5 \\
+  streammerge merge --base meta-llama/Llama-3.1-8B --adapter org/lora-math --revision main --out ./merged
+  streammerge merge --base B --adapter X --adapter Y --weight 1.0 --weight 0,0.5,1 \\
       --method do_merging --param orthogonalize=false --param norm_axis=col --out O
   streammerge merge --base B --model ./ft_math --model ./ft_code --method ties --out O
+  streammerge merge recipe.yaml --out O                 # a recipe file; flags override its values
+  streammerge merge recipe.yaml --output-format adapter --out O   # a merged PEFT adapter (exact for TA / DO-Merging)
+  streammerge merge recipe.yaml --method ties --output-format adapter --rank 64 --out O   # truncated SVD
+  streammerge merge ./merged/streammerge_recipe.json --out O2   # re-run a saved, pinned recipe
+
+--weight takes one value per input, in input order; "0,0.5,1" is a list interpolated from the
+first layer to the last. Per-module weights and tensor filters live in recipe files (see README, "Recipes").
+"""
+EPILOG_PLAN = """examples:
+  streammerge plan recipe.yaml
+  streammerge plan --base ./Llama-3-8B --adapter ./lora_math --method do_merging --out ./merged
+prints what will be read, merged, copied and written, with memory, disk and time estimates,
+or every problem found (exit code 2), without writing anything.
+"""
+EPILOG_INSPECT = """examples:
+  streammerge inspect ./Llama-3-8B
+  streammerge inspect ./lora_math --base ./Llama-3-8B     # does the adapter fit this base?
+  streammerge inspect org/lora-math --json
 """
 
 
@@ -39,55 +61,65 @@ class _InputAction(argparse.Action):
         namespace.inputs = items
 
 
+_CHOICES: dict[str, Any] = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "method": sorted(REGISTRY)}
+_TYPES: dict[type, Any] = {int: int}
+
+
 def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model directory (safetensors, single file or sharded)")
-    p.add_argument("--adapter", action=_InputAction, const="adapter", dest="inputs", metavar="DIR",
-                   help="a PEFT LoRA adapter directory (repeatable)")
-    p.add_argument("--model", action=_InputAction, const="model", dest="inputs", metavar="DIR",
-                   help="a full fine-tuned model directory; task vector = model - base (repeatable)")
-    p.add_argument("--weight", action="append", type=float, default=[], metavar="W",
-                   help="weight w_i of each input, in input order (default 1 each)")
-    p.add_argument("--method", default="task_arithmetic", choices=sorted(REGISTRY),
-                   help="merge method (see `streammerge methods`); default task_arithmetic")
+    """One flag per Recipe field that has one; help text from the dataclass (the one source of truth)."""
+    p.add_argument("recipe", nargs="?", default=None, metavar="RECIPE.yaml",
+                   help="a recipe file (YAML or JSON); the flags below override its values")
+    defaults = {f.name: f.default for f in fields(Recipe)}
+    for f in fields(Recipe):
+        flag = f.metadata.get("flag")
+        if flag is None:
+            continue
+        default = defaults[f.name]
+        shown = f" (default: {default})" if default not in (None, "", MISSING) else ""
+        p.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
+                       type=int if f.name in ("seed", "rank") else str,
+                       metavar=f.metadata.get("metavar"), help=f.metadata["help"] + shown)
+    p.add_argument("--adapter", action=_InputAction, const="adapter", dest="inputs", metavar="DIR_OR_REPO",
+                   help="a PEFT LoRA adapter: local directory or Hub repo id (repeatable; replaces the file's inputs)")
+    p.add_argument("--model", action=_InputAction, const="model", dest="inputs", metavar="DIR_OR_REPO",
+                   help="a full fine-tuned model; task vector = model - base (repeatable)")
+    p.add_argument("--weight", action="append", default=[], metavar="W",
+                   help="weight w_i of each input, in input order (default 1 each); W1,W2,... is a per-layer list")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method parameter, e.g. --param lambda=0.8 (repeatable)")
-    p.add_argument("--dtype", default=None, help="output dtype of floating tensors (bfloat16, float16, float32); "
-                                                 "default: keep each base tensor's dtype")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="worker device; auto = CUDA when present")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-tensor random generators (DARE)")
-    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
-                   help="reshard output into files of at most SIZE (e.g. 5GB); default: the base's layout")
+                   help="method parameter, e.g. --param lambda=0.8 (repeatable; overrides the file's params)")
+
+
+def _parse_weight(text: str) -> Weight:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--weight expects a number or comma-separated numbers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """Build the recipe the merge/plan subcommands describe."""
-    inputs = list(getattr(args, "inputs", None) or [])
-    weights = list(args.weight)
-    if weights and len(weights) != len(inputs):
-        raise InputError(
-            f"got {len(weights)} --weight value(s) for {len(inputs)} input(s); give one per input, in input order")
-    specs = tuple(InputSpec(path=path, kind=kind, weight=weights[i] if weights else 1.0)
-                  for i, (kind, path) in enumerate(inputs))
-    params = tuple(parse_param_assignment(text) for text in args.param)
-    return Recipe(
-        base=args.base, inputs=specs, method=args.method, params=params, dtype=args.dtype,
-        seed=args.seed, device=args.device,
-        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def describe_plan(plan: MergePlan) -> str:
-    lines = [f"method {plan.recipe.method} {dict(plan.method_params)}",
-             f"base {plan.recipe.base}"]
-    for s in plan.inputs:
-        lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {s.weight:g}, {s.tensors_changed} tensors"
-                     + (f", ranks {list(s.ranks)})" if s.ranks else ")"))
-    lines.append(f"{plan.tensor_count} tensors ({plan.merged_count} merged) into {len(plan.shards)} shard(s), "
-                 f"{_gib(plan.output_bytes)} output; predicted peak memory {_gib(plan.estimated_peak_bytes)}")
-    return "\n".join(lines)
+    """The recipe file (if any) with the command line's values laid over it."""
+    recipe = load_recipe_file(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    changes: dict[str, Any] = {}
+    for f in fields(Recipe):
+        value = getattr(args, f.name, None)
+        if f.metadata.get("flag") is None or value is None:
+            continue
+        changes[f.name] = parse_size(value) if f.metadata.get("parse") == "size" else value
+    inputs = list(recipe.inputs)
+    if getattr(args, "inputs", None):
+        inputs = [InputSpec(path=path, kind=kind) for kind, path in args.inputs]
+    if args.weight:
+        if len(args.weight) != len(inputs):
+            raise InputError(f"got {len(args.weight)} --weight value(s) for {len(inputs)} input(s); "
+                             "give one per input, in input order")
+        inputs = [replace(spec, weight=_parse_weight(w)) for spec, w in zip(inputs, args.weight)]
+    changes["inputs"] = tuple(inputs)
+    # A different --method drops the file's parameters, which belong to the file's method.
+    params = {} if changes.get("method", recipe.method) != recipe.method else dict(recipe.params)
+    params.update(parse_param_assignment(text) for text in args.param)
+    changes["params"] = tuple(sorted(params.items()))
+    return replace(recipe, **changes)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -96,7 +128,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .engine import run_plan
 
     recipe = recipe_from_args(args)
+    if not recipe.out:
+        raise InputError("no output directory: pass --out DIR (or set `out:` in the recipe file)")
     plan = build_plan(recipe)
+    print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
     print(describe_plan(plan), file=sys.stderr)
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
                desc="merging", disable=args.no_progress or None, file=sys.stderr)
@@ -108,14 +143,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{done[0]}/{plan.tensor_count} tensors", refresh=False)
 
     try:
-        report = run_plan(plan, Path(args.out), progress)
+        report = run_plan(plan, Path(recipe.out), progress)
     finally:
         bar.close()
     summary = {
-        "output": str(report.output_dir), "device": report.device, "seconds": round(report.seconds, 3),
-        "peak_rss_mib": round(report.peak_rss / 2**20, 1), "tensors_merged": report.tensors_merged,
-        "tensors_copied": report.tensors_copied, "bytes_written": report.bytes_written,
-        "shards": [r.file_name for r in report.shards],
+        "output": str(report.output_dir), "format": recipe.output_format, "device": report.device,
+        "seconds": round(report.seconds, 3), "peak_rss_mib": round(report.peak_rss / 2**20, 1),
+        "tensors_merged": report.tensors_merged, "tensors_copied": report.tensors_copied,
+        "bytes_written": report.bytes_written, "shards": [r.file_name for r in report.shards],
     }
     if report.stats:
         summary["method_stats"] = stats_summary(report.stats)
@@ -125,8 +160,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(recipe_from_args(args))
+    print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()))
     print(describe_plan(plan))
     return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_path, render_inspection
+
+    report = inspect_path(args.path, base=args.base, revision=args.revision, base_revision=args.base_revision)
+    print(json.dumps(report, indent=2, default=str) if args.json else render_inspection(report))
+    return 0 if report.get("compatible", True) else 2
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -141,20 +185,29 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streammerge",
-        description="Streaming, out-of-core merging of LoRA adapters and fine-tunes into LLMs.")
+        description="Streaming, out-of-core merging of LoRA adapters and fine-tunes into LLMs.",
+        epilog="Run `streammerge COMMAND --help` for a command's options and examples.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = sub.add_parser("merge", help="merge inputs into a new model directory", epilog=EPILOG_MERGE,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge = sub.add_parser("merge", help="merge inputs into a new model directory (or a merged adapter)",
+                           epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_arguments(merge)
-    merge.add_argument("--out", required=True, help="output directory (new or empty)")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
     merge.set_defaults(handler=cmd_merge)
 
     plan = sub.add_parser("plan", help="validate a merge and print what it would do (dry run)",
-                          epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                          epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_arguments(plan)
     plan.set_defaults(handler=cmd_plan)
+
+    inspect = sub.add_parser("inspect", help="describe a model or adapter, and whether it fits a base",
+                             epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    inspect.add_argument("path", metavar="PATH_OR_REPO", help="a model or PEFT adapter directory, or a Hub repo id")
+    inspect.add_argument("--base", default=None, metavar="DIR_OR_REPO", help="check compatibility with this base model")
+    inspect.add_argument("--revision", default=None, metavar="REV", help="Hub revision of PATH")
+    inspect.add_argument("--base-revision", default=None, metavar="REV", help="Hub revision of --base")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(handler=cmd_inspect)
 
     methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
     methods.set_defaults(handler=cmd_methods)

@@ -13,7 +13,7 @@ import shutil
 import time
 from functools import partial
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from .io.dtypes import DTYPES
 from .io.reader import CheckpointReader, open_checkpoint
 from .io.writer import ShardWriter, layout_shard, write_index
 from .memory import PeakMemoryMonitor
-from .methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
+from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from .modelcard import render_model_card
 from .names import (CONFIG_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
@@ -104,7 +104,6 @@ class TensorMerger:
         self.readers = readers
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
-        self.weights = [spec.weight for spec in plan.recipe.inputs]
         self.block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
 
     def _load(self, file: str, key: str) -> torch.Tensor:
@@ -152,6 +151,19 @@ class TensorMerger:
         block by block, so a tensor never needs more than its factors, one fp32 row block and
         its cast copy — unless the method or a dense input needs the base values.
         """
+        result, base, transposed = self.merge_update(job)
+        update = result.update if result is not None else None
+        stats = result.stats if result is not None else {}
+        return self._blocks(job, base, transposed, update), stats
+
+    def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
+        """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.
+
+        Returns:
+            The result (None when no input changes the tensor), the base values in canonical
+            orientation when they were read (None otherwise), and whether the stored tensor is
+            the transpose of the canonical one.
+        """
         transposed = any(c.transposed for c in job.contributions)
         canonical = tuple(reversed(job.shape)) if transposed else job.shape
         needs_values = self.method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions)
@@ -160,17 +172,18 @@ class TensorMerger:
         for c in job.contributions:
             by_input.setdefault(c.input_index, []).append(c)
         updates, weights = [], []
-        for index, contribs in by_input.items():
+        for contribs in by_input.values():
             update = self._input_update(contribs, base, transposed)
             if update is not None:
                 updates.append(update)
-                weights.append(self.weights[index])
+                weights.append(contribs[0].weight)  # the plan gives every input its weight per tensor
+        stored_base = base if needs_values else None
         if not updates:
-            return self._blocks(job, base if needs_values else None, transposed, None), {}
+            return None, stored_base, transposed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
         result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
-        return self._blocks(job, base if needs_values else None, transposed, result.update), result.stats
+        return result, stored_base, transposed
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
@@ -261,7 +274,7 @@ def write_shard(shard_path: Path, jobs: tuple[TensorJob, ...], merger: TensorMer
 
 def copy_model_files(plan: MergePlan, out_dir: Path) -> None:
     """Copy config, tokenizer and generation files; apply the plan's config updates."""
-    base_root = Path(plan.recipe.base)
+    base_root = Path(plan.base_dir)
     if base_root.is_file():
         base_root = base_root.parent
     for path in sorted(base_root.iterdir()):
@@ -276,10 +289,21 @@ def copy_model_files(plan: MergePlan, out_dir: Path) -> None:
             shutil.copyfile(path, out_dir / path.name)
 
 
+def recipe_record(plan: MergePlan) -> bytes:
+    """``streammerge_recipe.json``: the resolved recipe (loadable by ``streammerge merge FILE``) and its sources."""
+    doc = {"recipe": plan.resolved_recipe().to_dict(), "plan_fingerprint": plan.fingerprint(),
+           "sources": [asdict(s) for s in plan.sources]}
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
 def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | None = None) -> MergeReport:
     """Execute ``plan`` into ``out_dir`` (which must be new or empty)."""
     out_dir = Path(out_dir)
     device = resolve_device(plan.recipe.device)
+    if plan.recipe.output_format == "adapter":
+        from .adapter_output import write_adapter_output
+
+        return write_adapter_output(plan, out_dir, device, progress)
     prepare_output_dir(out_dir)
     report = MergeReport(output_dir=out_dir, device=str(device))
     readers = _Readers()
@@ -297,8 +321,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
                 write_index(out_dir, weight_map, sum(t.out_bytes for s in plan.shards for t in s.tensors))
             report.seconds = time.perf_counter() - start
             report.peak_rss = monitor.peak_rss
-            write_bytes_atomic(out_dir / RECIPE_NAME, (json.dumps(
-                {"recipe": plan.recipe.to_dict(), "plan_fingerprint": plan.fingerprint()}, indent=2) + "\n").encode())
+            write_bytes_atomic(out_dir / RECIPE_NAME, recipe_record(plan))
             write_bytes_atomic(out_dir / MODEL_CARD_NAME, render_model_card(plan, report).encode())
         report.peak_rss = monitor.peak_rss
     finally:

@@ -16,6 +16,7 @@ __all__ = [
     "AdapterError",
     "UnsupportedAdapterError",
     "PlanError",
+    "HubError",
     "MethodParameterError",
     "OutputError",
     "ResumeError",
@@ -55,6 +56,10 @@ class PlanError(InputError):
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"the merge cannot start; {len(self.problems)} problem(s) found:\n{lines}")
+
+
+class HubError(InputError):
+    """A Hugging Face Hub repo id cannot be resolved (not cached while offline, gated, missing, bad revision)."""
 
 
 class MethodParameterError(InputError):

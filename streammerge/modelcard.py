@@ -1,15 +1,21 @@
-"""The README.md model card of a merged model: recipe, inputs with fingerprints, versions, stats."""
+"""The README.md model card of a merged model or adapter: recipe, inputs with fingerprints and
+Hub commits, library versions, per-module method statistics."""
 
 from __future__ import annotations
 
-import json
 import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
+from .recipe import dump_recipe_yaml, format_weight
+
 if TYPE_CHECKING:
     from .engine import MergeReport
     from .plan import MergePlan
+
+VERSIONED_PACKAGES = ("streammerge", "torch", "safetensors", "huggingface_hub", "transformers", "peft")
+# Per-module statistics tables list at most this many tensors (the aggregate covers all).
+MAX_STAT_ROWS = 2000
 
 
 def _version(package: str) -> str:
@@ -27,38 +33,91 @@ def _aggregate(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     return {k: {"min": min(v), "mean": sum(v) / len(v), "max": max(v)} for k, v in values.items()}
 
 
+def _front_matter(plan: MergePlan) -> list[str]:
+    adapter = plan.recipe.output_format == "adapter"
+    hub = [s.repo_id for s in plan.sources if s.repo_id]
+    lines = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
+    if adapter and plan.sources and plan.sources[0].repo_id:
+        lines.append(f"base_model: {plan.sources[0].repo_id}")
+    elif not adapter and hub:
+        lines += ["base_model:"] + [f"- {h}" for h in dict.fromkeys(hub)] + ["base_model_relation: merge"]
+    lines += ["tags:", "- merge", "- streammerge", f"- {plan.recipe.method}"]
+    if adapter:
+        lines.append("- lora")
+    return lines + ["---"]
+
+
+def _inputs_table(plan: MergePlan) -> list[str]:
+    sources = list(plan.sources) or [None] * (len(plan.inputs) + 1)
+    base_src = sources[0]
+    commit = f"`{base_src.commit}`" if base_src is not None and base_src.commit else ""
+    lines = [
+        "| # | kind | path or repo | Hub commit | weight | ranks | tensors changed | fingerprint (sha256 of shard sizes + headers) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| base | model | `{plan.recipe.base}` | {commit} | | | | `{plan.base_fingerprint}` |",
+    ]
+    for s in plan.inputs:
+        src = sources[s.index + 1] if s.index + 1 < len(sources) else None
+        commit = f"`{src.commit}`" if src is not None and src.commit else ""
+        ranks = ",".join(map(str, s.ranks)) or "-"
+        lines.append(f"| {s.index} | {s.kind} | `{s.path}` | {commit} | {format_weight(s.weight)} | {ranks} | "
+                     f"{s.tensors_changed} | `{s.fingerprint}` |")
+    return lines
+
+
+def _stats_tables(stats: dict[str, dict[str, float]]) -> list[str]:
+    aggregated = _aggregate(stats)
+    if not aggregated:
+        return []
+    lines = ["", "## Method statistics", "", "Over all merged tensors:", "",
+             "| statistic | min | mean | max |", "|---|---|---|---|"]
+    for key, v in sorted(aggregated.items()):
+        lines.append(f"| {key} | {v['min']:.4g} | {v['mean']:.4g} | {v['max']:.4g} |")
+    keys = sorted(aggregated)
+    rows = sorted(stats.items())[:MAX_STAT_ROWS]
+    lines += ["", "<details><summary>Per module</summary>", "",
+              "| tensor | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, values in rows:
+        cells = " | ".join(f"{values[k]:.4g}" if k in values else "" for k in keys)
+        lines.append(f"| {name} | {cells} |")
+    if len(stats) > MAX_STAT_ROWS:
+        lines.append(f"| … {len(stats) - MAX_STAT_ROWS} more | |")
+    return lines + ["", "</details>"]
+
+
 def render_model_card(plan: MergePlan, report: MergeReport) -> str:
     """Markdown with YAML front matter, as the Hugging Face Hub expects."""
     recipe = plan.recipe
+    adapter = recipe.output_format == "adapter"
+    what = "Merged LoRA adapter" if adapter else "Merged model"
+    usage = (["```python", "from peft import AutoPeftModelForCausalLM",
+              'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/adapter")', "```"] if adapter else
+             ["```python", "from transformers import AutoModelForCausalLM",
+              'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")', "```"])
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- streammerge",
-        f"- {recipe.method}",
-        "---",
+        *_front_matter(plan),
         "",
-        f"# Merged model ({recipe.method})",
+        f"# {what} ({recipe.method})",
         "",
-        f"Made with [streammerge](https://github.com/) {_version('streammerge')} from the base model "
-        f"`{recipe.base}` and {len(recipe.inputs)} input(s).",
+        f"Made with streammerge {_version('streammerge')} from the base model `{recipe.base}` and "
+        f"{len(recipe.inputs)} input(s) with the `{recipe.method}` method"
+        + (f"; the merged update is stored as a PEFT LoRA adapter "
+           f"({'truncated to rank ' + str(recipe.rank) + ' by SVD' if recipe.rank else 'exact factors'})."
+           if adapter else "."),
+        "",
+        *usage,
         "",
         "## Inputs",
         "",
-        "| # | kind | path | weight | ranks | tensors changed | fingerprint (sha256 of shard sizes + headers) |",
-        "|---|---|---|---|---|---|---|",
-        f"| base | model | `{recipe.base}` | | | | `{plan.base_fingerprint}` |",
-    ]
-    for s in plan.inputs:
-        ranks = ",".join(map(str, s.ranks)) or "-"
-        lines.append(f"| {s.index} | {s.kind} | `{s.path}` | {s.weight:g} | {ranks} | {s.tensors_changed} | `{s.fingerprint}` |")
-    lines += [
+        *_inputs_table(plan),
         "",
         "## Recipe",
         "",
-        "```json",
-        json.dumps({**recipe.to_dict(), "resolved_params": dict(plan.method_params)}, indent=2, default=str),
+        "The resolved recipe (method parameters spelled out, Hub revisions pinned); "
+        "`streammerge merge streammerge_recipe.json --out DIR` re-runs it.",
+        "",
+        "```yaml",
+        dump_recipe_yaml(plan.resolved_recipe()).rstrip(),
         "```",
         "",
         f"Plan fingerprint: `{plan.fingerprint()}`",
@@ -66,17 +125,13 @@ def render_model_card(plan: MergePlan, report: MergeReport) -> str:
         "## Job",
         "",
         f"- tensors merged: {report.tensors_merged}, copied unchanged: {report.tensors_copied}",
-        f"- output: {len(report.shards)} shard(s), {report.bytes_written:,} bytes",
+        f"- output: {len(report.shards)} file(s), {report.bytes_written:,} bytes",
         f"- device: {report.device}; wall time {report.seconds:.1f} s; peak RSS {report.peak_rss / 2**20:,.0f} MiB",
-        f"- versions: streammerge {_version('streammerge')}, torch {_version('torch')}, "
-        f"safetensors {_version('safetensors')}, python {platform.python_version()}",
+        "- versions: " + ", ".join(f"{p} {_version(p)}" for p in VERSIONED_PACKAGES)
+        + f", python {platform.python_version()}",
     ]
-    aggregated = _aggregate(report.stats)
-    if aggregated:
-        lines += ["", "## Method statistics (over merged tensors)", "", "| statistic | min | mean | max |", "|---|---|---|---|"]
-        for key, v in sorted(aggregated.items()):
-            lines.append(f"| {key} | {v['min']:.4g} | {v['mean']:.4g} | {v['max']:.4g} |")
-    lines += ["", "## Shards", "", "| file | bytes | sha256 |", "|---|---|---|"]
+    lines += _stats_tables(report.stats)
+    lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
     lines += [f"| {r.file_name} | {r.size:,} | `{r.sha256}` |" for r in report.shards]
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,12 @@ ADAPTER_PICKLE_NAME = "adapter_model.bin"
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
+# The block index inside a tensor name: model.layers.N. (Llama, Qwen, Mistral), transformer.h.N. (GPT-2),
+# blocks.N. / layer.N. (others). Per-layer recipe weights are interpolated over it.
+LAYER_INDEX_PATTERN = r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\."
+# config.json keys that give the number of layers, in order of preference.
+NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
 METADATA_KEY = "__metadata__"
 DEFAULT_METADATA = {"format": "pt"}
 

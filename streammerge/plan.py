@@ -8,21 +8,23 @@ collects all problems before raising one ``PlanError`` that lists them.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .adapters.lora import LoraAdapter, load_lora_adapter
 from .errors import InputError, PlanError, StreamMergeError
+from .hub import Source, resolve_recipe_sources
 from .io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from .io.reader import CheckpointLayout, open_checkpoint
 from .io.writer import layout_shard
 from .methods import MergeMethod, get_method
-from .names import CONFIG_NAME, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
-from .recipe import Recipe
+from .names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
+from .recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
@@ -42,6 +44,7 @@ class Contribution:
         keys: tensor names inside ``file``.
         scale: LoRA scaling s (folded into B), 1 otherwise.
         transposed: the stored tensor is (B A)ᵀ (fan_in_fan_out or embedding LoRA).
+        weight: the input's user weight w_i on this tensor (per-layer / per-module recipe weights).
     """
 
     input_index: int
@@ -50,6 +53,7 @@ class Contribution:
     keys: tuple[str, ...]
     scale: float = 1.0
     transposed: bool = False
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,11 @@ class InputSummary:
     index: int
     kind: str
     path: str
-    weight: float
+    weight: Weight
     fingerprint: str
     tensors_changed: int
     ranks: tuple[int, ...] = ()
+    bytes_read: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,24 @@ class MergePlan:
     write_index: bool
     config_updates: tuple[tuple[str, Any], ...]
     estimated_peak_bytes: int
+    sources: tuple[Source, ...] = ()
+    """Where the base (first) and each input were read from: local paths and Hub snapshots."""
+
+    @property
+    def base_dir(self) -> str:
+        """The local directory (or file) the base model is read from."""
+        return self.sources[0].local_path if self.sources else self.recipe.base
+
+    def resolved_recipe(self) -> Recipe:
+        """The recipe as run: every method parameter spelled out, Hub revisions pinned to commits."""
+        recipe = replace(self.recipe, params=self.method_params)
+        if len(self.sources) != len(recipe.inputs) + 1:
+            return recipe
+        base, *inputs = self.sources
+        return replace(
+            recipe, revision=base.commit or recipe.revision,
+            inputs=tuple(replace(spec, revision=src.commit or spec.revision)
+                         for spec, src in zip(recipe.inputs, inputs)))
 
     @property
     def output_bytes(self) -> int:
@@ -184,12 +207,23 @@ class _Planner:
             self.virtual_sources[LM_HEAD] = embed
         self.names = set(base.shard_of) | set(self.virtual_sources)
         self.base_family = _family((base_config.get("architectures") or [None])[0])
+        self.num_layers = count_layers(base_config, self.names)
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         return self.base.info(self.virtual_sources.get(name, name)).shape
 
     def add(self, target: str, contribution: Contribution) -> None:
-        self.contributions.setdefault(target, []).append(contribution)
+        """Record a contribution, with the input's filters and per-tensor weight applied.
+
+        A weight of exactly 0 leaves the tensor out for that input (as if it did not touch it).
+        """
+        spec = self.recipe.inputs[contribution.input_index]
+        if not spec.selects(target):
+            return
+        weight = spec.weight_for(target, layer_index(target), self.num_layers)
+        if weight == 0.0:
+            return
+        self.contributions.setdefault(target, []).append(replace(contribution, weight=weight))
 
     def check_family(self, where: str, architecture: str | None) -> None:
         family = _family(architecture)
@@ -260,8 +294,45 @@ class _Planner:
         return changed
 
 
+def layer_index(name: str) -> int | None:
+    """The transformer block a tensor belongs to, or None (embeddings, final norm, lm_head)."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def count_layers(config: dict[str, Any], names: Any) -> int:
+    """The number of blocks: from config.json, else the highest block index in the tensor names."""
+    for key in NUM_LAYERS_KEYS:
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    indices = [i for i in map(layer_index, names) if i is not None]
+    return max(indices) + 1 if indices else 0
+
+
+_LAYER_INDEX = re.compile(LAYER_INDEX_PATTERN)
+
+
+def _filter_problems(recipe: Recipe, planner: _Planner) -> list[str]:
+    """Patterns that match no base tensor (typos), and inputs the filters leave with nothing."""
+    problems = []
+    names = sorted(planner.names)
+    for i, spec in enumerate(recipe.inputs):
+        patterns = [("include", p) for p in spec.include] + [("exclude", p) for p in spec.exclude]
+        patterns += [(f"overrides[{j}].match", o.match) for j, o in enumerate(spec.overrides)]
+        for field_name, pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                problems.append(f"inputs[{i}].{field_name}: pattern {pattern!r} matches no tensor of the base model "
+                                f"(names look like {names[len(names) // 2]!r})")
+        touched = any(c.input_index == i for cs in planner.contributions.values() for c in cs)
+        if (spec.include or spec.exclude or spec.overrides or isinstance(spec.weight, tuple)) and not touched:
+            problems.append(f"inputs[{i}] ({spec.path!r}): its filters and weights leave no tensor to merge")
+    return problems
+
+
 def build_plan(recipe: Recipe) -> MergePlan:
     """Validate a recipe against its files and produce the plan.
+
+    Hub repo ids are resolved to local snapshots first (``hub.py``).
 
     Raises:
         PlanError: listing every problem found.
@@ -272,37 +343,43 @@ def build_plan(recipe: Recipe) -> MergePlan:
     try:
         method = get_method(recipe.method)
         method_params = method.resolve_params(dict(recipe.params))
-    except StreamMergeError as e:
-        problems.append(str(e))
+    except StreamMergeError:
+        method = None  # recipe.validate() reported it
     try:
         out_dtype = resolve_dtype(recipe.dtype)
     except InputError as e:
-        problems.append(str(e))
+        problems.append(f"dtype: {e}")
         out_dtype = None
+    sources = resolve_recipe_sources(recipe, problems)
     try:
-        base = open_checkpoint(recipe.base)
+        base = open_checkpoint(sources[0].local_path)
     except StreamMergeError as e:
         raise PlanError([*problems, f"base model: {e}"]) from e
 
-    planner = _Planner(recipe, base, read_config(base.root))
+    base_config = read_config(base.root)
+    planner = _Planner(recipe, base, base_config)
     summaries = []
-    for index, spec in enumerate(recipe.inputs):
+    for index, (spec, source) in enumerate(zip(recipe.inputs, sources[1:])):
         try:
             if spec.kind == "adapter":
-                adapter = load_lora_adapter(spec.path, planner.names, planner.problems)
+                adapter = load_lora_adapter(source.local_path, planner.names, planner.problems)
                 ranks = planner.add_adapter(index, adapter)
-                fingerprint = layout_fingerprint(adapter.weights)
-                changed = len(adapter.modules) + len(adapter.tensors)
+                layout = adapter.weights
             else:
-                model = open_checkpoint(spec.path)
+                layout = open_checkpoint(source.local_path)
                 ranks = ()
-                changed = planner.add_model(index, model)
-                fingerprint = layout_fingerprint(model)
+                planner.add_model(index, layout)
         except StreamMergeError as e:
             planner.problems.append(str(e))
             continue
-        summaries.append(InputSummary(index, spec.kind, spec.path, spec.weight, fingerprint, changed, ranks))
+        mine = [c for cs in planner.contributions.values() for c in cs if c.input_index == index]
+        changed = sum(1 for cs in planner.contributions.values() if any(c.input_index == index for c in cs))
+        read = sum(layout.headers[Path(c.file)].tensors[k].nbytes for c in mine for k in c.keys)
+        summaries.append(InputSummary(index, spec.kind, spec.path, spec.weight, layout_fingerprint(layout),
+                                      changed, ranks, read))
     problems += planner.problems
+    if not planner.problems:
+        problems += _filter_problems(recipe, planner)
     for target, contribs in planner.contributions.items():
         if len({c.transposed for c in contribs if c.kind == "lora"}) > 1:
             problems.append(f"inputs disagree on the orientation of {target!r} (fan_in_fan_out differs)")
@@ -316,8 +393,12 @@ def build_plan(recipe: Recipe) -> MergePlan:
     if any(LM_HEAD == t.name and t.source != LM_HEAD for s in shards for t in s.tensors):
         config_updates["tie_word_embeddings"] = False
     if out_dtype is not None:
-        config_updates["torch_dtype"] = str(DTYPES[out_dtype].torch_dtype).removeprefix("torch.")
-    return MergePlan(
+        # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
+        name = str(DTYPES[out_dtype].torch_dtype).removeprefix("torch.")
+        config_updates["torch_dtype"] = name
+        if "dtype" in base_config:
+            config_updates["dtype"] = name
+    plan = MergePlan(
         recipe=recipe,
         method_params=tuple(sorted(method_params.items())),
         base_fingerprint=layout_fingerprint(base),
@@ -326,7 +407,15 @@ def build_plan(recipe: Recipe) -> MergePlan:
         write_index=write_index,
         config_updates=tuple(sorted(config_updates.items())),
         estimated_peak_bytes=estimate_peak_bytes(jobs.values(), method),
+        sources=sources,
     )
+    if recipe.output_format == "adapter":
+        from .adapter_output import adapter_problems  # the adapter writer's own checks of the plan
+
+        problems = adapter_problems(plan, base_config)
+        if problems:
+            raise PlanError(problems)
+    return plan
 
 
 def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | None) -> dict[str, TensorJob]:

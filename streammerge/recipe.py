@@ -1,100 +1,389 @@
 """A merge recipe: frozen dataclasses, the one description of a job that the CLI, recipe
-files, the plan hash, the journal and the model card all share."""
+files, the plan hash, the journal and the model card all share.
+
+Each field's ``metadata["help"]`` is also its ``--flag`` help text and its documentation in a
+recipe file.  ``recipe_from_dict`` reads a YAML/JSON document into a ``Recipe`` and reports
+every problem at once, each with its path in the document (``inputs[1].weight``);
+``Recipe.to_dict`` writes the plain, YAML-loadable form back.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+import math
+import types
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
-from .errors import InputError
+from .errors import InputError, PlanError, StreamMergeError
+
+__all__ = [
+    "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
+    "recipe_from_dict", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate", "format_weight",
+]
 
 INPUT_KINDS = ("adapter", "model")
 DEVICES = ("auto", "cpu", "cuda")
+OUTPUT_FORMATS = ("model", "adapter")
+
+Weight = Union[float, tuple[float, ...]]
+"""One number, or a list interpolated linearly from the first layer to the last."""
+
+
+def _field(default: Any = MISSING, help: str = "", compare: bool = True, **meta: Any) -> Any:
+    """A dataclass field whose ``help`` is its CLI help and recipe-file documentation."""
+    if default is MISSING:
+        return field(compare=compare, metadata={"help": help, **meta})
+    return field(default=default, compare=compare, metadata={"help": help, **meta})
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass(frozen=True)
+class WeightOverride:
+    """A different weight for the tensors whose names match a pattern (first match wins)."""
+
+    match: str = _field(help="glob on base tensor names, e.g. '*.mlp.*' or 'model.layers.1[0-5].*'")
+    weight: Weight = _field(help="the weight there: a number, or a list interpolated across layers")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _tuple(self.weight))
 
 
 @dataclass(frozen=True)
 class InputSpec:
     """One merge input.
 
-    Attributes:
-        path: a PEFT LoRA adapter directory (kind "adapter") or a full fine-tuned model
-            directory (kind "model", task vector = model − base).
-        kind: "adapter" or "model".
-        weight: the user weight w_i of this input.
+    A bare string in a recipe file is short for ``{path: <string>}``.
     """
 
-    path: str
-    kind: str = "adapter"
-    weight: float = 1.0
+    _SHORTHAND: ClassVar[str] = "path"
+
+    path: str = _field(help="a PEFT LoRA adapter or a full fine-tuned model: a local directory or a Hub repo id")
+    kind: str = _field("adapter", help="'adapter' (PEFT LoRA) or 'model' (full fine-tune; task vector = model - base)")
+    weight: Weight = _field(1.0, help="user weight w_i: a number, or a list of numbers interpolated linearly "
+                                      "from the first to the last layer (tensors outside layers use the first)")
+    revision: str | None = _field(None, help="Hub revision (branch, tag or commit) when path is a repo id")
+    overrides: tuple[WeightOverride, ...] = _field((), help="per-module weights: [{match: GLOB, weight: W}, ...]; "
+                                                            "the first matching entry wins")
+    include: tuple[str, ...] = _field((), help="globs on base tensor names: merge only matching tensors from this input")
+    exclude: tuple[str, ...] = _field((), help="globs on base tensor names: never merge matching tensors from this input")
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "overrides", "include", "exclude"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+
+    def selects(self, tensor: str) -> bool:
+        """Whether this input may change ``tensor`` (its include/exclude filters)."""
+        if self.include and not any(fnmatch.fnmatchcase(tensor, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(tensor, p) for p in self.exclude)
+
+    def weight_for(self, tensor: str, layer: int | None, num_layers: int) -> float:
+        """The weight of this input on ``tensor`` (in layer ``layer`` of ``num_layers``, if any)."""
+        weight = self.weight
+        for override in self.overrides:
+            if fnmatch.fnmatchcase(tensor, override.match):
+                weight = override.weight
+                break
+        return interpolate(weight, layer, num_layers)
+
+
+def interpolate(weight: Weight, layer: int | None, num_layers: int) -> float:
+    """A weight at ``layer``: lists are spread evenly from layer 0 to ``num_layers - 1``.
+
+    Tensors outside the layer stack (embeddings, final norm, lm_head) get the first value.
+    """
+    if not isinstance(weight, tuple):
+        return float(weight)
+    if len(weight) == 1 or layer is None or num_layers <= 1:
+        return float(weight[0])
+    position = layer / (num_layers - 1) * (len(weight) - 1)
+    low = min(int(math.floor(position)), len(weight) - 2)
+    frac = position - low
+    return float(weight[low] * (1 - frac) + weight[low + 1] * frac)
+
+
+def format_weight(weight: Weight) -> str:
+    if isinstance(weight, tuple):
+        return "[" + ", ".join(f"{w:g}" for w in weight) + "]"
+    return f"{weight:g}"
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the merged bytes (and nothing that does not).
+    """Everything that determines the merged bytes (and, marked compare=False, how to run it)."""
 
-    Attributes:
-        base: base model directory.
-        inputs: adapters and/or full fine-tunes, in order.
-        method: merge method name (see ``streammerge methods``).
-        params: method parameters as (name, value) pairs, validated against the method.
-        dtype: output dtype for floating tensors ("bfloat16", "float16", "float32"), or None
-            to keep each tensor's base dtype.
-        seed: seed of the per-tensor random generators (DARE).
-        max_shard_size: reshard the output into shards of at most this many bytes, or None
-            to keep the base's shard layout.
-        device: worker device "auto" (CUDA when present), "cpu" or "cuda"; does not change the
-            result beyond floating-point rounding, so it is not part of the hash.
-    """
+    base: str = _field("", help="base model: a local directory (safetensors, single file or sharded) or a Hub repo id",
+                       flag="--base", metavar="DIR_OR_REPO")
+    inputs: tuple[InputSpec, ...] = _field((), help="adapters and/or full fine-tunes, in order")
+    method: str = _field("task_arithmetic", help="merge method (see `streammerge methods`)", flag="--method")
+    params: tuple[tuple[str, Any], ...] = _field((), help="method parameters, validated against the method",
+                                                 mapping=True)
+    dtype: str | None = _field(None, help="output dtype of floating tensors (bfloat16, float16, float32); "
+                                          "default: each base tensor's own dtype (float32 for adapter output)",
+                               flag="--dtype")
+    seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
+    max_shard_size: int | None = _field(None, help="reshard the output into files of at most SIZE (e.g. 5GB); "
+                                                   "default: the base's layout", flag="--max-shard-size",
+                                        metavar="SIZE", parse="size")
+    revision: str | None = _field(None, help="Hub revision (branch, tag or commit) of the base when it is a repo id",
+                                  flag="--revision", metavar="REV")
+    output_format: str = _field("model", help="'model': a full HF model directory; 'adapter': a merged PEFT LoRA "
+                                              "adapter (exact for low-rank results, else truncated SVD to --rank)",
+                                flag="--output-format")
+    rank: int | None = _field(None, help="adapter output: truncate every update to this rank (truncated SVD); "
+                                         "needed for methods whose result is dense", flag="--rank", metavar="K")
+    device: str = _field("auto", help="worker device; auto = CUDA when present", flag="--device", compare=False)
+    out: str | None = _field(None, help="output directory (new or empty)", flag="--out", metavar="DIR", compare=False)
 
-    base: str
-    inputs: tuple[InputSpec, ...]
-    method: str = "task_arithmetic"
-    params: tuple[tuple[str, Any], ...] = ()
-    dtype: str | None = None
-    seed: int = 0
-    max_shard_size: int | None = None
-    device: str = field(default="auto", compare=False)
+    _NOT_HASHED: ClassVar[tuple[str, ...]] = ("device", "out")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", _tuple(self.inputs))
+        object.__setattr__(self, "params", tuple(tuple(p) for p in self.params))
 
     def validate(self) -> list[str]:
-        """Every problem with the recipe's own fields (not the files they name)."""
+        """Every problem with the recipe's own fields (not the files they name), with its path."""
         problems = []
         if not self.base:
-            problems.append("no base model given (--base)")
+            problems.append("base: no base model given (--base, or `base:` in the recipe file)")
         if not self.inputs:
-            problems.append("no inputs given: pass at least one --adapter or --model")
+            problems.append("inputs: none given; pass at least one --adapter or --model (or list `inputs:`)")
         for i, spec in enumerate(self.inputs):
+            where = f"inputs[{i}] ({spec.path!r})"
+            if not spec.path:
+                problems.append(f"inputs[{i}].path: empty")
             if spec.kind not in INPUT_KINDS:
-                problems.append(f"input {i} ({spec.path!r}): kind {spec.kind!r} must be one of {INPUT_KINDS}")
+                problems.append(f"{where}.kind: {spec.kind!r} must be one of {list(INPUT_KINDS)}")
+            problems += _weight_problems(f"{where}.weight", spec.weight)
+            for j, o in enumerate(spec.overrides):
+                if not o.match:
+                    problems.append(f"{where}.overrides[{j}].match: empty pattern")
+                problems += _weight_problems(f"{where}.overrides[{j}].weight", o.weight)
         if self.device not in DEVICES:
-            problems.append(f"device {self.device!r} must be one of {DEVICES}")
+            problems.append(f"device: {self.device!r} must be one of {list(DEVICES)}")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
-            problems.append(f"max_shard_size must be positive, got {self.max_shard_size}")
+            problems.append(f"max_shard_size: must be positive, got {self.max_shard_size}")
+        if self.output_format not in OUTPUT_FORMATS:
+            problems.append(f"output_format: {self.output_format!r} must be one of {list(OUTPUT_FORMATS)}")
+        if self.rank is not None and self.rank <= 0:
+            problems.append(f"rank: must be a positive integer, got {self.rank}")
+        if self.rank is not None and self.output_format != "adapter":
+            problems.append("rank: only applies with output_format 'adapter' (--output-format adapter)")
+        if self.output_format == "adapter" and self.max_shard_size is not None:
+            problems.append("max_shard_size: an adapter is written as one file; drop --max-shard-size")
+        problems += _method_problems(self.method, self.params)
         return problems
 
     def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["inputs"] = [asdict(s) for s in self.inputs]
-        doc["params"] = dict(self.params)
-        return doc
+        """Plain data (dicts, lists, scalars) that ``recipe_from_dict`` and YAML read back."""
+        return _plain(self)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> Recipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(doc) - known)
-        if unknown:
-            raise InputError(f"unknown recipe field(s) {unknown}; known: {sorted(known)}")
-        values = dict(doc)
-        values["inputs"] = tuple(InputSpec(**s) for s in doc.get("inputs", ()))
-        values["params"] = tuple(sorted((doc.get("params") or {}).items()))
-        return cls(**values)
+    def from_dict(cls, doc: Any) -> Recipe:
+        """Read a recipe document (see ``recipe_from_dict``)."""
+        return recipe_from_dict(doc)
 
     def fingerprint(self) -> str:
         """SHA-256 of the fields that determine the output bytes."""
         doc = self.to_dict()
-        doc.pop("device")
+        for name in self._NOT_HASHED:
+            doc.pop(name)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _weight_problems(where: str, weight: Weight) -> list[str]:
+    values = weight if isinstance(weight, tuple) else (weight,)
+    if not values:
+        return [f"{where}: an empty list; give a number or at least one value"]
+    if not all(math.isfinite(v) for v in values):
+        return [f"{where}: {format_weight(weight)} holds a non-finite value"]
+    return []
+
+
+def _method_problems(method_name: str, params: tuple[tuple[str, Any], ...]) -> list[str]:
+    from .methods import get_method  # methods are pure math; imported late to keep this module light
+
+    try:
+        method = get_method(method_name)
+    except StreamMergeError as e:
+        return [f"method: {e}"]
+    try:
+        method.resolve_params(dict(params))
+    except StreamMergeError as e:
+        return [f"params: {e}"]
+    return []
+
+
+# --- documents <-> dataclasses -------------------------------------------------------------
+
+def _plain(value: Any, mapping: bool = False) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name), f.metadata.get("mapping", False)) for f in fields(value)}
+    if mapping:
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(hint))
+    if get_origin(hint) is tuple:
+        return f"a list of {_describe(get_args(hint)[0])}s"
+    if hint is type(None):
+        return "null"
+    if is_dataclass(hint):
+        return "a mapping"
+    return {float: "number", int: "integer", str: "string", bool: "boolean"}.get(hint, str(hint))
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    if get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple))
+    if is_dataclass(hint):
+        return isinstance(value, dict) or (isinstance(value, str) and hasattr(hint, "_SHORTHAND"))
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_number_text(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _is_number_text(value: Any) -> bool:
+    # PyYAML reads 1e-3 (no dot) as a string; accept it where a number is expected.
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    if hint is Any:
+        return value
+    if get_origin(hint) in (Union, types.UnionType):
+        options = get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None) and _accepts(option, value):
+                return _convert(value, option, path, problems)
+        problems.append(f"{path}: expected {_describe(hint)}, got {value!r}")
+        return None
+    if not _accepts(hint, value):
+        problems.append(f"{path}: expected {_describe(hint)}, got {value!r}")
+        return None
+    if get_origin(hint) is tuple:
+        item = get_args(hint)[0]
+        return tuple(_convert(v, item, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if is_dataclass(hint):
+        return _dataclass_from(hint, value, path, problems)
+    if hint is float:
+        return float(value)
+    return value
+
+
+def _dataclass_from(cls: Any, doc: Any, path: str, problems: list[str]) -> Any:
+    if isinstance(doc, str):
+        doc = {cls._SHORTHAND: doc}
+    prefix = f"{path}." if path else ""
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in doc:
+        if key not in known:
+            problems.append(f"{prefix}{key}: unknown field; known fields: {', '.join(known)}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        where = f"{prefix}{name}"
+        if name not in doc:
+            if f.default is MISSING:
+                problems.append(f"{where}: missing")
+            continue
+        raw = doc[name]
+        if f.metadata.get("mapping"):
+            if raw is None:
+                raw = {}
+            if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+                problems.append(f"{where}: expected a mapping of name: value, got {raw!r}")
+                continue
+            values[name] = tuple(sorted(raw.items()))
+            continue
+        if f.metadata.get("parse") == "size" and isinstance(raw, str):
+            try:
+                values[name] = parse_size(raw)
+            except InputError as e:
+                problems.append(f"{where}: {e}")
+            continue
+        if raw is None and get_origin(hints[name]) is tuple:
+            raw = []
+        before = len(problems)
+        converted = _convert(raw, hints[name], where, problems)
+        if len(problems) == before:
+            values[name] = converted
+    missing = [n for n, f in known.items() if f.default is MISSING and n not in values]
+    if missing:
+        return None
+    return cls(**values)
+
+
+_ENVELOPE_KEY = "recipe"
+"""``streammerge_recipe.json`` wraps the recipe with facts about the run under this key."""
+
+
+def recipe_from_dict(doc: Any, source: str = "recipe") -> Recipe:
+    """Read a recipe document: a mapping of Recipe fields, or the saved ``{recipe: {...}, ...}``.
+
+    Raises:
+        PlanError: listing every problem, each with its path in the document.
+    """
+    if isinstance(doc, dict) and isinstance(doc.get(_ENVELOPE_KEY), dict):
+        doc = doc[_ENVELOPE_KEY]
+    if not isinstance(doc, dict):
+        raise PlanError([f"{source}: a recipe must be a mapping of fields (base, inputs, method, ...), "
+                         f"got {type(doc).__name__}"])
+    problems: list[str] = []
+    recipe = _dataclass_from(Recipe, doc, "", problems)
+    if problems:
+        raise PlanError([f"{source}: {p}" for p in problems])
+    return recipe
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """Read a YAML (or JSON) recipe file; every structural problem is reported at once.
+
+    Raises:
+        InputError: the file cannot be read or parsed.
+        PlanError: listing every problem with its YAML path.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read recipe file {str(path)!r}: {e}") from e
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise InputError(f"recipe file {str(path)!r} is not valid YAML: {e}") from e
+    return recipe_from_dict(doc, source=str(path))
+
+
+def dump_recipe_yaml(recipe: Recipe) -> str:
+    """The recipe as a YAML document that ``load_recipe_file`` reads back to an equal recipe."""
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -1,0 +1,94 @@
+"""What a plan will do, in words: what is read, merged, copied and written, and what it costs.
+
+The time estimate is deliberately rough: bytes moved at disk speed plus merge work at a
+compute rate, with constants measured on the 2-core CI machine (CPU worker, page cache warm,
+see ``benchmarks/``); a GPU worker or a cold disk changes it by several times either way.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .methods import get_method
+from .plan import MergePlan
+from .recipe import format_weight
+
+__all__ = ["describe_plan", "estimate_seconds", "free_disk_bytes"]
+
+READ_BYTES_PER_S = 1.0e9
+WRITE_BYTES_PER_S = 0.6e9
+# fp32 elements of merged tensors processed per second: low-rank methods (one GEMM per block)
+# and dense methods (a dense delta per input, sorts/SVDs), CPU worker.
+LOW_RANK_ELEMENTS_PER_S = 1.5e8
+DENSE_ELEMENTS_PER_S = 2.0e7
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def estimate_seconds(plan: MergePlan) -> float:
+    """Rough wall time of the job (see the module docstring for what it assumes)."""
+    method = get_method(plan.recipe.method)
+    jobs = [t for s in plan.shards for t in s.tensors]
+    read = sum(t.out_bytes if t.is_copy else _elements(t.shape) * 2 for t in jobs)
+    read += sum(s.bytes_read for s in plan.inputs)
+    merged = [t for t in jobs if t.contributions]
+    rate = DENSE_ELEMENTS_PER_S if method.dense_inputs else LOW_RANK_ELEMENTS_PER_S
+    work = sum(_elements(t.shape) * (len({c.input_index for c in t.contributions}) if method.dense_inputs else 1)
+               for t in merged)
+    return read / READ_BYTES_PER_S + plan.output_bytes / WRITE_BYTES_PER_S + work / rate
+
+
+def free_disk_bytes(path: str | Path) -> int:
+    """Free bytes on the file system that holds ``path`` (or its nearest existing parent)."""
+    target = Path(path).resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    return shutil.disk_usage(target).free
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """A few lines a person reads before a long job starts."""
+    recipe = plan.recipe
+    jobs = [t for s in plan.shards for t in s.tensors]
+    copied = sum(1 for t in jobs if t.is_copy)
+    cast = sum(1 for t in jobs if not t.is_copy and not t.contributions)
+    base_src = plan.sources[0] if plan.sources else None
+    lines = [f"method {recipe.method} {dict(plan.method_params)}",
+             f"read: base {recipe.base}" + (f" (Hub commit {base_src.commit}, {base_src.local_path})"
+                                            if base_src and base_src.commit else "")]
+    for s in plan.inputs:
+        src = plan.sources[s.index + 1] if len(plan.sources) > s.index + 1 else None
+        hub = f", Hub commit {src.commit}" if src and src.commit else ""
+        lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {format_weight(s.weight)}, "
+                     f"{s.tensors_changed} tensors, {_size(s.bytes_read)} read"
+                     + (f", ranks {list(s.ranks)}" if s.ranks else "") + hub + ")")
+    lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
+                 + (f"; cast only: {cast}" if cast else ""))
+    if recipe.output_format == "adapter":
+        from .adapter_output import describe_adapter_output
+
+        lines.append(describe_adapter_output(plan))
+    else:
+        lines.append(f"write: {plan.tensor_count} tensors ({plan.merged_count} merged) into {len(plan.shards)} shard(s), "
+                     f"{_size(plan.output_bytes)}" + (" + index" if plan.write_index else "")
+                     + ", config/tokenizer files, README.md, streammerge_recipe.json")
+    disk = f"disk: {_size(plan.output_bytes)} needed"
+    if recipe.out:
+        free = free_disk_bytes(recipe.out)
+        disk += f", {_size(free)} free at {recipe.out}" + ("" if free >= plan.output_bytes else " (NOT ENOUGH)")
+    lines += [f"memory: predicted peak memory {_size(plan.estimated_peak_bytes)}", disk,
+              f"time: roughly {estimate_seconds(plan):.0f} s on a 2-core CPU (much less on a GPU worker)"]
+    return "\n".join(lines)
