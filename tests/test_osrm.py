@@ -17,7 +17,7 @@ from streammerge.errors import InputError
 from streammerge.osrm import run as osrm_run
 from streammerge.osrm.collect import collect_task_stats, load_model, parse_max_memory
 from streammerge.osrm.data import padded_batches, read_examples
-from streammerge.osrm.run import CollectOptions, osrm_init, osrm_project
+from streammerge.osrm.run import CollectOptions, gather_stats, osrm_init, osrm_project
 from streammerge.osrm.stats import load_task_stats, stats_path
 from streammerge.osrm.subspace import (
     ModuleStats,
@@ -303,6 +303,20 @@ def test_adding_a_task_reuses_the_cached_statistics(world, tmp_path, monkeypatch
     report = osrm_init(world["base"], {**tasks, "a": changed}, tmp_path / "o4", target_modules=TARGETS, rank=RANK,
                        opts=opts)
     assert report["collected"] == ["a"] and report["reused"] == ["b", "c"]
+
+
+def test_a_statistics_memory_budget_splits_modules_into_passes(world, tmp_path):
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    budget = 2 * 64 * 64 * 8  # two d_in=64 float64 sums at a time
+    opts = CollectOptions(batch_size=4, stats_dir=str(tmp_path), stats_memory=budget)
+    stats, report = gather_stats(world["base"], {"a": world["tasks"]["a"]}, modules, True, opts, tmp_path)
+    assert report.forward_passes == {"a": 6}  # 2 groups x 3 batches
+    whole = load_task_stats(stats_path(world["out"] / ".osrm_stats", "a"))
+    for m in modules:
+        torch.testing.assert_close(stats["a"].modules[m].sum_xxT, whole.modules[m].sum_xxT, atol=1e-9, rtol=1e-9)
+    with pytest.raises(InputError, match="stats-memory"):
+        gather_stats(world["base"], {"b": world["tasks"]["b"]}, modules, True,
+                     CollectOptions(stats_memory=1000), tmp_path)
 
 
 def test_means_variant_end_to_end(world, tmp_path):

@@ -53,7 +53,8 @@ from .subspace import (
     project_factors,
 )
 
-__all__ = ["CollectOptions", "GatherReport", "gather_stats", "osrm_init", "osrm_project", "REPORT_NAME"]
+__all__ = ["CollectOptions", "GatherReport", "gather_stats", "module_groups", "osrm_init", "osrm_project",
+           "REPORT_NAME"]
 
 REPORT_NAME = "osrm_report.json"
 _TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -76,6 +77,9 @@ class CollectOptions:
         offload_dir: where offloaded layers go (default: <stats dir>/offload).
         stats_dir: the statistics cache (default: <out>/.osrm_stats).
         stats_on_cpu: keep the running sums in host RAM instead of on the GPU.
+        stats_memory: bytes the running sums may take at once; when all target modules'
+            ``d×d`` float64 sums exceed it, the modules are split into groups and the task data
+            is run once per group (None: one pass for all modules).
     """
 
     max_examples: int = 256
@@ -88,6 +92,7 @@ class CollectOptions:
     offload_dir: str | None = None
     stats_dir: str | None = None
     stats_on_cpu: bool = False
+    stats_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -169,11 +174,17 @@ def gather_stats(base: Path, tasks: Mapping[str, Path], modules: Sequence[str], 
             tokenizer = load_tokenizer(base)
         pad_id = getattr(tokenizer, "pad_token_id", None) or 0
         vocab = getattr(model.config, "vocab_size", None)
+        groups = module_groups(modules_by_name(model, modules), opts.stats_memory if second_moments else None)
         for task, path, fp, cached in missing:
             examples = read_examples(path, tokenizer, opts.max_examples, opts.max_length, opts.text_field, vocab)
-            sums, passes[task] = collect_task_stats(
-                model, modules, padded_batches(examples, opts.batch_size, pad_id), second_moments,
-                torch.device("cpu") if opts.stats_on_cpu else None)
+            sums: dict[str, ModuleStats] = {}
+            passes[task] = 0
+            for group in groups:
+                group_sums, n = collect_task_stats(
+                    model, group, padded_batches(examples, opts.batch_size, pad_id), second_moments,
+                    torch.device("cpu") if opts.stats_on_cpu else None)
+                sums.update(group_sums)
+                passes[task] += n
             kept = cached.modules if cached is not None and cached.fingerprint == fp else {}
             stats = TaskStats(fingerprint=fp, modules={**kept, **sums})
             save_task_stats(stats_path(stats_dir, task), stats)
@@ -182,6 +193,26 @@ def gather_stats(base: Path, tasks: Mapping[str, Path], modules: Sequence[str], 
     report = GatherReport(reused=tuple(t for t in tasks if t not in passes), collected=tuple(passes),
                           forward_passes=passes)
     return {t: result[t] for t in tasks}, report
+
+
+def module_groups(infos: Sequence[ModuleInfo], budget: int | None) -> list[list[str]]:
+    """Split modules, in order, into groups whose float64 ``d×d`` sums fit ``budget`` bytes."""
+    if budget is None:
+        return [[i.name for i in infos]]
+    groups: list[list[str]] = []
+    used = budget + 1
+    for info in infos:
+        size = info.in_features**2 * 8
+        if size > budget:
+            raise InputError(f"module {info.name!r} alone needs {size / 2**20:.0f} MiB of statistics "
+                             f"(d_in={info.in_features}), more than the statistics memory budget of "
+                             f"{budget / 2**20:.0f} MiB; raise --stats-memory")
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(info.name)
+        used += size
+    return groups
 
 
 def _on(stats: ModuleStats, device: torch.device) -> ModuleStats:
