@@ -183,7 +183,8 @@ def gather_stats(base: Path, tasks: Mapping[str, Path], modules: Sequence[str], 
                 group_sums, n = collect_task_stats(
                     model, group, padded_batches(examples, opts.batch_size, pad_id), second_moments,
                     torch.device("cpu") if opts.stats_on_cpu else None)
-                sums.update(group_sums)
+                # Off the GPU as soon as a group is done: T tasks' d×d sums need not fit there together.
+                sums.update({m: _on(v, torch.device("cpu")) for m, v in group_sums.items()})
                 passes[task] += n
             kept = cached.modules if cached is not None and cached.fingerprint == fp else {}
             stats = TaskStats(fingerprint=fp, modules={**kept, **sums})
