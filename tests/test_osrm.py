@@ -359,6 +359,14 @@ def test_project_an_existing_adapter(world, tmp_path):
         torch.testing.assert_close(new[b_key].double(), expected_B, atol=1e-6, rtol=1e-5)
     info = json.loads((out / "osrm.json").read_text())
     assert info["other_tasks"] == ["b", "c"] and 0 < info["summary"]["update_kept_mean"] <= 1
+    # the same through the command line, statistics from the shared cache next to the output
+    args = ["osrm-project", "--adapter", str(adapter), "--base", str(world["base"]), "--own", "a",
+            "--out", str(tmp_path / "proj" / "cli")]
+    for name, path in world["tasks"].items():
+        args += ["--task", f"{name}={path}"]
+    assert cli.main(args) == 0
+    assert (tmp_path / "proj" / "cli" / "adapter_model.safetensors").read_bytes() == \
+        (out / "adapter_model.safetensors").read_bytes()
 
 
 def _cli_init(base: Path, out: Path, *tasks: str) -> list[str]:
