@@ -109,6 +109,12 @@ class Subspace:
         return max(0, self.rank - self.null_dim)
 
 
+def _canonical_signs(A: torch.Tensor) -> torch.Tensor:
+    """Flip rows so each one's largest-magnitude entry is positive (eigenvector signs are arbitrary)."""
+    pivot = A.gather(1, A.abs().argmax(1, keepdim=True))
+    return (A * torch.where(pivot < 0, -1.0, 1.0).to(A.dtype)).contiguous()
+
+
 def _check_rank(rank: int, dim: int) -> None:
     if not 0 < rank <= dim:
         raise InputError(f"the LoRA rank must be between 1 and the module's input size {dim}; got rank {rank}")
@@ -122,7 +128,7 @@ def smallest_eigenvectors(matrix: torch.Tensor, rank: int) -> Subspace:
     values, vectors = torch.linalg.eigh(sym)  # ascending
     scale = values.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     null_dim = int((values <= scale * sym.shape[0] * torch.finfo(torch.float64).eps).sum())
-    return Subspace(A=vectors[:, :rank].T.contiguous(), eigenvalues=values[:rank].clone(), null_dim=null_dim)
+    return Subspace(A=_canonical_signs(vectors[:, :rank].T), eigenvalues=values[:rank].clone(), null_dim=null_dim)
 
 
 def covariance_subspace(others: Sequence[ModuleStats], rank: int, center: bool = False) -> Subspace:
@@ -150,7 +156,7 @@ def means_subspace(others: Sequence[ModuleStats], rank: int) -> Subspace:
     matrix_rank = int((sing > tol).sum())
     eigen = torch.zeros(dim, dtype=torch.float64)
     eigen[: sing.shape[0]] = sing**2
-    A = vh[dim - rank:].flip(0).contiguous()  # null-space rows first, then smallest singular values
+    A = _canonical_signs(vh[dim - rank:].flip(0))  # null-space rows first, then smallest singular values
     return Subspace(A=A, eigenvalues=eigen[dim - rank:].flip(0).clone(), null_dim=dim - matrix_rank)
 
 
