@@ -39,7 +39,7 @@ from .memory import PeakMemoryMonitor
 from .methods import DenseUpdate, LowRankUpdate, TaskUpdate, get_method
 from .methods.lowrank import product_svd
 from .names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MODEL_CARD_NAME, RECIPE_NAME
-from .plan import MergePlan, TensorJob, read_config, resolve_dtype
+from .plan import Contribution, MergePlan, TensorJob, read_config, resolve_dtype
 
 if TYPE_CHECKING:
     from .engine import MergeReport, ProgressCallback
@@ -53,6 +53,7 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "wpe.weight", "word_e
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 DEFAULT_ADAPTER_DTYPE = "F32"
 _SPOOL_NAME = "adapter_model.spool"
+_BASE_LAYER_KEY = ".base_layer."
 _COPY_CHUNK = 64 << 20
 
 
@@ -89,6 +90,13 @@ def _module_names(jobs: list[TensorJob]) -> dict[str, str]:
     return names
 
 
+def _dense(c: Contribution) -> bool:
+    """Whether a contribution makes the update dense.  PEFT saves embedding layers it wraps
+    (``….base_layer.weight``) even when unchanged; the engine drops those equal to the base, so
+    they are assumed unchanged here and checked when the tensor is merged."""
+    return c.kind == "full" or (c.kind == "replacement" and _BASE_LAYER_KEY not in c.keys[0])
+
+
 def adapter_targets(plan: MergePlan, base_config: dict[str, Any]) -> tuple[list[AdapterTarget], list[str]]:
     """Every merged tensor's place in the adapter, and every reason the adapter cannot be written."""
     jobs = [t for s in plan.shards for t in s.tensors]
@@ -110,8 +118,7 @@ def adapter_targets(plan: MergePlan, base_config: dict[str, Any]) -> tuple[list[
                 problems.append(
                     f"output_format: {job.name!r} of this {base_config.get('model_type')} model is a Conv1D layer, "
                     "and without a LoRA input on it its orientation for an adapter is unknown; use --output-format model")
-            if plan.recipe.rank is None and (dense_method or any(c.kind in ("full", "replacement")
-                                                                 for c in job.contributions)):
+            if plan.recipe.rank is None and (dense_method or any(_dense(c) for c in job.contributions)):
                 need_rank.append(job.name)
             fan = bool(lora) and not embedding and all(c.transposed for c in lora)
             targets.append(AdapterTarget(job.name, module, "embedding" if embedding else "linear", fan))
@@ -190,7 +197,8 @@ def factorize(update: TaskUpdate, rank: int | None) -> tuple[LowRankUpdate, floa
         u, s, vh = product_svd(update.up, update.down, rtol=0.0)
     else:
         if rank is None:
-            raise OutputError("a dense merged update needs --rank K to be written as an adapter")
+            raise OutputError("a merged update is dense (e.g. a saved embedding layer differs from the base), and an "
+                              "adapter stores dense updates as a truncated SVD: pass --rank K, or use --output-format model")
         u, s, vh = torch.linalg.svd(update.delta, full_matrices=False)
     k = min(rank, s.numel())
     energy = s.double().square()

@@ -24,7 +24,7 @@ from .config import LoraSettings, read_lora_settings
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
     r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-    r"(?:\.(?P<adapter>[^.]+))?(?P<suffix>\.weight|\.bias)?$")
+    r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?P<suffix>\.weight|\.bias)?$")
 _BASE_LAYER = ".base_layer"
 
 
