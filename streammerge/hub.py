@@ -71,7 +71,8 @@ def resolve_source(reference: str, revision: str | None = None) -> Source:
 
 
 def resolve_recipe_sources(recipe: Recipe, problems: list[str]) -> tuple[Source, ...]:
-    """The base's (first) and each input's local files; each failure is appended to ``problems``."""
+    """The base's (first) and each input's local files; each failure is appended to ``problems``
+    and leaves that source's ``local_path`` empty."""
     sources = []
     for where, reference, revision in [("base", recipe.base, recipe.revision)] + [
             (f"inputs[{i}]", spec.path, spec.revision) for i, spec in enumerate(recipe.inputs)]:
@@ -79,7 +80,7 @@ def resolve_recipe_sources(recipe: Recipe, problems: list[str]) -> tuple[Source,
             sources.append(resolve_source(reference, revision))
         except StreamMergeError as e:
             problems.append(f"{where}: {e}")
-            sources.append(Source(reference, reference))
+            sources.append(Source(reference, ""))  # no local files: the planner skips it
     return tuple(sources)
 
 

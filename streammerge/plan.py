@@ -312,11 +312,13 @@ def count_layers(config: dict[str, Any], names: Any) -> int:
 _LAYER_INDEX = re.compile(LAYER_INDEX_PATTERN)
 
 
-def _filter_problems(recipe: Recipe, planner: _Planner) -> list[str]:
+def _filter_problems(recipe: Recipe, planner: _Planner, planned: set[int]) -> list[str]:
     """Patterns that match no base tensor (typos), and inputs the filters leave with nothing."""
     problems = []
     names = sorted(planner.names)
     for i, spec in enumerate(recipe.inputs):
+        if i not in planned:
+            continue
         patterns = [("include", p) for p in spec.include] + [("exclude", p) for p in spec.exclude]
         patterns += [(f"overrides[{j}].match", o.match) for j, o in enumerate(spec.overrides)]
         for field_name, pattern in patterns:
@@ -351,6 +353,8 @@ def build_plan(recipe: Recipe) -> MergePlan:
         problems.append(f"dtype: {e}")
         out_dtype = None
     sources = resolve_recipe_sources(recipe, problems)
+    if not sources[0].local_path:
+        raise PlanError(problems)
     try:
         base = open_checkpoint(sources[0].local_path)
     except StreamMergeError as e:
@@ -360,6 +364,8 @@ def build_plan(recipe: Recipe) -> MergePlan:
     planner = _Planner(recipe, base, base_config)
     summaries = []
     for index, (spec, source) in enumerate(zip(recipe.inputs, sources[1:])):
+        if not source.local_path:
+            continue  # its Hub problem is already reported
         try:
             if spec.kind == "adapter":
                 adapter = load_lora_adapter(source.local_path, planner.names, planner.problems)

@@ -55,8 +55,10 @@ class CheckpointLayout:
 
 
 def _inside(root: Path, candidate: Path) -> bool:
+    # The file itself may be a symlink: the Hugging Face cache links snapshots/<commit>/<file> to
+    # ../../blobs/<sha256>. The folders on the way must stay inside the model directory.
     try:
-        candidate.resolve().relative_to(root.resolve())
+        candidate.parent.resolve().relative_to(root.resolve())
     except ValueError:
         return False
     return True
