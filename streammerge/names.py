@@ -11,6 +11,7 @@ PARTIAL_SUFFIX = ".partial"
 CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 RECIPE_NAME = "streammerge_recipe.json"
+JOURNAL_NAME = "streammerge_journal.jsonl"
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,4 +30,34 @@ DEFAULT_METADATA = {"format": "pt"}
 
 # Files a model directory carries besides its weights; copied to the output as they are.
 WEIGHT_FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_WEIGHT_SUFFIXES)
-NOT_COPIED_NAMES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", MODEL_CARD_NAME, RECIPE_NAME})
+NOT_COPIED_NAMES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", MODEL_CARD_NAME, RECIPE_NAME, JOURNAL_NAME})
+
+# The job journal (journal.py): one JSON object per line; every record has JOURNAL_RECORD_KEY.
+JOURNAL_FORMAT = 1
+JOURNAL_RECORD_KEY = "record"
+JOURNAL_JOB = "job"  # first line: what the job is (recipe, input fingerprints, shard map)
+JOURNAL_SHARD = "shard"  # one per finished output shard
+JOURNAL_COMPLETE = "complete"  # last line: index, configs and model card are written too
+JOURNAL_FORMAT_KEY = "format"
+JOURNAL_VERSION_KEY = "streammerge"
+JOURNAL_RECIPE_KEY = "recipe"
+JOURNAL_RECIPE_FINGERPRINT_KEY = "recipe_fingerprint"
+JOURNAL_PLAN_FINGERPRINT_KEY = "plan_fingerprint"
+JOURNAL_JOB_DIGEST_KEY = "job_digest"
+JOURNAL_BASE_KEY = "base"
+JOURNAL_INPUTS_KEY = "inputs"
+JOURNAL_SHARDS_KEY = "shards"
+JOURNAL_FILES_KEY = "files"
+JOURNAL_PATH_KEY = "path"
+JOURNAL_FINGERPRINT_KEY = "fingerprint"
+JOURNAL_CONTENT_KEY = "content_sha256"
+JOURNAL_FILE_KEY = "file"
+JOURNAL_SIZE_KEY = "size"
+JOURNAL_SHA256_KEY = "sha256"
+JOURNAL_MERGED_KEY = "tensors_merged"
+JOURNAL_COPIED_KEY = "tensors_copied"
+JOURNAL_STATS_KEY = "stats"
+
+# Converted pickle adapters (--allow-pickle) are cached here, by content hash.
+CACHE_DIR_ENV = "STREAMMERGE_CACHE_DIR"
+PICKLE_CACHE_SUBDIR = "from-pickle"

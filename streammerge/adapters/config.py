@@ -105,11 +105,24 @@ def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
         alpha = float(doc.get("lora_alpha", r))
         rank_pattern = {str(k): int(v) for k, v in (doc.get("rank_pattern") or {}).items()}
         alpha_pattern = {str(k): float(v) for k, v in (doc.get("alpha_pattern") or {}).items()}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as e:
         raise AdapterError(f"adapter {str(path)!r}: adapter_config.json has a missing or invalid r / lora_alpha / "
-                           f"rank_pattern / alpha_pattern ({e!r})") from e
+                           f"rank_pattern / alpha_pattern ({e!r:.300})") from e
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise AdapterError(f"adapter {str(path)!r}: ranks must be positive (r={r}, rank_pattern={rank_pattern})")
+    if not all(math.isfinite(a) for a in (alpha, *alpha_pattern.values())):
+        raise AdapterError(f"adapter {str(path)!r}: lora_alpha / alpha_pattern must be finite numbers "
+                           f"(lora_alpha={alpha}, alpha_pattern={alpha_pattern})")
+    for key in (*rank_pattern, *alpha_pattern):
+        try:
+            re.compile(key)
+        except re.error as e:  # PEFT matches pattern keys as regular expressions
+            raise AdapterError(f"adapter {str(path)!r}: rank_pattern / alpha_pattern key {key!r} is not a valid "
+                               f"regular expression ({e})") from e
+    modules_to_save = doc.get("modules_to_save") or ()
+    if not isinstance(modules_to_save, list | tuple) or not all(isinstance(m, str) for m in modules_to_save):
+        raise AdapterError(f"adapter {str(path)!r}: modules_to_save must be a list of module names, "
+                           f"found {modules_to_save!r:.200}")
     auto = doc.get("auto_mapping") or {}
     return LoraSettings(
         path=path,
@@ -120,18 +133,22 @@ def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
         lora_bias=bool(doc.get("lora_bias", False)),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
-        modules_to_save=tuple(doc.get("modules_to_save") or ()),
-        base_model_name_or_path=doc.get("base_model_name_or_path"),
-        base_model_class=auto.get("base_model_class") if isinstance(auto, dict) else None,
+        modules_to_save=tuple(modules_to_save),
+        base_model_name_or_path=_string(doc.get("base_model_name_or_path")),
+        base_model_class=_string(auto.get("base_model_class") if isinstance(auto, dict) else None),
     )
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def read_lora_settings(config_path: Path) -> LoraSettings:
     """Read and validate ``adapter_config.json``."""
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterError(f"cannot read adapter config {str(config_path)!r}: {e}") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise AdapterError(f"cannot read adapter config {str(config_path)!r}: {str(e)[:300]}") from e
     if not isinstance(doc, dict):
         raise AdapterError(f"adapter config {str(config_path)!r} must be a JSON object")
     return parse_lora_settings(config_path.parent, doc)

@@ -20,6 +20,7 @@ from ..io.header import SafetensorsHeader
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
 from .config import LoraSettings, read_lora_settings
+from .pickled import convert_pickled_adapter
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
@@ -86,7 +87,7 @@ def resolve_target(module_weight: str, base_names: Collection[str]) -> str | Non
     return None
 
 
-def _adapter_files(root: Path) -> tuple[Path, Path]:
+def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
     if not root.is_dir():
         raise InputError(f"adapter path {str(root)!r} is not a directory")
     config = root / ADAPTER_CONFIG_NAME
@@ -94,23 +95,35 @@ def _adapter_files(root: Path) -> tuple[Path, Path]:
     if not config.is_file():
         raise AdapterError(f"adapter {str(root)!r} has no {ADAPTER_CONFIG_NAME}")
     if not weights.is_file():
-        if (root / ADAPTER_PICKLE_NAME).is_file():
+        pickled = root / ADAPTER_PICKLE_NAME
+        if pickled.is_file() and allow_pickle:
+            return config, convert_pickled_adapter(pickled)
+        if pickled.is_file():
             raise AdapterError(
                 f"adapter {str(root)!r} has only {ADAPTER_PICKLE_NAME} (a pickle, which can run code when loaded); "
-                f"streammerge reads {ADAPTER_WEIGHTS_NAME} only: re-save it with PEFT's save_pretrained "
-                "(safe_serialization=True)")
+                f"streammerge reads {ADAPTER_WEIGHTS_NAME}: re-save it with PEFT's save_pretrained "
+                "(safe_serialization=True), or pass --allow-pickle if you trust the file (it is then loaded "
+                "with torch.load(weights_only=True))")
         raise AdapterError(f"adapter {str(root)!r} has no {ADAPTER_WEIGHTS_NAME}")
     return config, weights
 
 
-def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str]) -> LoraAdapter:
+def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str],
+                      allow_pickle: bool = False) -> LoraAdapter:
     """Parse an adapter directory; append every mismatch with the base to ``problems``.
+
+    Args:
+        root: the adapter directory.
+        base_names: tensor names of the base model.
+        problems: receives every mismatch with the base.
+        allow_pickle: read a pickle-only adapter (``adapter_model.bin``) through
+            ``torch.load(weights_only=True)``; otherwise it is refused unread.
 
     Raises:
         AdapterError / UnsupportedAdapterError: unreadable or unsupported adapter (fatal).
     """
     root = Path(root)
-    config_path, weights_path = _adapter_files(root)
+    config_path, weights_path = _adapter_files(root, allow_pickle)
     settings = read_lora_settings(config_path)
     layout = open_checkpoint(weights_path)
     header = layout.headers[weights_path]

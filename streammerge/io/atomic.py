@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
-from ..errors import OutputError
+from ..errors import DiskSpaceError, OutputError
 from ..names import PARTIAL_SUFFIX
 
 
@@ -28,6 +30,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_error(path: Path, error: OSError) -> OutputError:
+    """The typed error for a failed write: ``DiskSpaceError`` when the disk is full."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskSpaceError(f"cannot write {str(path)!r}: the disk is full ({error.strerror or error}); free some "
+                              "space and re-run the same command: finished shards are kept and the job resumes")
+    return OutputError(f"cannot write {str(path)!r}: {error.strerror or error}")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or all of the new one."""
     tmp = partial_path(path)
@@ -39,5 +49,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
+        raise write_error(path, e) from e
+    fsync_dir(path.parent)
+
+
+def copy_file_atomic(source: Path, path: Path) -> None:
+    """Copy ``source`` to ``path`` durably: to a temporary name, fsync, rename."""
+    tmp = partial_path(path)
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
     fsync_dir(path.parent)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,12 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: opening a FIFO planted in a model directory must not hang.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise _fail(path, "it is not a regular file")
+            file_size = st.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise _fail(path, f"the file is {file_size} bytes, too short for the 8-byte header length")
@@ -98,18 +103,36 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return parse_header_bytes(path, raw, file_size)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json keeps the last of repeated keys; a file that names a tensor twice is ambiguous.
+    doc: dict[str, object] = {}
+    for key, value in pairs:
+        if key in doc:
+            raise _DuplicateKey(key[:200])
+        doc[key] = value
+    return doc
+
+
 def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> SafetensorsHeader:
     """Validate header JSON ``raw`` of a file of ``file_size`` bytes (see ``read_header``)."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"the header is not valid UTF-8 JSON ({e})") from e
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise _fail(path, f"the header names {e.args[0]!r} twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: bad JSON, or an integer beyond Python's digit limit; RecursionError: absurd nesting.
+        raise _fail(path, f"the header is not valid UTF-8 JSON ({str(e)[:200]})") from None
     if not isinstance(doc, dict):
         raise _fail(path, f"the header must be a JSON object, found {type(doc).__name__}")
     data_start = 8 + len(raw)
     data_size = file_size - data_start
 
-    metadata = doc.pop(METADATA_KEY, None) or {}
+    metadata = doc.pop(METADATA_KEY, None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise _fail(path, f"{METADATA_KEY!r} must map strings to strings, found {metadata!r:.200}")
@@ -121,7 +144,7 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> SafetensorsHea
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
     for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
-            raise _fail(path, f"tensors {n0!r} and {n1!r} overlap (bytes {b0}..{e0} and {b1}..)")
+            raise _fail(path, f"tensors {n0!r:.200} and {n1!r:.200} overlap (bytes {b0}..{e0} and {b1}..)")
     ordered = dict(sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[0])))
     return SafetensorsHeader(
         path=path, tensors=ordered, metadata=dict(metadata), data_start=data_start,
@@ -129,26 +152,42 @@ def parse_header_bytes(path: Path, raw: bytes, file_size: int) -> SafetensorsHea
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    label = name if len(name) <= 200 else name[:200] + "…"  # for messages: a header may be 100 MB
     if not isinstance(entry, dict):
-        raise _fail(path, f"tensor {name!r}: entry must be an object, found {entry!r:.200}")
+        raise _fail(path, f"tensor {label!r}: entry must be an object, found {entry!r:.200}")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail(path, f"tensor {label!r}: unknown dtype {dtype!r:.100}; known: {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _fail(path, f"tensor {name!r}: shape must be a list of non-negative integers, found {shape!r:.200}")
+        raise _fail(path, f"tensor {label!r}: shape must be a list of non-negative integers, found {shape!r:.200}")
     if (not isinstance(offsets, list) or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)):
-        raise _fail(path, f"tensor {name!r}: data_offsets must be two non-negative integers, found {offsets!r:.200}")
+        raise _fail(path, f"tensor {label!r}: data_offsets must be two non-negative integers, found {offsets!r:.200}")
     begin, end = offsets
     if end < begin:
-        raise _fail(path, f"tensor {name!r}: data_offsets {offsets} end before they begin")
+        raise _fail(path, f"tensor {label!r}: data_offsets {offsets} end before they begin")
     if end > data_size:
-        raise _fail(path, f"tensor {name!r}: data_offsets {offsets} run past the data buffer "
+        raise _fail(path, f"tensor {label!r}: data_offsets {offsets} run past the data buffer "
                           f"({data_size} bytes); the file is truncated")
-    expected = byte_size(dtype, shape)
+    expected = _bounded_byte_size(dtype, shape, end - begin)
     if end - begin != expected:
-        raise _fail(path, f"tensor {name!r}: {dtype} shape {shape} needs {expected} bytes "
+        needs = f"{expected} bytes" if expected is not None else f"more than {end - begin} bytes"
+        raise _fail(path, f"tensor {label!r}: {dtype} shape {shape!r:.200} needs {needs} "
                           f"but data_offsets {offsets} span {end - begin}")
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), begin=data_start + begin, end=data_start + end)
+
+
+def _bounded_byte_size(dtype: str, shape: list[int], limit: int) -> int | None:
+    """``byte_size``, or None as soon as it exceeds ``limit`` (a hostile shape of huge
+    dimensions would otherwise cost a quadratic big-integer product)."""
+    if 0 in shape:
+        return 0
+    bits = DTYPES[dtype].bits
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel * bits > 8 * limit + 7:
+            return None
+    return byte_size(dtype, shape)

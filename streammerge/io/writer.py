@@ -23,8 +23,9 @@ from types import TracebackType
 import torch
 
 from ..errors import OutputError
+from ..faults import kill_point
 from ..names import DEFAULT_METADATA, INDEX_NAME, METADATA_KEY
-from .atomic import fsync_dir, partial_path, write_bytes_atomic
+from .atomic import fsync_dir, partial_path, write_bytes_atomic, write_error
 from .dtypes import DTYPES, byte_size, safetensors_name
 
 # Written bytes between write-backs (fdatasync + drop from the page cache).
@@ -114,9 +115,13 @@ class ShardWriter:
         self._committed = False
         try:
             self._file = open(self._tmp, "wb")
-            self._put(layout.header)
         except OSError as e:
             raise OutputError(f"cannot create {str(self._tmp)!r}: {e.strerror or e}") from e
+        try:
+            self._put(layout.header)
+        except OutputError:
+            self.abort()
+            raise
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -191,7 +196,7 @@ class ShardWriter:
             os.replace(self._tmp, self.path)
         except OSError as e:
             self.abort()
-            raise OutputError(f"cannot finish {str(self.path)!r}: {e.strerror or e}") from e
+            raise write_error(self.path, e) from e
         fsync_dir(self.path.parent)
         self._committed = True
         return self._sha.hexdigest()
@@ -219,8 +224,9 @@ class ShardWriter:
             if self._unsynced >= WRITEBACK_BYTES:
                 self._write_back()
         except OSError as e:
-            raise OutputError(f"cannot write {str(self._tmp)!r}: {e.strerror or e}") from e
+            raise write_error(self._tmp, e) from e
         self._sha.update(data)
+        kill_point("bytes", len(data))
 
     def _write_back(self) -> None:
         """Flush what is written so far to disk and drop it from the page cache.

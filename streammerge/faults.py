@@ -1,0 +1,52 @@
+"""Crash injection for the resume tests: SIGKILL this process at a chosen point of a job.
+
+Tests set ``STREAMMERGE_TEST_KILL_AT=<point>:<n>`` (or call ``arm`` in a forked child) and
+check that re-running the job gives the same bytes as an uninterrupted run.  Points:
+
+- ``bytes``: once ``n`` bytes of shard data (headers included) have been written, i.e. in
+  the middle of a shard;
+- ``shard``: after the ``n``-th shard is renamed into place, before its journal record;
+- ``record``: after the ``n``-th journal record is on disk;
+- ``file``: after the ``n``-th config / index / recipe / model card file is written.
+
+Unset (always, outside tests), every ``kill_point`` call is one comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["KILL_ENV", "POINTS", "arm", "kill_point"]
+
+KILL_ENV = "STREAMMERGE_TEST_KILL_AT"
+POINTS = ("bytes", "shard", "record", "file")
+
+_target: tuple[str, int] | None = None
+_count = 0
+
+
+def arm(spec: str | None) -> None:
+    """Kill at ``"<point>:<n>"``; None disarms. Raises ValueError for a malformed spec."""
+    global _target, _count
+    _count = 0
+    if not spec:
+        _target = None
+        return
+    point, _, n = spec.partition(":")
+    if point not in POINTS or not n.isdigit():
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected <point>:<n> with point one of {POINTS}")
+    _target = (point, int(n))
+
+
+def kill_point(point: str, amount: int = 1) -> None:
+    """Count ``amount`` at ``point``; SIGKILL the process once the armed count is reached."""
+    global _count
+    if _target is None or _target[0] != point:
+        return
+    _count += amount
+    if _count >= _target[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+arm(os.environ.get(KILL_ENV))
