@@ -373,7 +373,10 @@ def load_recipe_file(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read recipe file {str(path)!r}: {e}") from e
     try:
-        doc = yaml.safe_load(text)
+        # JSON is YAML, but YAML 1.1 reads JSON's 1e-06 as a string: parse .json files as JSON.
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"recipe file {str(path)!r} is not valid JSON: {e}") from e
     except yaml.YAMLError as e:
         raise InputError(f"recipe file {str(path)!r} is not valid YAML: {e}") from e
     return recipe_from_dict(doc, source=str(path))
