@@ -140,9 +140,15 @@ class Recipe:
     rank: int | None = _field(None, help="adapter output: truncate every update to this rank (truncated SVD); "
                                          "needed for methods whose result is dense", flag="--rank", metavar="K")
     device: str = _field("auto", help="worker device; auto = CUDA when present", flag="--device", compare=False)
+    max_memory: int | None = _field(None, help="refuse to start if the predicted peak host memory exceeds SIZE "
+                                               "(e.g. 2GB)", flag="--max-memory", metavar="SIZE", parse="size",
+                                    compare=False)
+    max_gpu_memory: int | None = _field(None, help="merge on the CPU any tensor whose working set on the GPU would "
+                                                   "exceed SIZE", flag="--max-gpu-memory", metavar="SIZE",
+                                        parse="size", compare=False)
     out: str | None = _field(None, help="output directory (new or empty)", flag="--out", metavar="DIR", compare=False)
 
-    _NOT_HASHED: ClassVar[tuple[str, ...]] = ("device", "out")
+    _NOT_HASHED: ClassVar[tuple[str, ...]] = ("device", "out", "max_memory", "max_gpu_memory")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", _tuple(self.inputs))
@@ -168,6 +174,9 @@ class Recipe:
                 problems += _weight_problems(f"{where}.overrides[{j}].weight", o.weight)
         if self.device not in DEVICES:
             problems.append(f"device: {self.device!r} must be one of {list(DEVICES)}")
+        for name in ("max_memory", "max_gpu_memory"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append(f"{name}: must be positive, got {getattr(self, name)}")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
             problems.append(f"max_shard_size: must be positive, got {self.max_shard_size}")
         if self.output_format not in OUTPUT_FORMATS:

@@ -210,6 +210,14 @@ class CheckpointReader:
         self._release(mm, begin, begin + count * torch_dtype.itemsize)
         return tensor
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read tensor ``name`` ahead (``MADV_WILLNEED``): no memory of ours is used."""
+        info = self.layout.info(name)
+        mm = self._map(self.layout.shard_of[name])
+        start = info.begin - info.begin % _PAGE
+        if info.end > start and hasattr(mmap, "MADV_WILLNEED"):
+            mm.madvise(mmap.MADV_WILLNEED, start, info.end - start)
+
     def byte_ranges(self, name: str, chunk: int = COPY_CHUNK_BYTES) -> list[tuple[int, int]]:
         """Absolute byte ranges covering tensor ``name`` in chunks (maps its shard now)."""
         info = self.layout.info(name)

@@ -1,0 +1,111 @@
+"""The memory budget: what merging one tensor holds at once, the predicted peak of a job, and
+the checks against ``--max-memory`` / ``--max-gpu-memory``.
+
+The engine streams every merged tensor through fixed-size fp32 row blocks, so the working set
+of a low-rank merge is the factors plus a few blocks, whatever the tensor's size.  Methods that
+need dense deltas (TIES, DARE, Breadcrumbs, …) or dense inputs (full fine-tunes,
+``modules_to_save``) hold whole fp32 copies of the tensor, which the estimate counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .io.dtypes import DTYPES
+from .io.reader import COPY_CHUNK_BYTES
+from .methods import MergeMethod
+
+if TYPE_CHECKING:
+    from .plan import TensorJob
+
+MiB = 2**20
+# fp32 bytes of one row block. Fixed (not derived from the budget) so that the output bytes
+# never depend on the memory limit a job ran under: BLAS may round differently per block shape.
+BLOCK_BYTES = 64 * MiB
+# Output blocks or copy chunks queued for the background writer.
+WRITE_QUEUE_DEPTH = 2
+# Interpreter, torch, numpy and our modules, measured as the peak RSS of a merge of a tiny model.
+PROCESS_BASELINE_BYTES = 320 * MiB
+# Whole fp32 copies of a tensor a dense method holds at once: one input's delta while it is
+# built, the running sum or vote and the agreement mask (measured on TIES).
+DENSE_METHOD_COPIES = 4
+_DENSE_KINDS = ("replacement", "full", "lora_bias")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted peaks: the whole process on the host, and the worker device's working set."""
+
+    host_bytes: int
+    device_bytes: int
+    worst_tensor: str
+    reason: str
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def block_numel(shape: tuple[int, ...]) -> int:
+    """Elements in one row block of a tensor of ``shape`` (at least one row)."""
+    if not shape:
+        return 1
+    row = _numel(shape[1:]) or 1
+    rows = max(1, BLOCK_BYTES // (4 * row))
+    return min(shape[0], rows) * row
+
+
+def rows_per_block(shape: tuple[int, ...]) -> int:
+    """Rows of one block (the engine's block partition)."""
+    if not shape:
+        return 1
+    return max(1, BLOCK_BYTES // (4 * (_numel(shape[1:]) or 1)))
+
+
+def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
+    """Bytes the worker device holds to merge ``job``, and why."""
+    n = _numel(job.shape)
+    out_size = DTYPES[job.out_dtype].bits // 8 or 1
+    block = block_numel(job.shape)
+    need = block * (4 + out_size)  # the fp32 block and its cast copy
+    d_out = job.shape[0] if job.shape else 1
+    d_in = n // d_out if d_out else 0
+    factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if c.kind == "lora")
+    need += 3 * 4 * factor_elems  # loaded factors, the method's intermediates, its concatenated result
+    reasons = ["row blocks"]
+    if method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions):
+        need += 4 * n
+        reasons.append("the whole fp32 base")
+    if method.dense_inputs or any(c.kind in _DENSE_KINDS for c in job.contributions):
+        need += DENSE_METHOD_COPIES * 4 * n
+        reasons.append(f"{DENSE_METHOD_COPIES} dense fp32 copies")
+    return need, " + ".join(reasons)
+
+
+def estimate_memory(jobs: Iterable[TensorJob], method: MergeMethod) -> MemoryEstimate:
+    """The predicted peak of a job: baseline + the largest working set + the writer queue."""
+    worst, worst_name, worst_reason = 0, "", "byte copies"
+    queue = WRITE_QUEUE_DEPTH * COPY_CHUNK_BYTES
+    for job in jobs:
+        if not job.contributions and job.dtype == job.out_dtype:
+            continue
+        need, reason = tensor_working_set(job, method)
+        queue = max(queue, WRITE_QUEUE_DEPTH * block_numel(job.shape) * (DTYPES[job.out_dtype].bits // 8 or 1))
+        if need > worst:
+            worst, worst_name, worst_reason = need, f"{job.name} {list(job.shape)}", reason
+    return MemoryEstimate(PROCESS_BASELINE_BYTES + worst + queue, worst, worst_name, worst_reason)
+
+
+def budget_problems(estimate: MemoryEstimate, max_memory: int | None) -> list[str]:
+    """A plan problem when the prediction exceeds ``--max-memory`` (with the numbers and the culprit)."""
+    if max_memory is None or estimate.host_bytes <= max_memory:
+        return []
+    return [f"max_memory: the predicted peak is {estimate.host_bytes / MiB:,.0f} MiB but --max-memory is "
+            f"{max_memory / MiB:,.0f} MiB; the largest working set is tensor {estimate.worst_tensor} "
+            f"({estimate.reason}). Raise the limit, or use a low-rank method (task_arithmetic, do_merging, "
+            "knots, tsv), which streams every tensor in row blocks"]
