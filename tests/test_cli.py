@@ -110,3 +110,9 @@ def test_non_empty_output_directory_is_refused(world, tmp_path):
 def test_methods_lists_parameters():
     proc = run_cli("methods")
     assert "task_arithmetic" in proc.stdout and "lambda (float, default 1.0)" in proc.stdout
+
+
+def test_max_memory_below_the_predicted_peak_is_refused(world, tmp_path):
+    _refused(["merge", "--base", str(world["base"]), "--adapter", str(world["a1"]), "--method", "ties",
+              "--max-memory", "200MB"], tmp_path,
+             "max_memory: the predicted peak is", "but --max-memory is 191 MiB", "the largest working set is tensor")
