@@ -7,13 +7,19 @@ from .errors import StreamMergeError
 from .methods import REGISTRY as METHODS
 from .plan import MergePlan, build_plan
 from .recipe import InputSpec, Recipe
+from .verify import Verification, verify_output
 
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "InputSpec", "MergePlan", "MergeReport", "Recipe", "StreamMergeError", "build_plan",
-           "merge", "run_plan", "__version__"]
+           "merge", "run_plan", "verify_output", "Verification", "__version__"]
 
 
-def merge(recipe: Recipe, out_dir: str) -> MergeReport:
-    """Plan and run ``recipe`` into ``out_dir``: the library's one-call entry point."""
-    return run_plan(build_plan(recipe), out_dir)
+def merge(recipe: Recipe, out_dir: str, *, restart: bool = False, check_finite: bool = True,
+          allow_pickle: bool = False) -> MergeReport:
+    """Plan and run ``recipe`` into ``out_dir``: the library's one-call entry point.
+
+    Re-running it after an interruption resumes; see ``run_plan`` and ``build_plan`` for the options.
+    """
+    return run_plan(build_plan(recipe, allow_pickle=allow_pickle), out_dir, restart=restart,
+                    check_finite=check_finite)

@@ -23,6 +23,9 @@ from .plan import build_plan
 from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
                      parse_size)
 
+ALLOW_PICKLE_HELP = ("read pickle-only adapters (adapter_model.bin) with torch.load(weights_only=True); without it "
+                     "they are refused unread, as a pickle can run code when loaded. Base models and full "
+                     "fine-tunes must be safetensors")
 EPILOG_MERGE = """examples:
   streammerge merge --base ./Llama-3-8B --adapter ./lora_math --adapter ./lora_code \\
       --method task_arithmetic --out ./merged
@@ -130,7 +133,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     if not recipe.out:
         raise InputError("no output directory: pass --out DIR (or set `out:` in the recipe file)")
-    plan = build_plan(recipe)
+    plan = build_plan(recipe, allow_pickle=args.allow_pickle)
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
     print(describe_plan(plan), file=sys.stderr)
     bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
@@ -143,14 +146,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{done[0]}/{plan.tensor_count} tensors", refresh=False)
 
     try:
-        report = run_plan(plan, Path(recipe.out), progress)
+        report = run_plan(plan, Path(recipe.out), progress, restart=args.restart, check_finite=args.check_finite)
     finally:
         bar.close()
+    for note in report.notes:
+        print(f"streammerge: {note}", file=sys.stderr)
+    if report.already_complete:
+        print(f"streammerge: {recipe.out!r} already holds this job, finished; nothing to do "
+              "(`streammerge verify` checks every checksum)", file=sys.stderr)
+    elif report.resumed_shards:
+        print(f"streammerge: resumed: {report.resumed_shards} of {len(report.shards)} shard(s) were finished "
+              "by an earlier run; verified and kept", file=sys.stderr)
     summary = {
         "output": str(report.output_dir), "format": recipe.output_format, "device": report.device,
         "seconds": round(report.seconds, 3), "peak_rss_mib": round(report.peak_rss / 2**20, 1),
         "tensors_merged": report.tensors_merged, "tensors_copied": report.tensors_copied,
         "bytes_written": report.bytes_written, "shards": [r.file_name for r in report.shards],
+        "resumed_shards": report.resumed_shards, "already_complete": report.already_complete,
     }
     if report.stats:
         summary["method_stats"] = stats_summary(report.stats)
@@ -159,7 +171,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = build_plan(recipe_from_args(args))
+    plan = build_plan(recipe_from_args(args), allow_pickle=args.allow_pickle)
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()))
     print(describe_plan(plan))
     return 0
@@ -171,6 +183,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = inspect_path(args.path, base=args.base, revision=args.revision, base_revision=args.base_revision)
     print(json.dumps(report, indent=2, default=str) if args.json else render_inspection(report))
     return 0 if report.get("compatible", True) else 2
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify_output
+
+    result = verify_output(args.out)
+    for line in result.checked:
+        print(f"ok       {line}")
+    for line in result.notes:
+        print(f"note     {line}")
+    for line in result.problems:
+        print(f"PROBLEM  {line}")
+    print(f"{args.out}: " + ("all files check out" if result.ok else f"{len(result.problems)} problem(s)"))
+    return 0 if result.ok else 1
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -193,11 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog=EPILOG_MERGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_arguments(merge)
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.add_argument("--restart", action="store_true",
+                       help="discard the job found in --out (interrupted, or finished with another recipe) and start "
+                            "over; without it, re-running the same command resumes (finished shards are verified and "
+                            "kept) and a finished job is left as it is. Files streammerge did not write are never "
+                            "deleted")
+    merge.add_argument("--check-finite", action=argparse.BooleanOptionalAction, default=True,
+                       help="refuse adapters holding NaN or Inf before anything is written (reads their factors "
+                            "once more; default on)")
+    merge.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     merge.set_defaults(handler=cmd_merge)
 
     plan = sub.add_parser("plan", help="validate a merge and print what it would do (dry run)",
                           epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_arguments(plan)
+    plan.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     plan.set_defaults(handler=cmd_plan)
 
     inspect = sub.add_parser("inspect", help="describe a model or adapter, and whether it fits a base",
@@ -208,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--base-revision", default=None, metavar="REV", help="Hub revision of --base")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
     inspect.set_defaults(handler=cmd_inspect)
+
+    verify = sub.add_parser("verify", help="check a merged model directory: every shard and file against the "
+                                           "job journal (size, SHA-256), headers and index",
+                            description="Exit code 0 when every file checks out, 1 when anything is wrong.")
+    verify.add_argument("out", metavar="OUT", help="a directory written by `streammerge merge`")
+    verify.set_defaults(handler=cmd_verify)
 
     methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
     methods.set_defaults(handler=cmd_methods)
@@ -225,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streammerge: error: {e}", file=sys.stderr)
         return exit_code_for(e)
     except KeyboardInterrupt:
-        print("streammerge: interrupted; re-run the same command to start again", file=sys.stderr)
+        print("streammerge: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from functools import partial
 from collections.abc import Callable, Iterator
@@ -19,17 +18,20 @@ from pathlib import Path
 import torch
 
 from .errors import AdapterError, OutputError
-from .io.atomic import write_bytes_atomic
+from .faults import kill_point
+from .io.atomic import copy_file_atomic, write_bytes_atomic
 from .io.dtypes import DTYPES
 from .io.reader import CheckpointReader, open_checkpoint
 from .io.writer import ShardWriter, layout_shard, write_index
+from .journal import FileEntry, Journal, JobStart, ShardEntry, file_sha256, open_job
 from .memory import PeakMemoryMonitor
 from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from .modelcard import render_model_card
-from .names import (CONFIG_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
+from .names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
 from .pipeline import OrderedStage
-from .plan import Contribution, MergePlan, TensorJob
+from .plan import Contribution, MergePlan, ShardJob, TensorJob
+from .preflight import check_finite_inputs, check_free_space
 
 ProgressCallback = Callable[[str, int], None]
 # fp32 bytes of one row block of a merged tensor: bounds the working set of huge tensors.
@@ -58,6 +60,20 @@ class MergeReport:
     seconds: float = 0.0
     peak_rss: int = 0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    resumed_shards: int = 0
+    """Shards an earlier, interrupted run had finished (verified and kept)."""
+    already_complete: bool = False
+    """The output directory already held this job, finished: nothing was done."""
+    notes: list[str] = field(default_factory=list)
+    """What resuming found (shards rewritten, a discarded job)."""
+
+    def add_shard(self, entry: ShardEntry) -> None:
+        """Count a finished shard (written now, or by an interrupted run) toward the job's totals."""
+        self.shards.append(ShardRecord(entry.file, entry.size, entry.sha256))
+        self.bytes_written += entry.size
+        self.tensors_merged += entry.tensors_merged
+        self.tensors_copied += entry.tensors_copied
+        self.stats.update(entry.stats)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,6 +113,8 @@ class _Readers:
 class TensorMerger:
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
+    check_finite = True  # refuse input tensors holding NaN / Inf (run_plan's check_finite)
+
     def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers,
                  block_bytes: int | None = None) -> None:
         self.plan = plan
@@ -108,7 +126,7 @@ class TensorMerger:
 
     def _load(self, file: str, key: str) -> torch.Tensor:
         tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
-        if not bool(torch.isfinite(tensor).all()):
+        if self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
 
@@ -272,21 +290,29 @@ def write_shard(shard_path: Path, jobs: tuple[TensorJob, ...], merger: TensorMer
     return ShardRecord(shard_path.name, layout.file_size, digest)
 
 
-def copy_model_files(plan: MergePlan, out_dir: Path) -> None:
-    """Copy config, tokenizer and generation files; apply the plan's config updates."""
+def model_files(plan: MergePlan) -> list[Path]:
+    """The base's config, tokenizer and generation files: copied to the output."""
     base_root = Path(plan.base_dir)
     if base_root.is_file():
         base_root = base_root.parent
-    for path in sorted(base_root.iterdir()):
-        if (not path.is_file() or path.name.startswith(".") or path.name in NOT_COPIED_NAMES
-                or path.name.endswith(WEIGHT_FILE_SUFFIXES)):
-            continue
+    return [path for path in sorted(base_root.iterdir())
+            if path.is_file() and not path.name.startswith(".") and path.name not in NOT_COPIED_NAMES
+            and not path.name.endswith((*WEIGHT_FILE_SUFFIXES, PARTIAL_SUFFIX))]
+
+
+def copy_model_files(plan: MergePlan, out_dir: Path) -> list[str]:
+    """Copy config, tokenizer and generation files durably; apply the plan's config updates."""
+    names = []
+    for path in model_files(plan):
         if path.name == CONFIG_NAME and plan.config_updates:
             config = json.loads(path.read_text(encoding="utf-8"))
             config.update(dict(plan.config_updates))
             write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
         else:
-            shutil.copyfile(path, out_dir / path.name)
+            copy_file_atomic(path, out_dir / path.name)
+        names.append(path.name)
+        kill_point("file")
+    return names
 
 
 def recipe_record(plan: MergePlan) -> bytes:
@@ -296,33 +322,90 @@ def recipe_record(plan: MergePlan) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode()
 
 
-def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | None = None) -> MergeReport:
-    """Execute ``plan`` into ``out_dir`` (which must be new or empty)."""
+def _write_and_record(out_dir: Path, shard: ShardJob, merger: TensorMerger, journal: Journal,
+                      progress: ProgressCallback | None) -> ShardEntry:
+    """Write one shard, then journal it (with its counts and stats, which a resumed run reuses)."""
+    part = MergeReport(output_dir=out_dir, device=str(merger.device))
+    record = write_shard(out_dir / shard.file_name, shard.tensors, merger, part, progress)
+    kill_point("shard")
+    entry = ShardEntry(record.file_name, record.size, record.sha256, part.tensors_merged, part.tensors_copied,
+                       part.stats)
+    journal.add_shard(entry)
+    return entry
+
+
+def _bytes_to_write(plan: MergePlan, job: JobStart) -> int:
+    shards = sum(s.file_size for s in plan.shards if s.file_name not in job.done)
+    return shards + sum(p.stat().st_size for p in model_files(plan)) + (1 << 20)  # + index, card, journal
+
+
+def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | None = None, *,
+             restart: bool = False, check_finite: bool = True) -> MergeReport:
+    """Execute ``plan`` into ``out_dir``; resume there if it holds an interrupted run of the same job.
+
+    Args:
+        plan: the plan to execute.
+        out_dir: a new or empty directory, or one holding this job (finished shards are
+            verified and kept; a finished job is left as it is, ``already_complete``).
+        progress: called with each tensor's name and output bytes.
+        restart: discard a job of ours found in ``out_dir`` (never files we did not write).
+        check_finite: refuse adapters holding NaN / Inf before writing (and any input tensor
+            the worker reads).
+
+    Raises:
+        OutputError: ``out_dir`` holds files that are not this job's, or cannot be written
+            (``DiskSpaceError`` when the disk is too small or full).
+        ResumeError: ``out_dir`` holds a job with another recipe or other inputs.
+        AdapterError: an input holds NaN or Inf values.
+    """
     out_dir = Path(out_dir)
     device = resolve_device(plan.recipe.device)
     if plan.recipe.output_format == "adapter":
         from .adapter_output import write_adapter_output
 
+        if check_finite:
+            check_finite_inputs(plan)
         return write_adapter_output(plan, out_dir, device, progress)
-    prepare_output_dir(out_dir)
-    report = MergeReport(output_dir=out_dir, device=str(device))
+    job = open_job(out_dir, plan, [p.name for p in model_files(plan)], restart)
+    report = MergeReport(output_dir=out_dir, device=str(device), notes=list(job.notes))
+    if job.complete:
+        report.already_complete = True
+        for shard in plan.shards:
+            report.add_shard(job.done[shard.file_name])
+        return report
+    if check_finite:
+        check_finite_inputs(plan)
+    check_free_space(out_dir, _bytes_to_write(plan, job))
+    journal = job.begin()
     readers = _Readers()
     start = time.perf_counter()
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
             merger = TensorMerger(plan, device, readers)
+            merger.check_finite = check_finite
             for shard in plan.shards:
-                record = write_shard(out_dir / shard.file_name, shard.tensors, merger, report, progress)
-                report.shards.append(record)
-                report.bytes_written += record.size
-            copy_model_files(plan, out_dir)
+                entry = job.done.get(shard.file_name)
+                if entry is None:
+                    entry = _write_and_record(out_dir, shard, merger, journal, progress)
+                else:
+                    report.resumed_shards += 1
+                    for t in shard.tensors if progress is not None else ():
+                        progress(t.name, t.out_bytes)
+                report.add_shard(entry)
+            written = copy_model_files(plan, out_dir)
             if plan.write_index:
                 weight_map = {t.name: s.file_name for s in plan.shards for t in s.tensors}
                 write_index(out_dir, weight_map, sum(t.out_bytes for s in plan.shards for t in s.tensors))
+                kill_point("file")
+                written.append(INDEX_NAME)
             report.seconds = time.perf_counter() - start
             report.peak_rss = monitor.peak_rss
             write_bytes_atomic(out_dir / RECIPE_NAME, recipe_record(plan))
+            kill_point("file")
             write_bytes_atomic(out_dir / MODEL_CARD_NAME, render_model_card(plan, report).encode())
+            kill_point("file")
+            written += [RECIPE_NAME, MODEL_CARD_NAME]
+            journal.add_complete({n: FileEntry((out_dir / n).stat().st_size, file_sha256(out_dir / n)) for n in written})
         report.peak_rss = monitor.peak_rss
     finally:
         readers.close()

@@ -180,9 +180,15 @@ def read_config(root: Path) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {str(path)!r}: {e}") from e
-    return doc if isinstance(doc, dict) else {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InputError(f"cannot read {str(path)!r}: {str(e)[:300]}") from e
+    if not isinstance(doc, dict):
+        raise InputError(f"{str(path)!r} must hold a JSON object, found {type(doc).__name__}")
+    architectures = doc.get("architectures")
+    if architectures is not None and not (
+            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise InputError(f"{str(path)!r}: \"architectures\" must be a list of class names, found {architectures!r:.200}")
+    return doc
 
 
 def _family(architecture: str | None) -> str | None:
@@ -331,10 +337,16 @@ def _filter_problems(recipe: Recipe, planner: _Planner, planned: set[int]) -> li
     return problems
 
 
-def build_plan(recipe: Recipe) -> MergePlan:
+def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     """Validate a recipe against its files and produce the plan.
 
     Hub repo ids are resolved to local snapshots first (``hub.py``).
+
+    Args:
+        recipe: the job.
+        allow_pickle: read pickle-only adapters (``adapter_model.bin``) with
+            ``torch.load(weights_only=True)``; refused unread otherwise.  Deliberately not a
+            recipe field: a recipe file from elsewhere must not be able to switch it on.
 
     Raises:
         PlanError: listing every problem found.
@@ -368,7 +380,7 @@ def build_plan(recipe: Recipe) -> MergePlan:
             continue  # its Hub problem is already reported
         try:
             if spec.kind == "adapter":
-                adapter = load_lora_adapter(source.local_path, planner.names, planner.problems)
+                adapter = load_lora_adapter(source.local_path, planner.names, planner.problems, allow_pickle)
                 ranks = planner.add_adapter(index, adapter)
                 layout = adapter.weights
             else:

@@ -1,0 +1,482 @@
+"""The job journal: an append-only record, in the output directory, of what a job is and
+which of its output shards are finished, so that an interrupted job resumes where it stopped.
+
+``streammerge_journal.jsonl`` holds one JSON object per line, each fsynced before the job
+goes on:
+
+1. ``job``: what determines the output bytes — the recipe (hashed fields) and its
+   fingerprint, a path-free digest of the plan, the streammerge version, the base and input
+   fingerprints (shard sizes + header hashes; adapters also by content hash), the shard map;
+2. ``shard``: one per finished shard — name, size, SHA-256, tensor counts and method stats
+   (so a resumed job's model card says what an uninterrupted one says);
+3. ``complete``: the index, configs, recipe and model card are written too (name, size,
+   SHA-256 of each); the job is done.
+
+A process killed while appending leaves a torn last line; it is ignored, and cut off before
+the next append.  Anything else unreadable means the directory was tampered with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError, ResumeError
+from .faults import kill_point
+from .io.atomic import fsync_dir, write_bytes_atomic
+from .names import (ADAPTER_CONFIG_NAME, INDEX_NAME, JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY,
+                    JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY, JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY,
+                    JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY, JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY,
+                    JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY, JOURNAL_PLAN_FINGERPRINT_KEY,
+                    JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY, JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY,
+                    JOURNAL_SHARD, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY, JOURNAL_VERSION_KEY,
+                    MODEL_CARD_NAME, PARTIAL_SUFFIX, RECIPE_NAME)
+from .plan import MergePlan
+
+__all__ = ["ShardEntry", "FileEntry", "JournalState", "Journal", "JobStart", "job_record", "job_differences",
+           "read_journal", "open_job", "file_sha256"]
+
+_HASH_CHUNK = 8 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """A finished output shard, as its journal record says."""
+
+    file: str
+    size: int
+    sha256: str
+    tensors_merged: int = 0
+    tensors_copied: int = 0
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        return {JOURNAL_RECORD_KEY: JOURNAL_SHARD, JOURNAL_FILE_KEY: self.file, JOURNAL_SIZE_KEY: self.size,
+                JOURNAL_SHA256_KEY: self.sha256, JOURNAL_MERGED_KEY: self.tensors_merged,
+                JOURNAL_COPIED_KEY: self.tensors_copied,
+                JOURNAL_STATS_KEY: {k: {s: float(v) for s, v in d.items()} for k, d in self.stats.items()}}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> ShardEntry:
+        stats = rec.get(JOURNAL_STATS_KEY, {})
+        entry = cls(rec[JOURNAL_FILE_KEY], rec[JOURNAL_SIZE_KEY], rec[JOURNAL_SHA256_KEY],
+                    rec.get(JOURNAL_MERGED_KEY, 0), rec.get(JOURNAL_COPIED_KEY, 0), stats)
+        if not (isinstance(entry.file, str) and _is_size(entry.size) and _is_sha(entry.sha256)
+                and _is_size(entry.tensors_merged) and _is_size(entry.tensors_copied) and _is_stats(stats)):
+            raise ValueError("malformed shard record")
+        return entry
+
+    def check(self, directory: Path) -> str | None:
+        """None when the file on disk is this shard (size and checksum), else what is wrong."""
+        path = directory / self.file
+        if not path.is_file():
+            return f"{self.file} is missing"
+        size = path.stat().st_size
+        if size != self.size:
+            return f"{self.file} has {size:,} bytes, the journal recorded {self.size:,}"
+        if file_sha256(path) != self.sha256:
+            return f"{self.file} does not match its recorded SHA-256 (the file was modified or damaged)"
+        return None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A finished non-shard output file (config, index, recipe, model card)."""
+
+    size: int
+    sha256: str
+
+
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_stats(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(d, dict) and all(isinstance(v, (int, float)) for v in d.values()) for d in value.values())
+
+
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# --- what a job is ---------------------------------------------------------------------------
+
+def _plan_digest(plan: MergePlan) -> str:
+    """SHA-256 of everything the plan says about the output bytes, without file locations."""
+    shards = []
+    for shard in plan.shards:
+        tensors = []
+        for job in shard.tensors:
+            doc = asdict(job)
+            doc.pop("source_file")
+            for c in doc["contributions"]:
+                c.pop("file")
+            tensors.append(doc)
+        shards.append({"file": shard.file_name, "tensors": tensors})
+    doc = {"method_params": plan.method_params, "config_updates": plan.config_updates,
+           "write_index": plan.write_index, "shards": shards}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _hashed_recipe(plan: MergePlan) -> dict[str, Any]:
+    doc = plan.recipe.to_dict()
+    for name in type(plan.recipe)._NOT_HASHED:
+        doc.pop(name, None)
+    return doc
+
+
+def _input_records(plan: MergePlan) -> list[dict[str, Any]]:
+    """Each input's fingerprint; adapters (small) also by the SHA-256 of the weights they give."""
+    records = []
+    for summary in plan.inputs:
+        content = None
+        if summary.kind == "adapter":
+            files = sorted({c.file for s in plan.shards for t in s.tensors for c in t.contributions
+                            if c.input_index == summary.index})
+            h = hashlib.sha256()
+            for file in files:
+                h.update(file_sha256(Path(file)).encode())
+            content = h.hexdigest()
+        records.append({JOURNAL_PATH_KEY: summary.path, JOURNAL_FINGERPRINT_KEY: summary.fingerprint,
+                        JOURNAL_CONTENT_KEY: content})
+    return records
+
+
+def job_record(plan: MergePlan, files: list[str]) -> dict[str, Any]:
+    """The journal's first line for ``plan``; ``files`` are its non-shard outputs."""
+    from . import __version__  # the package imports the engine, which imports this module
+
+    return {
+        JOURNAL_RECORD_KEY: JOURNAL_JOB, JOURNAL_FORMAT_KEY: JOURNAL_FORMAT, JOURNAL_VERSION_KEY: __version__,
+        JOURNAL_RECIPE_KEY: _hashed_recipe(plan), JOURNAL_RECIPE_FINGERPRINT_KEY: plan.recipe.fingerprint(),
+        JOURNAL_PLAN_FINGERPRINT_KEY: plan.fingerprint(), JOURNAL_JOB_DIGEST_KEY: _plan_digest(plan),
+        JOURNAL_BASE_KEY: {JOURNAL_PATH_KEY: plan.recipe.base, JOURNAL_FINGERPRINT_KEY: plan.base_fingerprint},
+        JOURNAL_INPUTS_KEY: _input_records(plan),
+        JOURNAL_SHARDS_KEY: [{JOURNAL_FILE_KEY: s.file_name, JOURNAL_SIZE_KEY: s.file_size} for s in plan.shards],
+        JOURNAL_FILES_KEY: sorted(files),
+    }
+
+
+def _flatten(value: Any, path: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{path}.{k}" if path else str(k), out)
+    elif isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            _flatten(v, f"{path}[{i}]", out)
+    else:
+        out[path] = value
+    return out
+
+
+def job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two job records, in words (empty: the same job)."""
+    if old.get(JOURNAL_FORMAT_KEY) != new[JOURNAL_FORMAT_KEY]:
+        return [f"journal format {old.get(JOURNAL_FORMAT_KEY)!r} then, {new[JOURNAL_FORMAT_KEY]!r} now"]
+    found = []
+    if old.get(JOURNAL_VERSION_KEY) != new[JOURNAL_VERSION_KEY]:
+        found.append(f"streammerge version {old.get(JOURNAL_VERSION_KEY)} then, {new[JOURNAL_VERSION_KEY]} now")
+    if old.get(JOURNAL_RECIPE_FINGERPRINT_KEY) != new[JOURNAL_RECIPE_FINGERPRINT_KEY]:
+        then = _flatten(old.get(JOURNAL_RECIPE_KEY) or {}, "", {})
+        now = _flatten(new[JOURNAL_RECIPE_KEY], "", {})
+        changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        found += [f"recipe {k}: {then.get(k)!r} then, {now.get(k)!r} now" for k in changed[:8]]
+        if not changed:
+            found.append("the recipe fingerprint differs")
+    old_base, new_base = old.get(JOURNAL_BASE_KEY) or {}, new[JOURNAL_BASE_KEY]
+    if old_base.get(JOURNAL_FINGERPRINT_KEY) != new_base[JOURNAL_FINGERPRINT_KEY]:
+        found.append(f"the base model {new_base[JOURNAL_PATH_KEY]!r} changed since the job started "
+                     "(its shard sizes or headers differ)")
+    old_inputs, new_inputs = old.get(JOURNAL_INPUTS_KEY) or [], new[JOURNAL_INPUTS_KEY]
+    if len(old_inputs) == len(new_inputs):
+        for i, (a, b) in enumerate(zip(old_inputs, new_inputs)):
+            if a.get(JOURNAL_FINGERPRINT_KEY) != b[JOURNAL_FINGERPRINT_KEY]:
+                found.append(f"input {i} ({b[JOURNAL_PATH_KEY]!r}) changed since the job started "
+                             "(its tensor names, shapes or dtypes differ)")
+            elif a.get(JOURNAL_CONTENT_KEY) != b[JOURNAL_CONTENT_KEY]:
+                found.append(f"input {i} ({b[JOURNAL_PATH_KEY]!r}) changed since the job started "
+                             "(its weights differ)")
+    if not found and old.get(JOURNAL_JOB_DIGEST_KEY) != new[JOURNAL_JOB_DIGEST_KEY]:
+        found.append("the merge plan (tensor map, shard map or method parameters) differs "
+                     "although the recipe and inputs look the same")
+    return found
+
+
+# --- reading and appending -------------------------------------------------------------------
+
+@dataclass
+class JournalState:
+    """A journal as found on disk."""
+
+    path: Path
+    job: dict[str, Any]
+    shards: dict[str, ShardEntry]
+    """The latest record of each finished shard."""
+    complete: dict[str, FileEntry] | None
+    """The other output files, when the last record says the job is complete."""
+    intact_bytes: int
+    """Length of the journal without a torn last line."""
+
+    @property
+    def names(self) -> set[str]:
+        """Every output file name this job writes."""
+        shards = {s.get(JOURNAL_FILE_KEY) for s in self.job.get(JOURNAL_SHARDS_KEY) or []}
+        return {n for n in shards | set(self.job.get(JOURNAL_FILES_KEY) or []) if isinstance(n, str)}
+
+
+def _is_job(rec: dict[str, Any]) -> bool:
+    shards = rec.get(JOURNAL_SHARDS_KEY)
+    files = rec.get(JOURNAL_FILES_KEY)
+    return (rec.get(JOURNAL_RECORD_KEY) == JOURNAL_JOB and isinstance(shards, list) and isinstance(files, list)
+            and all(isinstance(s, dict) and isinstance(s.get(JOURNAL_FILE_KEY), str) and _is_size(s.get(JOURNAL_SIZE_KEY))
+                    for s in shards) and all(isinstance(f, str) for f in files))
+
+
+def _corrupt(path: Path, line: int, why: str) -> ResumeError:
+    return ResumeError(f"the job journal {str(path)!r} is damaged at line {line} ({why}); it was not written by an "
+                       "interrupted streammerge job as it is. Pass --restart to discard the job and start over.")
+
+
+def read_journal(out_dir: Path) -> JournalState | None:
+    """The journal in ``out_dir``, or None when there is none.
+
+    Raises:
+        ResumeError: the journal is damaged (not just a torn last line).
+    """
+    path = out_dir / JOURNAL_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OutputError(f"cannot read the job journal {str(path)!r}: {e.strerror or e}") from e
+    lines = data.split(b"\n")
+    complete_lines = lines[:-1]  # the part after the last newline is torn (or empty)
+    records: list[dict[str, Any]] = []
+    intact = 0
+    for number, raw in enumerate(complete_lines, start=1):
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            if number == len(complete_lines):
+                break  # the last line may be torn by a crash between write and fsync
+            raise _corrupt(path, number, str(e)) from e
+        records.append(rec)
+        intact += len(raw) + 1
+    if not records or not _is_job(records[0]):
+        raise _corrupt(path, 1, "the first record is not a job record")
+    shards: dict[str, ShardEntry] = {}
+    complete: dict[str, FileEntry] | None = None
+    for number, rec in enumerate(records[1:], start=2):
+        kind = rec.get(JOURNAL_RECORD_KEY)
+        try:
+            if kind == JOURNAL_SHARD:
+                entry = ShardEntry.from_record(rec)
+                shards[entry.file] = entry
+                complete = None
+            elif kind == JOURNAL_COMPLETE:
+                complete = {name: FileEntry(v[JOURNAL_SIZE_KEY], v[JOURNAL_SHA256_KEY])
+                            for name, v in rec[JOURNAL_FILES_KEY].items()}
+            else:
+                raise ValueError(f"unknown record type {kind!r}")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _corrupt(path, number, str(e)) from e
+    return JournalState(path, records[0], shards, complete, intact)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    # Not sort_keys: stats keep the order tensors were merged in (the model card aggregates in it).
+    return (json.dumps(record, separators=(",", ":"), allow_nan=True) + "\n").encode("utf-8")
+
+
+class Journal:
+    """Appends records to a job's journal, each on disk before ``append`` returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, out_dir: Path, job: dict[str, Any]) -> Journal:
+        """A new journal holding ``job`` (written whole or not at all)."""
+        path = out_dir / JOURNAL_NAME
+        write_bytes_atomic(path, _line(job))
+        kill_point("record")
+        return cls(path)
+
+    @classmethod
+    def reopen(cls, state: JournalState) -> Journal:
+        """Continue ``state``'s journal, cutting off a torn last line first."""
+        try:
+            if state.path.stat().st_size != state.intact_bytes:
+                os.truncate(state.path, state.intact_bytes)
+        except OSError as e:
+            raise OutputError(f"cannot repair the job journal {str(state.path)!r}: {e.strerror or e}") from e
+        return cls(state.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                data = _line(record)
+                if os.write(fd, data) != len(data):
+                    raise OSError(f"short write to {str(self.path)!r}")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot append to the job journal {str(self.path)!r}: {e.strerror or e}; "
+                              "re-run the same command to resume once the problem is fixed") from e
+        kill_point("record")
+
+    def add_shard(self, entry: ShardEntry) -> None:
+        self.append(entry.record())
+
+    def add_complete(self, files: dict[str, FileEntry]) -> None:
+        self.append({JOURNAL_RECORD_KEY: JOURNAL_COMPLETE, JOURNAL_FILES_KEY: {
+            name: {JOURNAL_SIZE_KEY: f.size, JOURNAL_SHA256_KEY: f.sha256} for name, f in sorted(files.items())}})
+
+
+# --- starting or resuming a job --------------------------------------------------------------
+
+@dataclass
+class JobStart:
+    """What ``open_job`` found in the output directory; ``begin`` acts on it."""
+
+    out_dir: Path
+    job: dict[str, Any]
+    state: JournalState | None
+    """The existing journal to continue, or None to start a new one."""
+    done: dict[str, ShardEntry]
+    """Finished shards of this job, verified by size and checksum."""
+    complete: bool = False
+    """The directory already holds this job, finished: nothing to do."""
+    stale: list[Path] = field(default_factory=list)
+    """Our own files to delete first: partial files, shards that failed verification, a discarded job."""
+    notes: list[str] = field(default_factory=list)
+
+    def begin(self) -> Journal:
+        """Delete stale files and create (or reopen) the journal; the job may now write."""
+        try:
+            for path in self.stale:
+                path.unlink(missing_ok=True)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot prepare output directory {str(self.out_dir)!r}: {e.strerror or e}") from e
+        if self.stale:
+            fsync_dir(self.out_dir)
+        if self.state is None:
+            return Journal.create(self.out_dir, self.job)
+        return Journal.reopen(self.state)
+
+
+def _ours(names: set[str]) -> set[str]:
+    return names | {n + PARTIAL_SUFFIX for n in names} | {JOURNAL_NAME, JOURNAL_NAME + PARTIAL_SUFFIX}
+
+
+def output_names(plan: MergePlan, copied: list[str]) -> list[str]:
+    """The non-shard files a model job writes: copied model files, index, recipe, model card."""
+    names = [*copied, RECIPE_NAME, MODEL_CARD_NAME]
+    return names + [INDEX_NAME] if plan.write_index else names
+
+
+def open_job(out_dir: Path, plan: MergePlan, copied: list[str], restart: bool = False) -> JobStart:
+    """Decide how a job starts in ``out_dir``: new, resumed, already finished, or refused.
+
+    Reads and verifies, but changes nothing on disk (``JobStart.begin`` does).
+
+    Raises:
+        OutputError: ``out_dir`` is not a directory, or holds files that are not this job's.
+        ResumeError: it holds a job with another recipe or other inputs (and not ``restart``),
+            or its journal is damaged.
+    """
+    files = output_names(plan, copied)
+    job = job_record(plan, files)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"output path {str(out_dir)!r} exists and is not a directory")
+    present = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    try:
+        state = read_journal(out_dir)
+    except ResumeError:
+        if not restart:
+            raise
+        state = None
+    if state is not None:
+        mine = _ours({s.file_name for s in plan.shards} | set(files) | state.names)
+    elif JOURNAL_NAME in present:  # damaged, and restart: this plan's names are all we can claim
+        mine = _ours({s.file_name for s in plan.shards} | set(files))
+    else:  # no job here: only leftovers of one that died before its journal existed
+        mine = {n for n in present if n.endswith(PARTIAL_SUFFIX)}
+    foreign = [n for n in present if n not in mine]
+    if foreign:
+        raise OutputError(
+            f"output directory {str(out_dir)!r} is not empty and holds files that are not part of this streammerge "
+            f"job ({foreign[:5]}{' …' if len(foreign) > 5 else ''}); choose a new directory or empty it "
+            "(streammerge never deletes files it did not write)")
+    stale = [out_dir / n for n in present if n.endswith(PARTIAL_SUFFIX)]
+    if state is None:
+        if restart:
+            stale = [out_dir / n for n in present]
+        return JobStart(out_dir, job, None, {}, stale=stale)
+
+    differences = job_differences(state.job, job)
+    if differences:
+        if restart:
+            return JobStart(out_dir, job, None, {}, stale=[out_dir / n for n in present],
+                            notes=["discarded the previous job: " + "; ".join(differences)])
+        what = "a finished merge" if state.complete is not None else "an unfinished job"
+        lines = "\n".join(f"  - {d}" for d in differences)
+        raise ResumeError(
+            f"output directory {str(out_dir)!r} holds {what} with a different recipe or inputs:\n{lines}\n"
+            + ("Re-run with the original recipe and inputs to resume it, or pass --restart to discard it and start "
+               "over." if state.complete is None else
+               "Choose another output directory, or pass --restart to replace it."))
+    if restart:
+        return JobStart(out_dir, job, None, {}, stale=[out_dir / n for n in present],
+                        notes=["discarded the previous run of this job (--restart)"])
+
+    planned = {s.file_name: s.file_size for s in plan.shards}
+    if state.complete is not None and _looks_complete(out_dir, state, planned):
+        return JobStart(out_dir, job, state, dict(state.shards), complete=True)
+    done: dict[str, ShardEntry] = {}
+    notes: list[str] = []
+    for name, entry in state.shards.items():
+        if name not in planned:
+            continue
+        problem = entry.check(out_dir) if entry.size == planned[name] else f"{name} has an unexpected size"
+        if problem is None:
+            done[name] = entry
+        else:
+            notes.append(f"rewriting {name}: {problem}")
+            stale.append(out_dir / name)
+    # Shards renamed into place whose record never made it: written again.
+    stale += [out_dir / n for n in present if n in planned and n not in done and out_dir / n not in stale]
+    return JobStart(out_dir, job, state, done, stale=stale, notes=notes)
+
+
+def _looks_complete(out_dir: Path, state: JournalState, planned: dict[str, int]) -> bool:
+    """Every shard and file of a finished job is present with its recorded size (no checksums: a no-op is quick)."""
+    expected = {name: e.size for name, e in state.shards.items() if name in planned}
+    if set(expected) != set(planned):
+        return False
+    expected.update({name: f.size for name, f in (state.complete or {}).items()})
+    for name, size in expected.items():
+        path = out_dir / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True

@@ -1,0 +1,126 @@
+"""``streammerge verify OUT``: check a merged model directory against its journal and index.
+
+With a journal (every directory streammerge writes has one), each shard and each other
+output file must be present with its recorded size and SHA-256, each shard's header must be
+valid, the job must be complete, and the index must place every tensor in a shard that holds
+it.  Without one (a model from elsewhere), the index and headers are checked, not checksums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, StreamMergeError
+from .io.header import read_header
+from .io.reader import open_checkpoint
+from .journal import file_sha256, read_journal
+from .names import (JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, PARTIAL_SUFFIX,
+                    SAFETENSORS_SUFFIX)
+
+__all__ = ["Verification", "verify_output"]
+
+
+@dataclass
+class Verification:
+    """What ``verify_output`` found; ``ok`` when nothing is wrong."""
+
+    out_dir: Path
+    checked: list[str] = field(default_factory=list)
+    """One line per file found as recorded."""
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_file(path: Path, size: int, sha256: str) -> str | None:
+    if not path.is_file():
+        return f"{path.name}: missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"{path.name}: {actual:,} bytes, the journal recorded {size:,} (truncated or overwritten)"
+    if file_sha256(path) != sha256:
+        return f"{path.name}: its SHA-256 differs from the journal's (the file was modified or damaged)"
+    return None
+
+
+def _check_shard(path: Path) -> str | None:
+    try:
+        read_header(path)
+    except StreamMergeError as e:
+        return f"{path.name}: {e}"
+    return None
+
+
+def verify_output(out_dir: str | Path) -> Verification:
+    """Check every output file of a merged model directory.
+
+    Raises:
+        InputError: ``out_dir`` is not a directory.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise InputError(f"{str(out_dir)!r} is not a directory")
+    result = Verification(out_dir)
+    try:
+        state = read_journal(out_dir)
+    except StreamMergeError as e:
+        result.problems.append(str(e))
+        return result
+    shard_names: list[str] = []
+    if state is None:
+        result.notes.append(f"no {JOURNAL_NAME}: not written by streammerge, so only the index and headers are "
+                            "checked, not checksums")
+    else:
+        planned = [(s[JOURNAL_FILE_KEY], s[JOURNAL_SIZE_KEY]) for s in state.job.get(JOURNAL_SHARDS_KEY) or []]
+        shard_names = [name for name, _ in planned]
+        for name, size in planned:
+            entry = state.shards.get(name)
+            if entry is None:
+                where = "is present but" if (out_dir / name).exists() else "is"
+                result.problems.append(f"{name}: {where} not recorded as finished")
+                continue
+            problem = _check_file(out_dir / name, entry.size, entry.sha256) or _check_shard(out_dir / name)
+            if problem is None and entry.size != size:
+                problem = f"{name}: {entry.size:,} bytes recorded, the job planned {size:,}"
+            if problem:
+                result.problems.append(problem)
+            else:
+                result.checked.append(f"{name}: {entry.size:,} bytes, header valid, sha256 {entry.sha256[:16]}… ok")
+        if state.complete is None:
+            finished = sum(1 for name in shard_names if name in state.shards)
+            result.problems.append(f"the job is not complete ({finished} of {len(shard_names)} shards finished); "
+                                   "re-run the same merge command to resume it")
+            return _leftovers(result)
+        for name, entry in sorted(state.complete.items()):
+            problem = _check_file(out_dir / name, entry.size, entry.sha256)
+            if problem:
+                result.problems.append(problem)
+            else:
+                result.checked.append(f"{name}: {entry.size:,} bytes, sha256 {entry.sha256[:16]}… ok")
+    try:
+        layout = open_checkpoint(out_dir)
+    except StreamMergeError as e:
+        result.problems.append(f"the model directory does not load: {e}")
+        return _leftovers(result)
+    found = sorted(p.name for p in layout.shards)
+    if state is None:
+        result.checked += [f"{name}: header valid, {len(layout.headers[out_dir / name].tensors)} tensors"
+                           for name in found]
+    elif found != sorted(shard_names):
+        result.problems.append(f"the index names shards {found}, the journal {sorted(shard_names)}")
+    stray = sorted(p.name for p in out_dir.glob("*" + SAFETENSORS_SUFFIX) if p.name not in found)
+    if stray:
+        result.notes.append(f"safetensors files no index entry points to: {stray[:5]}")
+    return _leftovers(result)
+
+
+def _leftovers(result: Verification) -> Verification:
+    partial = sorted(p.name for p in result.out_dir.iterdir() if p.name.endswith(PARTIAL_SUFFIX))
+    if partial:
+        result.problems.append(f"partial files left by an interrupted write: {partial[:5]}; re-run the merge "
+                               "command to finish the job")
+    return result
