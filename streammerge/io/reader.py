@@ -55,20 +55,27 @@ class CheckpointLayout:
 
 
 def _inside(root: Path, candidate: Path) -> bool:
-    # The file itself may be a symlink: the Hugging Face cache links snapshots/<commit>/<file> to
-    # ../../blobs/<sha256>. The folders on the way must stay inside the model directory.
-    try:
-        candidate.parent.resolve().relative_to(root.resolve())
-    except ValueError:
+    """Whether ``candidate``, a file an index names, stays inside the model directory ``root``.
+
+    Its folders must resolve inside ``root``, and so must the file when it is a symlink —
+    except in the Hugging Face cache, where ``snapshots/<commit>/<file>`` links to
+    ``../../blobs/<sha256>`` of the same repository.
+    """
+    real_root = root.resolve()
+    if not candidate.parent.resolve().is_relative_to(real_root):
         return False
-    return True
+    allowed = [real_root]
+    if real_root.parent.name == "snapshots":
+        allowed.append(real_root.parent.parent / "blobs")
+    target = candidate.resolve()
+    return any(target.is_relative_to(folder) for folder in allowed)
 
 
 def _load_index(root: Path, index_path: Path) -> dict[str, str]:
     try:
         doc = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsFormatError(f"cannot read shard index {str(index_path)!r}: {e}") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsFormatError(f"cannot read shard index {str(index_path)!r}: {str(e)[:300]}") from e
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
@@ -78,7 +85,8 @@ def _load_index(root: Path, index_path: Path) -> dict[str, str]:
         target = root / shard
         if os.path.isabs(shard) or ".." in Path(shard).parts or not _inside(root, target):
             raise SafetensorsFormatError(
-                f"shard index {str(index_path)!r} maps tensor {name!r} to {shard!r}, outside the model directory")
+                f"shard index {str(index_path)!r} maps tensor {name!r} to {shard!r}, outside the model directory "
+                "(a path with '..', an absolute path, or a symlink that leads out of it); refusing to read it")
     return weight_map
 
 
