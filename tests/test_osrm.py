@@ -235,6 +235,28 @@ def test_peft_loads_the_adapter_and_trains_from_it(world):
     assert all(params[k.replace(".weight", ".default.weight")].abs().max() > 0 for k in saved if ".lora_B." in k)
 
 
+def test_backbone_adapters_load_on_the_bare_model(world, tmp_path):
+    # Adapters trained on transformers' AutoModel (task heads outside) name modules without "model.".
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    opts = CollectOptions(batch_size=4, backbone=True, stats_dir=str(tmp_path / "stats"))
+    osrm_init(world["base"], world["tasks"], tmp_path / "bb", target_modules=["v_proj"], rank=4, opts=opts)
+    saved = load_file(str(tmp_path / "bb" / "b" / "adapter_model.safetensors"))
+    assert sorted(saved)[0].startswith("base_model.model.layers.0.")
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(world["base"]), tmp_path / "bb" / "b")
+    params = dict(model.named_parameters())
+    for key, value in saved.items():
+        torch.testing.assert_close(params[key.replace(".weight", ".default.weight")].detach(), value, atol=0, rtol=0)
+    # the backbone sees the same features as the causal LM, under other names
+    ours = load_task_stats(stats_path(tmp_path / "stats", "b"))
+    causal = load_task_stats(stats_path(world["out"] / ".osrm_stats", "b"))
+    assert sorted(ours.modules) == ["layers.0.self_attn.v_proj", "layers.1.self_attn.v_proj"]
+    for name, m in ours.modules.items():
+        assert m.count == causal.modules["model." + name].count
+        torch.testing.assert_close(m.sum_xxT, causal.modules["model." + name].sum_xxT, atol=1e-9, rtol=1e-9)
+
+
 def test_padding_does_not_leak_into_the_statistics(world):
     model = load_model(world["base"], torch.device("cpu"), torch.float32)
     examples = read_examples(world["tasks"]["b"], None, 100, 64)

@@ -59,19 +59,26 @@ def import_transformers() -> ModuleType:
                          "`pip install transformers` (and `pip install accelerate` for --max-memory offload)") from e
 
 
-def _model_classes(transformers: ModuleType) -> tuple[Any, ...]:
+def _model_classes(transformers: ModuleType, backbone: bool) -> tuple[Any, ...]:
+    # The class decides the module names an adapter trained on it carries: a causal LM's
+    # "model.layers.0…" versus a bare backbone's "layers.0…".
+    if backbone:
+        return (transformers.AutoModel,)
     return transformers.AutoModelForCausalLM, transformers.AutoModel
 
 
-def meta_model(base: Path) -> nn.Module:
-    """The base model's module tree on the meta device: names and shapes, no weights read."""
+def meta_model(base: Path, backbone: bool = False) -> nn.Module:
+    """The base model's module tree on the meta device: names and shapes, no weights read.
+
+    ``backbone``: the bare ``AutoModel`` (no LM head) instead of ``AutoModelForCausalLM``.
+    """
     transformers = import_transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(base))
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read the model config of {str(base)!r}: {e}") from e
     last: Exception | None = None
-    for cls in _model_classes(transformers):
+    for cls in _model_classes(transformers, backbone):
         try:
             with torch.device("meta"):
                 return cls.from_config(config)
@@ -159,7 +166,8 @@ def parse_max_memory(spec: str) -> dict[int | str, str]:
 
 
 def load_model(base: Path, device: torch.device, dtype: torch.dtype,
-               max_memory: Mapping[int | str, str] | None = None, offload_dir: Path | None = None) -> nn.Module:
+               max_memory: Mapping[int | str, str] | None = None, offload_dir: Path | None = None,
+               backbone: bool = False) -> nn.Module:
     """The base model in eval mode, on ``device`` or spread by accelerate under ``max_memory``."""
     transformers = import_transformers()
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -174,7 +182,7 @@ def load_model(base: Path, device: torch.device, dtype: torch.dtype,
             Path(offload_dir).mkdir(parents=True, exist_ok=True)
             kwargs["offload_folder"] = str(offload_dir)
     last: Exception | None = None
-    for cls in _model_classes(transformers):
+    for cls in _model_classes(transformers, backbone):
         try:
             model = cls.from_pretrained(str(base), **kwargs)
             break

@@ -70,6 +70,9 @@ def _add_collect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-dir", default=None, help="statistics cache (default .osrm_stats next to the adapters)")
     p.add_argument("--stats-on-cpu", action="store_true",
                    help="keep the running d×d sums in host RAM instead of GPU memory")
+    p.add_argument("--backbone", action="store_true",
+                   help="use the bare backbone (transformers AutoModel, no LM head): for adapters trained on it, "
+                        "whose module names lack the causal LM's 'model.' prefix")
     p.add_argument("--stats-memory", default=None, metavar="SIZE",
                    help="memory the running d×d float64 sums may take at once, e.g. 16GiB; past it the "
                         "modules are split into groups and the data is run once per group (default: no limit)")
@@ -82,7 +85,7 @@ def _collect_options(args: argparse.Namespace) -> Any:
     return CollectOptions(max_examples=args.max_examples, max_length=args.max_length, batch_size=args.batch_size,
                           text_field=args.text_field, device=args.device, dtype=args.dtype,
                           max_memory=args.max_memory, offload_dir=args.offload_dir, stats_dir=args.stats_dir,
-                          stats_on_cpu=args.stats_on_cpu,
+                          stats_on_cpu=args.stats_on_cpu, backbone=args.backbone,
                           stats_memory=parse_size(args.stats_memory) if args.stats_memory else None)
 
 

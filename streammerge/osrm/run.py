@@ -77,6 +77,9 @@ class CollectOptions:
         offload_dir: where offloaded layers go (default: <stats dir>/offload).
         stats_dir: the statistics cache (default: <out>/.osrm_stats).
         stats_on_cpu: keep the running sums in host RAM instead of on the GPU.
+        backbone: run (and name modules after) the bare transformers ``AutoModel`` instead of
+            ``AutoModelForCausalLM``: for adapters trained on the backbone alone, e.g. with
+            task heads kept outside the adapter (module names then lack the ``model.`` prefix).
         stats_memory: bytes the running sums may take at once; when all target modules'
             ``d×d`` float64 sums exceed it, the modules are split into groups and the task data
             is run once per group (None: one pass for all modules).
@@ -93,6 +96,7 @@ class CollectOptions:
     stats_dir: str | None = None
     stats_on_cpu: bool = False
     stats_memory: int | None = None
+    backbone: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def gather_stats(base: Path, tasks: Mapping[str, Path], modules: Sequence[str], 
     if missing:
         max_memory = parse_max_memory(opts.max_memory) if opts.max_memory else None
         offload = Path(opts.offload_dir) if opts.offload_dir else stats_dir / "offload"
-        model = load_model(base, device, dtype, max_memory, offload if max_memory else None)
+        model = load_model(base, device, dtype, max_memory, offload if max_memory else None, opts.backbone)
         tokenizer = None
         if any(needs_tokenizer(path, opts.text_field, opts.max_examples) for _t, path, _f, _c in missing):
             tokenizer = load_tokenizer(base)
@@ -318,7 +322,7 @@ def osrm_init(base: str | Path, tasks: Mapping[str, str | Path], out: str | Path
     unknown = [t for t in chosen if t not in task_paths]
     if unknown:
         raise InputError(f"--only names {unknown}, which are not among the tasks {list(task_paths)}")
-    meta = meta_model(base)
+    meta = meta_model(base, opts.backbone)
     infos = resolve_target_modules(meta, target_modules)
     task_type = "CAUSAL_LM" if type(meta).__name__.endswith("ForCausalLM") else None
     del meta
@@ -390,7 +394,7 @@ def osrm_project(adapter: str | Path, base: str | Path, tasks: Mapping[str, str 
         raise InputError("osrm-project needs data of at least one task other than the adapter's own")
     if out.resolve() == adapter.resolve():
         raise InputError(f"the output {str(out)!r} is the input adapter; write the projection to a new directory")
-    meta = meta_model(base)
+    meta = meta_model(base, opts.backbone)
     names = {n for n, _ in meta.named_parameters(remove_duplicate=False)}
     problems: list[str] = []
     parsed = load_lora_adapter(adapter, names, problems)
