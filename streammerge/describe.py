@@ -1,8 +1,11 @@
 """What a plan will do, in words: what is read, merged, copied and written, and what it costs.
 
-The time estimate is deliberately rough: bytes moved at disk speed plus merge work at a
-compute rate, with constants measured on the 2-core CI machine (CPU worker, page cache warm,
-see ``benchmarks/``); a GPU worker or a cold disk changes it by several times either way.
+The time estimate is deliberately rough: bytes moved at disk speed, merge arithmetic at a
+per-element rate, and for iterative methods (a ``steps`` parameter, e.g. DO-Merging's
+orthogonalization) a cost per step per merged matrix.  The constants come from one run on the
+shared 2-core CPU VM under load (``tools/synthetic.py`` preset ``small``, 3 rank-16 adapters,
+2026-11-22: task_arithmetic 2.7 s, ties 26.5 s, do_merging 260 s); a GPU worker, an idle
+machine or a cold disk changes the answer by several times either way.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ __all__ = ["describe_plan", "estimate_seconds", "free_disk_bytes"]
 
 READ_BYTES_PER_S = 1.0e9
 WRITE_BYTES_PER_S = 0.6e9
-# fp32 elements of merged tensors processed per second: low-rank methods (one GEMM per block)
-# and dense methods (a dense delta per input, sorts/SVDs), CPU worker.
-LOW_RANK_ELEMENTS_PER_S = 1.5e8
-DENSE_ELEMENTS_PER_S = 2.0e7
+# fp32 elements of merged tensors per second: low-rank methods (one GEMM per row block) and
+# dense methods (per input: a dense delta, sorts, elections), CPU worker.
+LOW_RANK_ELEMENTS_PER_S = 1.0e7
+DENSE_ELEMENTS_PER_S = 2.7e6
+# Iterative methods: seconds per optimisation step per merged matrix (small ops, overhead-bound).
+SECONDS_PER_STEP = 0.023
 
 
 def _size(n: float) -> str:
@@ -41,14 +46,20 @@ def _elements(shape: tuple[int, ...]) -> int:
 def estimate_seconds(plan: MergePlan) -> float:
     """Rough wall time of the job (see the module docstring for what it assumes)."""
     method = get_method(plan.recipe.method)
+    params = dict(plan.method_params)
     jobs = [t for s in plan.shards for t in s.tensors]
     read = sum(t.out_bytes if t.is_copy else _elements(t.shape) * 2 for t in jobs)
     read += sum(s.bytes_read for s in plan.inputs)
     merged = [t for t in jobs if t.contributions]
-    rate = DENSE_ELEMENTS_PER_S if method.dense_inputs else LOW_RANK_ELEMENTS_PER_S
-    work = sum(_elements(t.shape) * (len({c.input_index for c in t.contributions}) if method.dense_inputs else 1)
-               for t in merged)
-    return read / READ_BYTES_PER_S + plan.output_bytes / WRITE_BYTES_PER_S + work / rate
+    if method.dense_inputs:
+        work = sum(_elements(t.shape) * len({c.input_index for c in t.contributions}) for t in merged)
+        seconds = work / DENSE_ELEMENTS_PER_S
+    else:
+        seconds = sum(_elements(t.shape) for t in merged) / LOW_RANK_ELEMENTS_PER_S
+    if isinstance(params.get("steps"), int) and params.get("orthogonalize", True):
+        matrices = sum(1 for t in merged if len(t.shape) == 2 and len({c.input_index for c in t.contributions}) > 1)
+        seconds += matrices * params["steps"] * SECONDS_PER_STEP
+    return seconds + read / READ_BYTES_PER_S + plan.output_bytes / WRITE_BYTES_PER_S
 
 
 def free_disk_bytes(path: str | Path) -> int:
