@@ -35,7 +35,7 @@ def test_merge_writes_a_complete_hf_directory(world, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["README.md", "config.json", "generation_config.json", "model-00001-of-00003.safetensors",
                      "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
-                     "model.safetensors.index.json", "streammerge_recipe.json"]
+                     "model.safetensors.index.json", "streammerge_journal.jsonl", "streammerge_recipe.json"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     base_index = json.loads((world["base"] / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == base_index["weight_map"]
