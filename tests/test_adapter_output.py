@@ -218,3 +218,9 @@ def test_lora_bias_becomes_lora_b_bias(tmp_path):
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"].abs().sum() > 0
     assert tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.bias"].abs().sum() == 0  # no bias change
     _assert_adapter_equals_full(world, full, adapter)
+
+
+@pytest.mark.parametrize("method", ["linear", "knots", "tsv"])
+def test_other_low_rank_methods_are_exact_too(world, tmp_path, method):
+    full, adapter = _both(world, tmp_path, _recipe(world, ["a1", "a2"], weights=[1.0, 0.5], method=method))
+    _assert_adapter_equals_full(world, full, adapter, tol=1e-4)
