@@ -1,0 +1,282 @@
+"""Merge the task adapters through the real product CLI and evaluate every task on the merged
+backbone with its own head; print paper-style markdown tables.
+
+Every merge is ``python -m streammerge merge --base MODEL --adapter A1 ... --method M
+--param k=v ... --out DIR`` in a child process (one BLAS thread); the merged directory is
+loaded with transformers, the pooled features of all evaluation texts are computed once (the
+tasks share many synopses) and every task's head scores its own split. Results accumulate in
+``<cache>/merge_results.json`` keyed by (configuration, λ); a key already there is not redone,
+so the script can be interrupted and re-run, and ``--report`` alone only prints the tables.
+
+λ is chosen on the validation split only: ``--lambdas`` lists the values to try there;
+``--select`` then merges each configuration again at its best validation λ and evaluates it on
+test. Test numbers are also reported at each method's default λ.
+
+    .venv/bin/python benchmarks/quality/run_merges.py --configs ta,do --lambdas default --splits validation,test
+    .venv/bin/python benchmarks/quality/run_merges.py --configs ta,do --lambdas 0.5,0.75,1.25 --splits validation --select
+    .venv/bin/python benchmarks/quality/run_merges.py --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, MODEL_SUBDIR, REPO, accuracy,  # noqa: E402
+                    features, load_backbone, load_head, load_task, load_tokenizer, set_threads, write_json)
+from train import MAX_LEN, RESULTS  # noqa: E402
+
+MERGE_RESULTS = "merge_results.json"
+DEFAULT = "default"
+
+# name -> (method, fixed params, name of its scale parameter, its default value)
+CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
+    "ta": ("task_arithmetic", {}, "lambda", 1.0),
+    "do": ("do_merging", {}, "lambda", 1.0),
+    "do_ortho_only": ("do_merging", {"decouple": "false"}, "lambda", 1.0),
+    "do_decouple_only": ("do_merging", {"orthogonalize": "false"}, "lambda", 1.0),
+    "do_col": ("do_merging", {"norm_axis": "col"}, "lambda", 1.0),
+    "do_matrix": ("do_merging", {"norm_axis": "matrix"}, "lambda", 1.0),
+    "do_mean": ("do_merging", {"direction_reduce": "mean"}, "lambda", 1.0),
+    "linear": ("linear", {}, "", 1.0),
+    "ties": ("ties", {}, "lambda", 1.0),
+    "ties_do": ("ties", {"orthogonalize": "true", "decouple": "true"}, "lambda", 1.0),
+    "dare_ties": ("dare_ties", {}, "lambda", 1.0),
+    "breadcrumbs": ("breadcrumbs", {}, "lambda", 1.0),
+    "knots": ("knots", {}, "lambda", 0.5),
+    "tsv": ("tsv", {}, "alpha", 1.0),
+}
+LABELS = {
+    "ta": "Task Arithmetic", "do": "DO-Merging", "do_ortho_only": "orthogonalize only",
+    "do_decouple_only": "decouple only", "do_col": "DO-Merging, norm_axis=col",
+    "do_matrix": "DO-Merging, norm_axis=matrix", "do_mean": "DO-Merging, direction_reduce=mean",
+    "linear": "Linear (average)", "ties": "TIES", "ties_do": "TIES + DO components", "dare_ties": "DARE-TIES",
+    "breadcrumbs": "Breadcrumbs", "knots": "KnOTS-TIES", "tsv": "TSV-M",
+}
+
+
+def extra_param(text: str) -> tuple[str, str, dict[str, str]]:
+    """``name=method:k=v,k=v`` on the command line: an ad-hoc configuration (for investigations)."""
+    name, _, rest = text.partition("=")
+    method, _, kvs = rest.partition(":")
+    params = dict(kv.split("=", 1) for kv in kvs.split(",") if kv)
+    return name, method, params
+
+
+def lam_key(lam: str | float) -> str:
+    return DEFAULT if lam == DEFAULT else f"{float(lam):g}"
+
+
+def merge_command(cache: Path, tasks: list[str], config: str, lam: str, out: Path) -> list[str]:
+    method, params, scale_name, _ = CONFIGS[config]
+    cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(cache / MODEL_SUBDIR)]
+    for task in tasks:
+        cmd += ["--adapter", str(cache / ADAPTERS_SUBDIR / task)]
+    cmd += ["--method", method]
+    all_params = dict(params)
+    if lam != DEFAULT:
+        all_params[scale_name] = lam
+    for k, v in all_params.items():
+        cmd += ["--param", f"{k}={v}"]
+    return cmd + ["--device", "cpu", "--no-progress", "--out", str(out)]
+
+
+def run_merge(cmd: list[str], log: Path) -> tuple[dict[str, Any], float]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.time() - t0
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(" ".join(cmd) + "\n\n" + proc.stderr + "\n" + proc.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"merge failed (exit {proc.returncode}), see {log}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout), seconds
+
+
+def evaluate(model_dir: Path, cache: Path, tasks: list[str], splits: list[str], tok: Any,
+             data: dict[str, dict], heads: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
+    """Accuracy per split per task; features of each distinct text computed once."""
+    backbone = load_backbone(model_dir)
+    texts = sorted({r["text"] for t in tasks for s in splits for r in data[t][s]})
+    feats = features(backbone, tok, texts, MAX_LEN)
+    row = {t: i for i, t in enumerate(texts)}
+    out: dict[str, dict[str, float]] = {}
+    for split in splits:
+        out[split] = {}
+        for t in tasks:
+            idx = torch.tensor([row[r["text"]] for r in data[t][split]])
+            out[split][t] = accuracy(heads[t], feats[idx], [r["label"] for r in data[t][split]])
+    return out
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def best_lambda(results: dict, config: str) -> str | None:
+    """The λ with the highest validation average among those evaluated (ties: the smaller λ)."""
+    base = config.split("@")[0]
+    cands = [(mean(list(v["validation"].values())), -lam_value(base, k.split("|")[1]), k.split("|")[1])
+             for k, v in results.items() if k.split("|")[0] == config and "validation" in v]
+    if not cands:
+        return None
+    _, _, lam = max(cands)
+    return lam
+
+
+def lam_value(config: str, lam: str) -> float:
+    return CONFIGS[config][3] if lam == DEFAULT else float(lam)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--configs", default="", help=f"comma-separated, from: {','.join(CONFIGS)}")
+    ap.add_argument("--config", action="append", default=[], type=extra_param, metavar="NAME=METHOD:K=V,...",
+                    help="an extra configuration, e.g. do_mu0.1=do_merging:mu=0.1 (repeatable)")
+    ap.add_argument("--lambdas", default=DEFAULT, help="comma-separated λ values and/or 'default'")
+    ap.add_argument("--splits", default="validation,test")
+    ap.add_argument("--select", action="store_true",
+                    help="also merge each config at its best validation λ and evaluate on test")
+    ap.add_argument("--keep", action="store_true", help="keep the merged model directories")
+    ap.add_argument("--report", action="store_true", help="print the tables of all results so far")
+    ap.add_argument("--tasks", help="merge only these tasks' adapters (default: all trained); "
+                    "a subset gets its own result keys")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    for name, method, params in args.config:
+        CONFIGS[name] = (method, params, "alpha" if method == "tsv" else "lambda", 0.5 if method == "knots" else 1.0)
+        LABELS[name] = name
+    train_results = json.loads((args.cache / RESULTS).read_text())
+    tasks = sorted(args.tasks.split(",")) if args.tasks else sorted(train_results)
+    subset = "" if tasks == sorted(train_results) else "@" + "+".join(tasks)
+    results_path = args.cache / MERGE_RESULTS
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    configs = [c for c in args.configs.split(",") if c] + [n for n, _, _ in args.config]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configs {unknown}; choose from {list(CONFIGS)}")
+
+    jobs: list[tuple[str, str, list[str]]] = []
+    for config in configs:
+        for lam in args.lambdas.split(","):
+            jobs.append((config, lam_key(lam.strip()), args.splits.split(",")))
+    if jobs or args.select:
+        tok = load_tokenizer(args.cache / MODEL_SUBDIR)
+        data = {t: load_task(args.cache, t) for t in tasks}
+        heads = {t: load_head(args.cache / HEADS_SUBDIR / f"{t}.safetensors") for t in tasks}
+
+    def do_job(config: str, lam: str, splits: list[str]) -> None:
+        key = f"{config}{subset}|{lam}"
+        have = results.get(key, {})
+        todo = [s for s in splits if s not in have]
+        if not todo:
+            return
+        out = args.cache / "merged" / key.replace("|", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = merge_command(args.cache, tasks, config, lam, out)
+        summary, merge_s = run_merge(cmd, args.cache / "logs" / f"merge_{key.replace('|', '_')}.log")
+        t0 = time.time()
+        acc = evaluate(out, args.cache, tasks, todo, tok, data, heads)
+        eval_s = time.time() - t0
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        entry = results.setdefault(key, {})
+        entry.update(acc)
+        entry.setdefault("seconds", {}).update({"merge_wall": round(merge_s, 1), "merge_engine": summary["seconds"],
+                                                f"eval_{'+'.join(todo)}": round(eval_s, 1)})
+        entry["command"] = " ".join(["python", "-m", "streammerge", *cmd[3:]]).replace(str(args.cache), "$CACHE")
+        entry["method_stats"] = summary.get("method_stats", {})
+        write_json(results_path, results)
+        line = " ".join(f"{s} avg {mean(list(acc[s].values())):.4f}" for s in todo)
+        print(f"{key:28s} {line} | merge {merge_s:.0f} s, eval {eval_s:.0f} s", flush=True)
+
+    for job in jobs:
+        do_job(*job)
+    if args.select:
+        for config in configs:
+            lam = best_lambda(results, config + subset)
+            if lam is not None:
+                do_job(config, lam, ["validation", "test"])
+    print_report({k: v for k, v in results.items() if "@" not in k}, train_results, sorted(train_results))
+
+
+# ---------------------------------------------------------------- tables
+
+def fmt(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
+    ind = {t: train_results[t]["individual"]["test"] for t in tasks}
+    probe = {t: train_results[t]["head_only"]["test"] for t in tasks}
+    head = "| method | λ | " + " | ".join(tasks) + " | avg | norm. acc |"
+    sep = "|---|---|" + "---|" * len(tasks) + "---|---|"
+
+    def row(label: str, lam: str, acc: dict[str, float]) -> str:
+        norm = mean([acc[t] / ind[t] for t in tasks])
+        return f"| {label} | {lam} | " + " | ".join(fmt(acc[t]) for t in tasks) + \
+            f" | **{fmt(mean(list(acc.values())))}** | {fmt(norm)} |"
+
+    print("\n### Test accuracy (%) per task; λ = method default, or best on validation (val)\n")
+    print(head + "\n" + sep)
+    print(row("Base + head only (lower bound)", "–", probe))
+    print(row("Individual LoRA (upper bound)", "–", ind))
+    seen = []
+    for key in results:
+        config = key.split("|")[0]
+        if config not in seen:
+            seen.append(config)
+    for config in seen:
+        d = results.get(f"{config}|{DEFAULT}")
+        if d and "test" in d:
+            print(row(LABELS.get(config, config), f"{lam_value(config, DEFAULT):g}", d["test"]))
+        best = best_lambda(results, config)
+        if best is not None and best != DEFAULT and "test" in results[f"{config}|{best}"]:
+            print(row(LABELS.get(config, config), f"{best} (val)", results[f"{config}|{best}"]["test"]))
+
+    print("\n### Validation average accuracy (%) per λ (selection split)\n")
+    lams = sorted({lam_value(k.split("|")[0], k.split("|")[1]) for k, v in results.items() if "validation" in v})
+    print("| method | " + " | ".join(f"{x:g}" for x in lams) + " |\n|---|" + "---|" * len(lams))
+    for config in seen:
+        cells = []
+        for x in lams:
+            v = next((mean(list(d["validation"].values())) for k, d in results.items()
+                      if k.split("|")[0] == config and "validation" in d and lam_value(config, k.split("|")[1]) == x),
+                     None)
+            cells.append("" if v is None else fmt(v))
+        print(f"| {LABELS.get(config, config)} | " + " | ".join(cells) + " |")
+
+    ablation = [("ta", "–", "–", "row"), ("do_ortho_only", "✓", "–", "row"), ("do_decouple_only", "–", "✓", "row"),
+                ("do", "✓", "✓", "row"), ("do_col", "✓", "✓", "col"), ("do_matrix", "✓", "✓", "matrix")]
+    if any(f"{c}|{DEFAULT}" in results for c, *_ in ablation):
+        print("\n### Ablation (test avg / normalized accuracy, %)\n")
+        print("| orthogonalize | decouple | norm axis | avg @ λ=1 | norm. @ λ=1 | best val λ | avg @ best | norm. @ best |")
+        print("|---|---|---|---|---|---|---|---|")
+        for config, o, dcp, axis in ablation:
+            d = results.get(f"{config}|{DEFAULT}")
+            if not d or "test" not in d:
+                continue
+            best = best_lambda(results, config)
+            b = results.get(f"{config}|{best}", {}) if best else {}
+            cells = [fmt(mean(list(d["test"].values()))), fmt(mean([d["test"][t] / ind[t] for t in tasks]))]
+            if "test" in b and best != DEFAULT:
+                cells += [best, fmt(mean(list(b["test"].values()))), fmt(mean([b["test"][t] / ind[t] for t in tasks]))]
+            else:
+                cells += ["–", "", ""]
+            print(f"| {o} | {dcp} | {axis} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
