@@ -191,6 +191,9 @@ def test_init_adapters_are_orthonormal_and_blind_to_other_tasks(world):
             else:
                 torch.testing.assert_close(value.double() @ value.double().T, torch.eye(RANK, dtype=torch.float64),
                                            atol=1e-6, rtol=0)
+        # q_proj and v_proj read the same tensor: one subspace, computed once
+        assert torch.equal(factors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"],
+                           factors["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"])
         others = [world["tasks"][t] for t in sorted(names - {task})]
         feats = _layer_inputs(world["base"], others, LAYER0)
         own = _layer_inputs(world["base"], [world["tasks"][task]], LAYER0)

@@ -350,18 +350,32 @@ def osrm_init(base: str | Path, tasks: Mapping[str, str | Path], out: str | Path
     return report
 
 
+def _same_inputs(a: Sequence[ModuleStats], b: Sequence[ModuleStats]) -> bool:
+    """Whether two modules saw identical inputs on every task (q/k/v, gate/up share theirs)."""
+    return all(x.count == y.count and torch.equal(x.sum_x, y.sum_x)
+               and (x.sum_xxT is None) == (y.sum_xxT is None)
+               and (x.sum_xxT is None or torch.equal(x.sum_xxT, y.sum_xxT)) for x, y in zip(a, b))
+
+
 def _init_factors(infos: Sequence[ModuleInfo], stats: Mapping[str, TaskStats], task: str, others: Sequence[str],
                   rank: int, variant: str, center: bool, device: torch.device,
                   save_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, Any] = {}
+    previous: tuple[list[ModuleStats], Subspace, dict[str, Any]] | None = None
     for info in infos:
         other = [_on(stats[o].modules[info.name], device) for o in others]
         own = _on(stats[task].modules[info.name], device)
-        sub = _subspace(variant, other, rank, center)
+        if previous is not None and _same_inputs(previous[0], [*other, own]):
+            # Modules fed the same tensor (adjacent in model order) get the same subspace: one eigh.
+            sub, report = previous[1], dict(previous[2])
+        else:
+            sub = _subspace(variant, other, rank, center)
+            report = _module_report(sub, other, own, variant, center)
+        previous = ([*other, own], sub, report)
         tensors[lora_key(info.name, "lora_A")] = sub.A.to("cpu", save_dtype)
         tensors[lora_key(info.name, "lora_B")] = torch.zeros(info.out_features, rank, dtype=save_dtype)
-        modules[info.name] = _module_report(sub, other, own, variant, center)
+        modules[info.name] = report
     return tensors, modules
 
 
