@@ -23,7 +23,7 @@ from .io.atomic import copy_file_atomic, write_bytes_atomic
 from .io.dtypes import DTYPES
 from .io.reader import CheckpointReader, open_checkpoint
 from .io.writer import ShardWriter, layout_shard, write_index
-from .journal import FileEntry, Journal, JobStart, ShardEntry, file_sha256, open_job
+from .journal import FileEntry, Journal, ShardEntry, file_sha256
 from .memory import PeakMemoryMonitor
 from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from .modelcard import render_model_card
@@ -32,6 +32,7 @@ from .names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, 
 from .pipeline import OrderedStage
 from .plan import Contribution, MergePlan, ShardJob, TensorJob
 from .preflight import check_finite_inputs, check_free_space
+from .resume import JobStart, open_job
 
 ProgressCallback = Callable[[str, int], None]
 # fp32 bytes of one row block of a merged tensor: bounds the working set of huge tensors.

@@ -136,8 +136,9 @@ def open_checkpoint(path: str | os.PathLike[str]) -> CheckpointLayout:
             "rename the single file to model.safetensors or add an index")
     if pickles:
         raise InputError(
-            f"{str(root)!r} holds only pickle weights {pickles[:5]}; streammerge reads safetensors only "
-            "(pickles can run code when loaded). Convert them to safetensors first.")
+            f"{str(root)!r} holds only pickle weights {pickles[:5]}; streammerge reads models as safetensors only "
+            "(a pickle can run code when loaded; --allow-pickle covers adapters only). Convert the model first, "
+            "e.g. with transformers: from_pretrained(...).save_pretrained(out, safe_serialization=True).")
     raise InputError(f"{str(root)!r} holds no model weights ({SINGLE_FILE_NAME!r} or {INDEX_NAME!r} expected)")
 
 
