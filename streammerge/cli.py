@@ -164,6 +164,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         "bytes_written": report.bytes_written, "shards": [r.file_name for r in report.shards],
         "resumed_shards": report.resumed_shards, "already_complete": report.already_complete,
     }
+    if report.peak_gpu_bytes:
+        summary["peak_gpu_mib"] = round(report.peak_gpu_bytes / 2**20, 1)
     if report.stats:
         summary["method_stats"] = stats_summary(report.stats)
     print(json.dumps(summary, indent=2))

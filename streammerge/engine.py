@@ -29,14 +29,13 @@ from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskU
 from .modelcard import render_model_card
 from .names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
+from .budget import WRITE_QUEUE_DEPTH, rows_per_block, tensor_working_set
 from .pipeline import OrderedStage
 from .plan import Contribution, MergePlan, ShardJob, TensorJob
 from .preflight import check_finite_inputs, check_free_space
 from .resume import JobStart, open_job
 
 ProgressCallback = Callable[[str, int], None]
-# fp32 bytes of one row block of a merged tensor: bounds the working set of huge tensors.
-DEFAULT_BLOCK_BYTES = 64 << 20
 
 
 @dataclass
@@ -60,6 +59,7 @@ class MergeReport:
     bytes_written: int = 0
     seconds: float = 0.0
     peak_rss: int = 0
+    peak_gpu_bytes: int = 0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     resumed_shards: int = 0
     """Shards an earlier, interrupted run had finished (verified and kept)."""
@@ -116,14 +116,21 @@ class TensorMerger:
 
     check_finite = True  # refuse input tensors holding NaN / Inf (run_plan's check_finite)
 
-    def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers,
-                 block_bytes: int | None = None) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device, readers: _Readers) -> None:
         self.plan = plan
-        self.device = device
+        self.main_device = device
+        self.device = device  # the device of the tensor being merged (see device_for)
         self.readers = readers
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
-        self.block_bytes = block_bytes or DEFAULT_BLOCK_BYTES
+
+    def device_for(self, job: TensorJob) -> torch.device:
+        """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
+        limit = self.plan.recipe.max_gpu_memory
+        if self.main_device.type != "cpu" and limit is not None:
+            if tensor_working_set(job, self.method)[0] > limit:
+                return torch.device("cpu")
+        return self.main_device
 
     def _load(self, file: str, key: str) -> torch.Tensor:
         tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
@@ -183,6 +190,7 @@ class TensorMerger:
             orientation when they were read (None otherwise), and whether the stored tensor is
             the transpose of the canonical one.
         """
+        self.device = self.device_for(job)
         transposed = any(c.transposed for c in job.contributions)
         canonical = tuple(reversed(job.shape)) if transposed else job.shape
         needs_values = self.method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions)
@@ -212,7 +220,7 @@ class TensorMerger:
         elif isinstance(update, DenseUpdate):
             delta = update.delta.T if transposed else update.delta
         stored = None if base is None else (base.T if transposed else base)
-        for start, stop in row_blocks(job.shape, self.block_bytes):
+        for start, stop in row_blocks(job.shape):
             if stored is not None:
                 block = stored[start:stop].clone() if job.shape else stored.clone()
             else:
@@ -227,16 +235,13 @@ class TensorMerger:
             del block
 
 
-def row_blocks(shape: tuple[int, ...], block_bytes: int) -> Iterator[tuple[int, int]]:
-    """Row ranges of a tensor such that one fp32 block stays near ``block_bytes`` (at least one row)."""
+def row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Row ranges of a tensor whose fp32 blocks stay near ``budget.BLOCK_BYTES`` (at least one row)."""
     if not shape:
         yield 0, 1
         return
     rows = shape[0]
-    row_numel = 1
-    for dim in shape[1:]:
-        row_numel *= dim
-    step = max(1, block_bytes // max(1, 4 * row_numel))
+    step = rows_per_block(shape)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
     if rows == 0:
@@ -269,8 +274,11 @@ def write_shard(shard_path: Path, jobs: tuple[TensorJob, ...], merger: TensorMer
     stage behind a bounded queue, so the disk stays busy while the next tensor is merged.
     """
     layout = layout_shard((t.name, t.out_dtype, t.shape) for t in jobs)
-    with ShardWriter(shard_path, layout) as writer, OrderedStage("streammerge-writer", max_pending=2) as stage:
-        for job in jobs:
+    with ShardWriter(shard_path, layout) as writer, \
+            OrderedStage("streammerge-writer", max_pending=WRITE_QUEUE_DEPTH) as stage:
+        for i, job in enumerate(jobs):
+            if i + 1 < len(jobs):  # ask the kernel to start reading the next tensor now
+                merger.readers.get(jobs[i + 1].source_file).prefetch(jobs[i + 1].source)
             if job.is_copy:
                 reader = merger.readers.get(job.source_file)
                 for start, stop in reader.byte_ranges(job.source):
@@ -401,12 +409,15 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
                 written.append(INDEX_NAME)
             report.seconds = time.perf_counter() - start
             report.peak_rss = monitor.peak_rss
+            if device.type == "cuda":
+                report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
             write_bytes_atomic(out_dir / RECIPE_NAME, recipe_record(plan))
             kill_point("file")
             write_bytes_atomic(out_dir / MODEL_CARD_NAME, render_model_card(plan, report).encode())
             kill_point("file")
             written += [RECIPE_NAME, MODEL_CARD_NAME]
-            journal.add_complete({n: FileEntry((out_dir / n).stat().st_size, file_sha256(out_dir / n)) for n in written})
+            journal.add_complete({n: FileEntry((out_dir / n).stat().st_size, file_sha256(out_dir / n))
+                                  for n in written})
         report.peak_rss = monitor.peak_rss
     finally:
         readers.close()

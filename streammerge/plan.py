@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters.lora import LoraAdapter, load_lora_adapter
+from .budget import budget_problems, estimate_memory
 from .errors import InputError, PlanError, StreamMergeError
 from .hub import Source, resolve_recipe_sources
 from .io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
@@ -28,8 +29,6 @@ from .recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
-# Interpreter, torch and bookkeeping, measured on CPU; added to the per-tensor working set.
-PROCESS_BASELINE_BYTES = 400 << 20
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class Contribution:
         scale: LoRA scaling s (folded into B), 1 otherwise.
         transposed: the stored tensor is (B A)ᵀ (fan_in_fan_out or embedding LoRA).
         weight: the input's user weight w_i on this tensor (per-layer / per-module recipe weights).
+        rank: the LoRA rank r (0 for dense contributions); sizes the memory estimate.
     """
 
     input_index: int
@@ -54,6 +54,7 @@ class Contribution:
     scale: float = 1.0
     transposed: bool = False
     weight: float = 1.0
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,7 @@ class MergePlan:
     def fingerprint(self) -> str:
         """SHA-256 of the plan's content: guards a resumed job against changed recipes or inputs."""
         doc = asdict(self)
-        doc["recipe"] = self.recipe.to_dict()
-        doc["recipe"].pop("device")
+        doc["recipe"] = self.recipe.fingerprint()  # without how-to-run fields (device, limits, out)
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -187,7 +187,8 @@ def read_config(root: Path) -> dict[str, Any]:
     architectures = doc.get("architectures")
     if architectures is not None and not (
             isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise InputError(f"{str(path)!r}: \"architectures\" must be a list of class names, found {architectures!r:.200}")
+        raise InputError(f"{str(path)!r}: \"architectures\" must be a list of class names, "
+                         f"found {architectures!r:.200}")
     return doc
 
 
@@ -266,7 +267,8 @@ class _Planner:
                     f"{m.target!r} has shape {list(self.base_shape(m.target))}")
                 continue
             ranks.append(m.rank)
-            self.add(m.target, Contribution(index, "lora", file, (m.a_key, m.b_key), m.scale, m.transposed))
+            self.add(m.target, Contribution(index, "lora", file, (m.a_key, m.b_key), m.scale, m.transposed,
+                                                  rank=m.rank))
         for t in adapter.tensors:
             info = header.tensors[t.key]
             if info.shape != self.base_shape(t.target):
@@ -397,7 +399,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                                       changed, ranks, read))
     problems += planner.problems
     if not planner.problems:
-        problems += _filter_problems(recipe, planner)
+        problems += _filter_problems(recipe, planner, {s.index for s in summaries})
     for target, contribs in planner.contributions.items():
         if len({c.transposed for c in contribs if c.kind == "lora"}) > 1:
             problems.append(f"inputs disagree on the orientation of {target!r} (fan_in_fan_out differs)")
@@ -416,6 +418,10 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_updates["torch_dtype"] = name
         if "dtype" in base_config:
             config_updates["dtype"] = name
+    memory = estimate_memory(jobs.values(), method)
+    problems = budget_problems(memory, recipe.max_memory)
+    if problems:
+        raise PlanError(problems)
     plan = MergePlan(
         recipe=recipe,
         method_params=tuple(sorted(method_params.items())),
@@ -424,7 +430,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         shards=shards,
         write_index=write_index,
         config_updates=tuple(sorted(config_updates.items())),
-        estimated_peak_bytes=estimate_peak_bytes(jobs.values(), method),
+        estimated_peak_bytes=memory.host_bytes,
         sources=sources,
     )
     if recipe.output_format == "adapter":
@@ -473,23 +479,3 @@ def _shard_map(base: CheckpointLayout, jobs: dict[str, TensorJob], max_shard_siz
     count = len(buckets)
     return tuple(ShardJob(SHARD_NAME_TEMPLATE.format(index=i + 1, count=count), in_file_order(b))
                  for i, b in enumerate(buckets)), True
-
-
-def estimate_peak_bytes(jobs: Any, method: MergeMethod) -> int:
-    """Predicted peak resident memory: the process baseline plus the largest tensor's working set.
-
-    A merged tensor of n elements needs its fp32 base (4n), the fp32 result (4n) and the
-    cast output; a dense method adds a per-input fp32 delta and an accumulator (8n);
-    copied tensors stream in fixed-size chunks.
-    """
-    worst = 0
-    for job in jobs:
-        if not job.contributions:
-            continue
-        n = 1
-        for d in job.shape:
-            n *= d
-        need = 8 * n + job.out_bytes + (8 * n if method.dense_inputs or any(
-            c.kind in ("full", "replacement") for c in job.contributions) else 0)
-        worst = max(worst, need)
-    return PROCESS_BASELINE_BYTES + worst

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streammerge import InputSpec, Recipe, build_plan, engine, run_plan
+from streammerge import InputSpec, Recipe, budget, build_plan, engine, run_plan
 from streammerge.methods import REGISTRY, LowRankUpdate, MergeInputs, apply_update
 from tests.helpers import load_adapter_file, read_model
 from tools.synthetic import PRESETS, write_adapter, write_model
@@ -62,8 +62,8 @@ def test_row_block_streaming_matches_whole_tensors(world, tmp_path, monkeypatch)
     base_dir, adapters = world
     recipe = Recipe(base=str(base_dir), inputs=tuple(InputSpec(str(a)) for a in adapters), device="cpu")
     run_plan(build_plan(recipe), tmp_path / "whole")
-    monkeypatch.setattr(engine, "DEFAULT_BLOCK_BYTES", 3 * 64 * 4)  # three rows of a 64-wide fp32 tensor
-    blocks = list(engine.row_blocks((128, 64), engine.DEFAULT_BLOCK_BYTES))
+    monkeypatch.setattr(budget, "BLOCK_BYTES", 3 * 64 * 4)  # three rows of a 64-wide fp32 tensor
+    blocks = list(engine.row_blocks((128, 64)))
     assert len(blocks) == 43 and blocks[-1] == (126, 128)
     calls = []
     read_rows = engine.CheckpointReader.read_rows
