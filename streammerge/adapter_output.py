@@ -42,7 +42,7 @@ from .names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MODEL_CARD_NAME, R
 from .plan import Contribution, MergePlan, TensorJob, read_config, resolve_dtype
 
 if TYPE_CHECKING:
-    from .engine import MergeReport, ProgressCallback
+    from .engine import MergeReport, ProgressCallback, TensorMerger
 
 __all__ = ["AdapterTarget", "adapter_targets", "adapter_problems", "describe_adapter_output", "factorize",
            "write_adapter_output"]
@@ -279,6 +279,67 @@ def _adapter_config(plan: MergePlan, base_config: dict[str, Any], ranks: dict[st
     }
 
 
+class _AdapterBuilder:
+    """Merges each target tensor and spools what the adapter holds; remembers what the config must say."""
+
+    def __init__(self, plan: MergePlan, targets: list[AdapterTarget], merger: TensorMerger, spool: _Spool,
+                 report: MergeReport) -> None:
+        self.plan, self.merger, self.spool, self.report = plan, merger, spool, report
+        self.targets = {t.tensor: t for t in targets}
+        self.dtype = DTYPES[_dtype(plan)].torch_dtype
+        self.module_jobs: dict[str, list[TensorJob]] = {}
+        for job in (t for s in plan.shards for t in s.tensors):
+            self.module_jobs.setdefault(_split(job.name)[0], []).append(job)
+        self.ranks: dict[str, int] = {}  # LoRA module -> rank written
+        self.d_out: dict[str, int] = {}
+        self.linear: set[str] = {t.module for t in targets if t.kind == "linear"}
+        self.biases: set[str] = set()
+        self.saved: set[str] = set()
+
+    def add(self, job: TensorJob) -> None:
+        target = self.targets.get(job.name)
+        if target is None:
+            return
+        if target.kind == "saved":
+            self._save_module(job, target)
+            return
+        result, _, transposed = self.merger.merge_update(job)
+        if result is None:  # every input equals the base here
+            return
+        stats = _write_target(self.spool, target, result.update, result.stats, transposed, self.plan.recipe.rank,
+                              self.dtype)
+        self.report.stats[job.name] = stats
+        self.report.tensors_merged += 1
+        if target.kind == "bias":
+            self.biases.add(target.module)
+        elif stats["adapter_rank"] > 0:
+            self.ranks[target.module] = int(stats["adapter_rank"])
+            self.d_out[target.module] = int(job.shape[1] if transposed else job.shape[0])
+
+    def _save_module(self, job: TensorJob, target: AdapterTarget) -> None:
+        self.report.tensors_merged += 1
+        if target.module in self.saved:
+            return
+        self.saved.add(target.module)  # modules_to_save holds every parameter of the module
+        for part in self.module_jobs[_split(job.name)[0]]:
+            blocks, stats = self.merger.merge(part)
+            self.spool.add(f"{PEFT_PREFIX}{target.module}.{_split(part.name)[1]}", _whole(blocks))
+            if stats:
+                self.report.stats[part.name] = stats
+
+    def finish(self) -> None:
+        """Check the collected modules; give every LoRA Linear a zero bias when lora_bias is on."""
+        if not self.ranks:
+            raise OutputError("the merged update is zero everywhere; there is no adapter to write")
+        orphans = sorted(self.biases - set(self.ranks))
+        if orphans:
+            raise OutputError(f"modules {orphans[:3]} change only their bias, which PEFT's lora_bias cannot hold "
+                              "without a LoRA weight; use --output-format model")
+        if self.biases:
+            for module in sorted((set(self.ranks) & self.linear) - self.biases):
+                self.spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", torch.zeros(self.d_out[module], dtype=self.dtype))
+
+
 def write_adapter_output(plan: MergePlan, out_dir: Path, device: torch.device,
                          progress: ProgressCallback | None = None) -> MergeReport:
     """Execute ``plan`` into ``out_dir`` as a PEFT adapter (the engine dispatches here)."""
@@ -291,61 +352,22 @@ def write_adapter_output(plan: MergePlan, out_dir: Path, device: torch.device,
         raise PlanError(problems)
     prepare_output_dir(out_dir)
     report = MergeReport(output_dir=out_dir, device=str(device))
-    torch_dtype = DTYPES[_dtype(plan)].torch_dtype
-    by_tensor = {t.tensor: t for t in targets}
-    jobs = [t for s in plan.shards for t in s.tensors]
-    module_jobs: dict[str, list[TensorJob]] = {}
-    for job in jobs:
-        module_jobs.setdefault(_split(job.name)[0], []).append(job)
-    ranks: dict[str, int] = {}
-    d_out: dict[str, int] = {}
-    biases: set[str] = set()
-    saved: set[str] = set()
     readers = _Readers()
     spool = _Spool(partial_path(out_dir / _SPOOL_NAME))
     start = time.perf_counter()
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
-            merger = TensorMerger(plan, device, readers)
-            for job in jobs:
-                target = by_tensor.get(job.name)
-                if target is not None and target.kind == "saved":
-                    if target.module not in saved:  # modules_to_save holds every parameter of the module
-                        saved.add(target.module)
-                        for part in module_jobs[_split(job.name)[0]]:
-                            blocks, stats = merger.merge(part)
-                            spool.add(f"{PEFT_PREFIX}{target.module}.{_split(part.name)[1]}", _whole(blocks))
-                            if stats:
-                                report.stats[part.name] = stats
-                    report.tensors_merged += 1
-                elif target is not None:
-                    result, _, transposed = merger.merge_update(job)
-                    if result is not None:
-                        report.stats[job.name] = _write_target(spool, target, result.update, result.stats,
-                                                               transposed, plan.recipe.rank, torch_dtype)
-                        if target.kind == "bias":
-                            biases.add(target.module)
-                        elif report.stats[job.name]["adapter_rank"] > 0:
-                            ranks[target.module] = int(report.stats[job.name]["adapter_rank"])
-                            d_out[target.module] = int(job.shape[1] if transposed else job.shape[0])
-                        report.tensors_merged += 1
+            builder = _AdapterBuilder(plan, targets, TensorMerger(plan, device, readers), spool, report)
+            for job in (t for s in plan.shards for t in s.tensors):
+                builder.add(job)
                 if progress is not None:
                     progress(job.name, job.out_bytes)
-            if not ranks:
-                raise OutputError("the merged update is zero everywhere; there is no adapter to write")
-            orphans = sorted(biases - set(ranks))
-            if orphans:
-                raise OutputError(f"modules {orphans[:3]} change only their bias, which PEFT's lora_bias cannot hold "
-                                  "without a LoRA weight; use --output-format model")
-            if biases:  # lora_bias gives every LoRA Linear a bias: zeros where the merge has none
-                for module in sorted(set(ranks) - biases):
-                    if by_kind(targets, module) == "linear":
-                        spool.add(f"{PEFT_PREFIX}{module}.lora_B.bias", torch.zeros(d_out[module], dtype=torch_dtype))
+            builder.finish()
             size, digest = spool.write(out_dir / ADAPTER_WEIGHTS_NAME)
             report.shards.append(ShardRecord(ADAPTER_WEIGHTS_NAME, size, digest))
             report.bytes_written = size
             fan = any(t.fan_in_fan_out for t in targets if t.kind == "linear")
-            config = _adapter_config(plan, base_config, ranks, saved, fan, bool(biases))
+            config = _adapter_config(plan, base_config, builder.ranks, builder.saved, fan, bool(builder.biases))
             write_bytes_atomic(out_dir / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
             report.seconds = time.perf_counter() - start
             report.peak_rss = monitor.peak_rss
@@ -356,10 +378,6 @@ def write_adapter_output(plan: MergePlan, out_dir: Path, device: torch.device,
         spool.close()
         readers.close()
     return report
-
-
-def by_kind(targets: list[AdapterTarget], module: str) -> str | None:
-    return next((t.kind for t in targets if t.module == module and t.kind != "bias"), None)
 
 
 def _write_target(spool: _Spool, target: AdapterTarget, update: TaskUpdate, stats: dict[str, float],
