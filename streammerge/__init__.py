@@ -6,7 +6,7 @@ from .engine import MergeReport, run_plan
 from .errors import StreamMergeError
 from .methods import REGISTRY as METHODS
 from .plan import MergePlan, build_plan
-from .recipe import InputSpec, Recipe
+from .recipe import InputSpec, Recipe, WeightOverride, load_recipe_file
 from .verify import Verification, verify_output
 
 __version__ = "0.1.0"
