@@ -31,8 +31,8 @@ from .io.atomic import write_bytes_atomic
 from .names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
                     JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY, JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY,
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
-                    JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY, JOURNAL_RECORD_KEY,
-                    JOURNAL_SHA256_KEY, JOURNAL_SHARD, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
+                    JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY,
+                    JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_SHARD, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
                     JOURNAL_VERSION_KEY)
 from .plan import MergePlan
 
@@ -244,8 +244,9 @@ def _is_job(rec: dict[str, Any]) -> bool:
     shards = rec.get(JOURNAL_SHARDS_KEY)
     files = rec.get(JOURNAL_FILES_KEY)
     return (rec.get(JOURNAL_RECORD_KEY) == JOURNAL_JOB and isinstance(shards, list) and isinstance(files, list)
-            and all(isinstance(s, dict) and isinstance(s.get(JOURNAL_FILE_KEY), str) and _is_size(s.get(JOURNAL_SIZE_KEY))
-                    for s in shards) and all(isinstance(f, str) for f in files))
+            and all(isinstance(s, dict) and isinstance(s.get(JOURNAL_FILE_KEY), str)
+                    and _is_size(s.get(JOURNAL_SIZE_KEY)) for s in shards)
+            and all(isinstance(f, str) for f in files))
 
 
 def _corrupt(path: Path, line: int, why: str) -> ResumeError:

@@ -5,8 +5,9 @@ allocation.
 Four generators: from a valid file with several dtypes (including sub-byte F4, a scalar and an
 empty tensor), flipped and overwritten header bytes plus truncation, header JSON with fields
 replaced by arbitrary JSON, and arbitrary length prefixes; and headers built to be plausible
-(known dtypes, small shapes, offsets in, near, across and between the data) over random bytes.  When a mutant is accepted, every tensor
-must lie inside the file and read back with its declared shape.
+(known dtypes, small shapes, offsets in, near, across and between the data) over random bytes.
+When a mutant is accepted, every tensor must lie inside the file and read back with its
+declared shape.
 """
 
 from __future__ import annotations

@@ -188,7 +188,8 @@ def test_symlinked_shard_inside_the_model_is_fine(world, tmp_path):
 def test_index_names_a_missing_shard_or_a_tensor_not_in_its_shard(capsys, world, tmp_path):
     base = copy_of(world, tmp_path / "missing", "base")
     edit_index(base, lambda m: m.update({Q0: "model-00009-of-00009.safetensors"}))
-    base_refused(capsys, world, tmp_path / "missing", base, "names 'model-00009-of-00009.safetensors', which does not exist")
+    base_refused(capsys, world, tmp_path / "missing", base,
+                 "names 'model-00009-of-00009.safetensors', which does not exist")
     base = copy_of(world, tmp_path / "moved", "base")
     edit_index(base, lambda m: m.update({Q0: "model-00003-of-00003.safetensors"}))
     base_refused(capsys, world, tmp_path / "moved", base,

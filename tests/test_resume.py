@@ -215,7 +215,8 @@ def test_changed_input_is_refused(world, out, tmp_path):
     shutil.copytree(adapter, saved)
     try:
         write_adapter(world["base"], adapter, rank=4, seed=99, b_std=0.05)  # same shapes, other weights
-        with pytest.raises(ResumeError, match=r"input 0 \(.*a1'\) changed since the job started \(its weights differ\)"):
+        with pytest.raises(ResumeError, match=r"input 0 \(.*a1'\) changed since the job started "
+                                              r"\(its weights differ\)"):
             run_plan(build_plan(world["recipe"]), out)
         write_adapter(world["base"], adapter, rank=8, seed=1, b_std=0.05)  # other shapes
         with pytest.raises(ResumeError, match=r"input 0 .* \(its tensor names, shapes or dtypes differ\)"):
