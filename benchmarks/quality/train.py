@@ -72,7 +72,7 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
     lora_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora_params, "lr": args.lr},
                              {"params": head.parameters(), "lr": args.head_lr}], weight_decay=0.0)
-    warmup = max(1, args.steps // 10)
+    warmup = max(1, args.steps // 6)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
     rows = list(data["train"])
@@ -92,6 +92,8 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if len(losses) % 10 == 0:
+            print(f"  step {len(losses)}: loss {sum(losses[-10:]) / 10:.3f}", flush=True)
     model.eval()
     return model, losses
 
@@ -100,9 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--tasks", help="comma-separated subset (default: all built tasks)")
-    ap.add_argument("--steps", type=int, default=60, help="optimizer steps per adapter")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per adapter")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (cosine, 10%% warm-up)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (cosine, 1/6 warm-up)")
     ap.add_argument("--head-lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
