@@ -41,6 +41,7 @@ DEFAULT = "default"
 
 # name -> (method, fixed params, name of its scale parameter, its default value)
 CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
+    "base": ("task_arithmetic", {"lambda": "0"}, "lambda", 0.0),
     "ta": ("task_arithmetic", {}, "lambda", 1.0),
     "do": ("do_merging", {}, "lambda", 1.0),
     "do_ortho_only": ("do_merging", {"decouple": "false"}, "lambda", 1.0),
@@ -57,6 +58,7 @@ CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
     "tsv": ("tsv", {}, "alpha", 1.0),
 }
 LABELS = {
+    "base": "No merge (base backbone, each task's trained head)",
     "ta": "Task Arithmetic", "do": "DO-Merging", "do_ortho_only": "orthogonalize only",
     "do_decouple_only": "decouple only", "do_col": "DO-Merging, norm_axis=col",
     "do_matrix": "DO-Merging, norm_axis=matrix", "do_mean": "DO-Merging, direction_reduce=mean",
@@ -104,18 +106,23 @@ def run_merge(cmd: list[str], log: Path) -> tuple[dict[str, Any], float]:
 
 
 def evaluate(model_dir: Path, cache: Path, tasks: list[str], splits: list[str], tok: Any,
-             data: dict[str, dict], heads: dict[str, torch.nn.Module]) -> dict[str, dict[str, float]]:
-    """Accuracy per split per task; features of each distinct text computed once."""
+             data: dict[str, dict], heads: dict[str, torch.nn.Module]) -> dict[str, dict[str, Any]]:
+    """Accuracy per split per task, plus ``correct``: per split and task a string of 0/1 per
+    example (for paired comparisons); features of each distinct text computed once."""
     backbone = load_backbone(model_dir)
     texts = sorted({r["text"] for t in tasks for s in splits for r in data[t][s]})
     feats = features(backbone, tok, texts, MAX_LEN)
     row = {t: i for i, t in enumerate(texts)}
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {"correct": {}}
     for split in splits:
-        out[split] = {}
+        out[split], out["correct"][split] = {}, {}
         for t in tasks:
             idx = torch.tensor([row[r["text"]] for r in data[t][split]])
-            out[split][t] = accuracy(heads[t], feats[idx], [r["label"] for r in data[t][split]])
+            labels = [r["label"] for r in data[t][split]]
+            out[split][t] = accuracy(heads[t], feats[idx], labels)
+            with torch.no_grad():
+                hit = heads[t](feats[idx]).argmax(-1) == torch.tensor(labels)
+            out["correct"][split][t] = "".join("1" if h else "0" for h in hit.tolist())
     return out
 
 
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--select", action="store_true",
                     help="also merge each config at its best validation λ and evaluate on test")
     ap.add_argument("--keep", action="store_true", help="keep the merged model directories")
+    ap.add_argument("--force", action="store_true", help="merge and evaluate again even if results exist")
     ap.add_argument("--report", action="store_true", help="print the tables of all results so far")
     ap.add_argument("--tasks", help="merge only these tasks' adapters (default: all trained); "
                     "a subset gets its own result keys")
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     def do_job(config: str, lam: str, splits: list[str]) -> None:
         key = f"{config}{subset}|{lam}"
         have = results.get(key, {})
-        todo = [s for s in splits if s not in have]
+        todo = [s for s in splits if s not in have or args.force]
         if not todo:
             return
         out = args.cache / "merged" / key.replace("|", "_")
@@ -192,8 +200,15 @@ def main(argv: list[str] | None = None) -> None:
         eval_s = time.time() - t0
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
+        # Another run_merges process may have added keys since we read the file: merge, not overwrite.
+        if results_path.exists():
+            for k, v in json.loads(results_path.read_text()).items():
+                results.setdefault(k, v)
         entry = results.setdefault(key, {})
+        correct = acc.pop("correct")
         entry.update(acc)
+        for split, per_task in correct.items():
+            entry.setdefault("correct", {})[split] = per_task
         entry.setdefault("seconds", {}).update({"merge_wall": round(merge_s, 1), "merge_engine": summary["seconds"],
                                                 f"eval_{'+'.join(todo)}": round(eval_s, 1)})
         entry["command"] = " ".join(["python", "-m", "streammerge", *cmd[3:]]).replace(str(args.cache), "$CACHE")
@@ -218,6 +233,21 @@ def fmt(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def paired_bootstrap(a: dict[str, str], b: dict[str, str], tasks: list[str], n: int = 4000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean over tasks of acc_a − acc_b and a 95% CI, resampling each task's examples (paired)."""
+    gen = torch.Generator().manual_seed(seed)
+    diffs = torch.zeros(n)
+    point = 0.0
+    for t in tasks:
+        d = torch.tensor([int(x) - int(y) for x, y in zip(a[t], b[t])], dtype=torch.float64)
+        point += float(d.mean()) / len(tasks)
+        idx = torch.randint(len(d), (n, len(d)), generator=gen)
+        diffs += d[idx].mean(1).float() / len(tasks)
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975])).tolist()
+    return point, lo, hi
+
+
 def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
     ind = {t: train_results[t]["individual"]["test"] for t in tasks}
     probe = {t: train_results[t]["head_only"]["test"] for t in tasks}
@@ -233,11 +263,7 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
     print(head + "\n" + sep)
     print(row("Base + head only (lower bound)", "–", probe))
     print(row("Individual LoRA (upper bound)", "–", ind))
-    seen = []
-    for key in results:
-        config = key.split("|")[0]
-        if config not in seen:
-            seen.append(config)
+    seen = [c for c in CONFIGS if any(k.split("|")[0] == c for k in results)]
     for config in seen:
         d = results.get(f"{config}|{DEFAULT}")
         if d and "test" in d:
@@ -257,6 +283,24 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
                      None)
             cells.append("" if v is None else fmt(v))
         print(f"| {LABELS.get(config, config)} | " + " | ".join(cells) + " |")
+
+    pairs = [(a, b) for a, b in (("do", "ta"), ("do_ortho_only", "ta"), ("do_decouple_only", "ta"), ("ta", "base"),
+                                 ("do", "base")) if a in seen and b in seen]
+    lines = []
+    for a, b in pairs:
+        for which in ("default", "best"):
+            la = DEFAULT if which == "default" else best_lambda(results, a)
+            lb = DEFAULT if which == "default" else best_lambda(results, b)
+            ra, rb = results.get(f"{a}|{la}", {}), results.get(f"{b}|{lb}", {})
+            if "test" not in ra.get("correct", {}) or "test" not in rb.get("correct", {}):
+                continue
+            d, lo, hi = paired_bootstrap(ra["correct"]["test"], rb["correct"]["test"], tasks)
+            lam_txt = "default" if which == "default" else f"{lam_value(a, la):g} vs {lam_value(b, lb):g} (val)"
+            lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | {lam_txt} | {100 * d:+.2f} | "
+                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+    if lines:
+        print("\n### Paired differences on test (avg accuracy, points; 95% bootstrap CI over examples)\n")
+        print("| comparison | λ | Δ avg | 95% CI |\n|---|---|---|---|\n" + "\n".join(dict.fromkeys(lines)))
 
     ablation = [("ta", "–", "–", "row"), ("do_ortho_only", "✓", "–", "row"), ("do_decouple_only", "–", "✓", "row"),
                 ("do", "✓", "✓", "row"), ("do_col", "✓", "✓", "col"), ("do_matrix", "✓", "✓", "matrix")]
