@@ -50,21 +50,41 @@ def ref_decouple(deltas: Sequence[torch.Tensor], axis: str, reduce: str = "sum",
     return lam * torch.stack(mags).mean(0) * total
 
 
-def ref_orthogonalize(mats: Sequence[torch.Tensor], steps: int, lr: float = 1e-3, mu: float = 1.0) -> list[torch.Tensor]:
-    """Autograd + torch.optim.Adam on the spec's loss, δ_i = P_i · rms(X_i) (the documented lr units)."""
+def ref_orthogonalize(mats: Sequence[torch.Tensor], steps: int, lr: float = 1e-3, mu: float = 1.0,
+                      search_space: str = "rowspace") -> list[torch.Tensor]:
+    """Autograd + torch.optim.Adam on the spec's loss.
+
+    ``full``: δ_i = P_i · rms(X_i) (the documented lr units).  ``rowspace``: δ_i = Z_i Vᵀ · u_i with
+    Vᵀ from the thin SVD of the stacked, Frobenius-normalised factors and u_i = ‖X_i‖/√(r_i·Σr).
+    """
     norms = [m.norm() for m in mats]
-    rms = [m.norm() / math.sqrt(m.numel()) for m in mats]
-    ps = [torch.zeros_like(m, requires_grad=True) for m in mats]
+    if search_space == "full":
+        basis = [None] * len(mats)
+        rms = [m.norm() / math.sqrt(m.numel()) for m in mats]
+        ps = [torch.zeros_like(m, requires_grad=True) for m in mats]
+    else:
+        vt = torch.linalg.svd(torch.cat([m / m.norm() for m in mats]), full_matrices=False).Vh
+        total = vt.shape[0]
+        basis = [vt] * len(mats)
+        rms = [m.norm() / math.sqrt(m.shape[0] * total) for m in mats]
+        ps = [torch.zeros(m.shape[0], total, requires_grad=True) for m in mats]
     opt = torch.optim.Adam(ps, lr=lr, eps=1e-12)
+
+    def delta(p: torch.Tensor, unit: torch.Tensor, qt: torch.Tensor | None) -> torch.Tensor:
+        return (p if qt is None else p @ qt) * unit
+
+    def perturbed(m: torch.Tensor, p: torch.Tensor, unit: torch.Tensor, qt: torch.Tensor | None) -> torch.Tensor:
+        return m + delta(p, unit, qt)
+
     for _ in range(steps):
         opt.zero_grad()
-        x = [m + p * r for m, p, r in zip(mats, ps, rms)]
+        x = [perturbed(m, p, r, qt) for m, p, r, qt in zip(mats, ps, rms, basis)]
         loss = sum(((x[i] @ x[j].T).square().sum() / (norms[i] ** 2 * norms[j] ** 2))
                    for i in range(len(x)) for j in range(len(x)) if i != j)
-        loss = loss + mu * sum((p * r).square().sum() / n ** 2 for p, r, n in zip(ps, rms, norms))
+        loss = loss + mu * sum(delta(p, r, qt).square().sum() / n ** 2 for p, r, qt, n in zip(ps, rms, basis, norms))
         loss.backward()
         opt.step()
-    return [(m + p * r).detach() for m, p, r in zip(mats, ps, rms)]
+    return [perturbed(m, p, r, qt).detach() for m, p, r, qt in zip(mats, ps, rms, basis)]
 
 
 def cross_gram(mats: Sequence[torch.Tensor]) -> float:
@@ -159,11 +179,28 @@ def overlapping_loras(d_out: int = 20, d_in: int = 48, ranks: Sequence[int] = (4
     return out
 
 
-def test_adam_descent_equals_autograd_reference() -> None:
+@pytest.mark.parametrize("search_space", ["rowspace", "full"])
+def test_adam_descent_equals_autograd_reference(search_space: str) -> None:
     mats = [u.down for u in overlapping_loras()]
-    side = orthogonalize_rows(mats, OrthoSettings(steps=60, lr=3e-3, mu=0.5))
-    for got, want in zip(side.factors, ref_orthogonalize(mats, steps=60, lr=3e-3, mu=0.5)):
+    side = orthogonalize_rows(mats, OrthoSettings(steps=60, lr=3e-3, mu=0.5, search_space=search_space))
+    for got, want in zip(side.factors, ref_orthogonalize(mats, steps=60, lr=3e-3, mu=0.5, search_space=search_space)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_rowspace_search_stays_in_the_row_span_and_matches_full_search_loss() -> None:
+    mats = [u.down for u in overlapping_loras(d_in=200, shared=0.3)]
+    stacked = torch.cat(mats)
+    projector = torch.linalg.pinv(stacked) @ stacked  # onto the row span, [d, d]
+    results = {space: orthogonalize_rows(mats, OrthoSettings(search_space=space)) for space in ("rowspace", "full")}
+    for got, x in zip(results["rowspace"].factors, mats):
+        delta = got - x
+        torch.testing.assert_close(delta @ projector, delta, rtol=1e-4, atol=1e-6)
+    # A full-space δ leaves the span (Adam's per-element scaling), which only costs penalty.
+    leaks = [float((f - x - (f - x) @ projector).norm() / (f - x).norm()) for f, x in zip(results["full"].factors, mats)]
+    assert max(leaks) > 0.1
+    after = {space: r.cross_after for space, r in results.items()}
+    assert after["rowspace"] < 0.9 * results["rowspace"].cross_before
+    assert after["rowspace"] == pytest.approx(after["full"], rel=0.15)
 
 
 @pytest.mark.parametrize("axis", ["row", "col", "matrix"])

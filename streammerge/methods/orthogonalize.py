@@ -14,6 +14,23 @@ shape, so ``lr · steps = 1e-3 · 200 = 0.2`` matches the default ``max_delta``.
 "lr on δ/‖X_i‖" would move ``‖δ‖/‖X‖`` by ``lr·√numel`` per step: 0.25 for a 16×4096 A.)
 The gradient is analytic (``∂L/∂X = 4 C X``, C = off-diagonal blocks of ``X Xᵀ``), so this
 runs under ``torch.inference_mode`` and on any device.
+
+Where δ is searched (``search_space``):
+
+* ``rowspace`` (default): δ lies in the span of the stacked factors' rows.  With the thin SVD
+  ``X = U Σ Vᵀ`` (``Vᵀ``: ``[Σr, d]``, orthonormal rows) we write ``X = (UΣ) Vᵀ`` and ``δ = Z Vᵀ``;
+  Grams and norms are unchanged by ``Vᵀ``, so Adam runs on the ``[Σr, Σr]`` matrix ``Z`` and each
+  step costs ``Σr³`` instead of ``Σr²·d``: 10–40× faster at d = 4096–14336.  The gradient
+  ``4 C X`` always lies in that span, so no descent direction is lost; only Adam's per-element
+  scaling differs (its units are ``1/√(r_i·Σr)`` of ``‖X_i‖``, so ``lr`` keeps its meaning: one
+  step moves ``‖δ_i‖/‖X_i‖`` by at most about ``lr``).  The principal axes do not depend on the
+  order of the tasks (a QR basis would, and would hand Adam structural zeros that its
+  per-element normalisation blows up from rounding noise to full steps).
+* ``full``: δ anywhere in ``[r_i, d]`` (the literal reading); Adam's per-element normalisation
+  also moves δ out of the row span, which costs penalty and does not reduce the cross terms.
+
+Measured (benchmarks/README.md, "DO-Merging orthogonalization"): the final loss of the two is
+within a few percent on random and overlapping factors; row-space is never slower.
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ __all__ = ["ON_MAX_DELTA", "ORTHOGONALIZE_PARAMS", "OrthoSettings", "SideResult"
            "orthogonalize_updates", "switch"]
 
 ON_MAX_DELTA = ("warn_skip", "clip", "error")
+SEARCH_SPACES = ("rowspace", "full")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-12
 """Far below torch's 1e-8: normalised gradients of nearly orthogonal factors are ~1e-7."""
@@ -47,6 +65,9 @@ ORTHOGONALIZE_PARAMS: tuple[Param, ...] = (
           "when max_delta is exceeded: warn_skip (warn, keep that side's factors unchanged), "
           "clip (shrink δ_i to the bound) or error", choices=ON_MAX_DELTA),
     Param("svd_rank", int, 64, "rank k of the SVD factors orthogonalized for full fine-tunes", minimum=1),
+    Param("search_space", str, "rowspace",
+          "where δ is searched: rowspace (the span of the tasks' factor rows; Σr×Σr work per Adam step) "
+          "or full (all of [r, d], the literal reading; d/Σr times the work)", choices=SEARCH_SPACES),
 )
 
 
@@ -65,6 +86,7 @@ class OrthoSettings:
     max_delta: float = 0.2
     on_max_delta: str = "warn_skip"
     svd_rank: int = 64
+    search_space: str = "rowspace"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> OrthoSettings:
@@ -89,7 +111,7 @@ def _cross_norm(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
-    """Adam on ``P`` for ``X = x0 + P·scale`` (``scale`` = 1/√numel per row); returns ``P``."""
+    """Adam on ``P`` for ``X = x0 + P·scale`` (``scale``: the per-row unit of P); returns ``P``."""
     b1, b2 = ADAM_BETAS
     p = torch.zeros_like(x0)
     m = torch.zeros_like(x0)
@@ -104,6 +126,18 @@ def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSet
         denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(ADAM_EPS)
         p.addcdiv_(m, denom, value=-s.lr / (1 - b1 ** t))
     return p
+
+
+def _search(x0: torch.Tensor, ranks: Sequence[int], rms_units: torch.Tensor, owner: torch.Tensor,
+            mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
+    """Run Adam in the chosen search space; returns δ stacked ``[Σr, d]`` in units of ``‖X_i‖``."""
+    n, d = x0.shape
+    if s.search_space == "full" or n >= d:  # n ≥ d: the row span may be all of R^d already
+        return _adam(x0, rms_units[owner][:, None], mask, s).mul_(rms_units[owner][:, None])
+    u, sigma, basis = torch.linalg.svd(x0, full_matrices=False)  # x0 = (u σ) basis, basis: [n, d]
+    units = torch.tensor([1 / math.sqrt(rank * n) for rank in ranks], device=x0.device)[owner][:, None]
+    z = _adam(u * sigma, units, mask, s)
+    return (z * units) @ basis
 
 
 def _enforce_bound(side: str, name: str, ratios: torch.Tensor, s: OrthoSettings) -> bool:
@@ -150,23 +184,22 @@ def orthogonalize_rows(mats: Sequence[torch.Tensor], settings: OrthoSettings, si
     owner = torch.repeat_interleave(torch.arange(len(active), device=device),
                                     torch.tensor(ranks, device=device))
     rms_units = torch.tensor([1 / math.sqrt(mats[i].numel()) for i in active], device=device)
-    scale = rms_units[owner][:, None]
     mask = 1 - torch.block_diag(*[torch.ones(r, r, device=device) for r in ranks])
     before = _cross_norm(x0, mask)
 
-    p = _adam(x0, scale, mask, settings)
-    ratios = torch.zeros(len(active), device=device).index_add_(0, owner, (p * scale).square().sum(1)).sqrt_()
+    delta = _search(x0, ranks, rms_units, owner, mask, settings)  # δ_i / ‖X_i‖, stacked
+    ratios = torch.zeros(len(active), device=device).index_add_(0, owner, delta.square().sum(1)).sqrt_()
     delta_max = float(ratios.max())
     if _enforce_bound(side, name, ratios, settings):
         return SideResult(list(mats), before, before, delta_max, True, settings.steps)
     over = ratios > settings.max_delta  # only possible here with on_max_delta="clip"
     shrink = torch.where(over, settings.max_delta / ratios.clamp_min(1e-30), torch.ones_like(ratios))
-    p.mul_(shrink[owner][:, None])
+    delta.mul_(shrink[owner][:, None])
     delta_max = float((ratios * shrink).max())
 
     out = list(mats)
-    for k, (i, rows) in enumerate(zip(active, p.split(ranks))):
-        out[i] = mats[i] + rows * (norms[i] * float(rms_units[k]))
+    for i, rows in zip(active, delta.split(ranks)):
+        out[i] = mats[i] + rows * norms[i]
     # Report the overlap of the factors as returned: renormalised, so shrinking them does not count.
     after = _cross_norm(torch.cat([out[i] / torch.linalg.vector_norm(out[i]) for i in active]), mask)
     return SideResult(out, before, after, delta_max, False, settings.steps)
