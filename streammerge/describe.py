@@ -2,10 +2,12 @@
 
 The time estimate is deliberately rough: bytes moved at disk speed, merge arithmetic at a
 per-element rate, and for iterative methods (a ``steps`` parameter, e.g. DO-Merging's
-orthogonalization) a cost per step per merged matrix.  The constants come from one run on the
-shared 2-core CPU VM under load (``tools/synthetic.py`` preset ``small``, 3 rank-16 adapters,
-2026-11-22: task_arithmetic 2.7 s, ties 26.5 s, do_merging 260 s); a GPU worker, an idle
-machine or a cold disk changes the answer by several times either way.
+orthogonalization) a cost per step per side of each merged matrix: a fixed overhead (a dozen
+small ops) plus its arithmetic (two ``[Σr, Σr]``×``[Σr, k]`` GEMMs and ~12 passes over the
+``[Σr, k]`` state; ``k = Σr`` in the row-space search, ``d`` in the full one).  The rate
+constants come from runs on the shared 2-core CPU VM (``tools/synthetic.py`` presets ``small``
+and ``1b``, 2026-11-22 and 2026-12-01); a GPU worker, an idle machine or a cold disk changes the
+answer by several times either way.
 """
 
 from __future__ import annotations
@@ -25,8 +27,16 @@ WRITE_BYTES_PER_S = 0.6e9
 # dense methods (per input: a dense delta, sorts, elections), CPU worker.
 LOW_RANK_ELEMENTS_PER_S = 1.0e7
 DENSE_ELEMENTS_PER_S = 2.7e6
-# Iterative methods: seconds per optimisation step per merged matrix (small ops, overhead-bound).
-SECONDS_PER_STEP = 0.023
+# Iterative methods, per optimisation step and side: fixed overhead, GEMM and elementwise rates.
+STEP_OVERHEAD_S = 6e-5
+STEP_FLOPS_PER_S = 4e10
+STEP_ELEMENTS_PER_S = 1e9
+
+
+def _step_seconds(total_rank: int, width: int) -> float:
+    """One Adam step of one side: ``total_rank`` = Σr stacked rows of ``width`` columns."""
+    return (STEP_OVERHEAD_S + 4 * total_rank * total_rank * width / STEP_FLOPS_PER_S
+            + 12 * total_rank * width / STEP_ELEMENTS_PER_S)
 
 
 def _size(n: float) -> str:
@@ -57,8 +67,14 @@ def estimate_seconds(plan: MergePlan) -> float:
     else:
         seconds = sum(_elements(t.shape) for t in merged) / LOW_RANK_ELEMENTS_PER_S
     if isinstance(params.get("steps"), int) and params.get("orthogonalize", True):
-        matrices = sum(1 for t in merged if len(t.shape) == 2 and len({c.input_index for c in t.contributions}) > 1)
-        seconds += matrices * params["steps"] * SECONDS_PER_STEP
+        svd_rank = int(params.get("svd_rank", 64))
+        for t in merged:
+            if len(t.shape) != 2 or len({c.input_index for c in t.contributions}) < 2:
+                continue
+            total_rank = sum(c.rank or svd_rank for c in t.contributions)
+            for width in t.shape:  # the B side spans d_out, the A side d_in
+                k = width if params.get("search_space") == "full" else min(total_rank, width)
+                seconds += params["steps"] * _step_seconds(total_rank, k)
     return seconds + read / READ_BYTES_PER_S + plan.output_bytes / WRITE_BYTES_PER_S
 
 

@@ -116,3 +116,31 @@ def test_max_memory_below_the_predicted_peak_is_refused(world, tmp_path):
     _refused(["merge", "--base", str(world["base"]), "--adapter", str(world["a1"]), "--method", "ties",
               "--max-memory", "200MB"], tmp_path,
              "max_memory: the predicted peak is", "but --max-memory is 191 MiB", "the largest working set is tensor")
+
+
+def test_plan_time_estimate_prices_the_orthogonalization_search_space(world):
+    def estimate(*params: str) -> float:
+        args = ["plan", "--base", str(world["base"]), "--adapter", str(world["a1"]), "--adapter", str(world["a2"]),
+                "--method", "do_merging"]
+        for p in params:
+            args += ["--param", p]
+        line = next(x for x in run_cli(*args).stdout.splitlines() if x.startswith("time: roughly"))
+        return float(line.split()[2])
+
+    # Many steps, so the tiny model's estimate is not rounded away.
+    many = "steps=100000"
+    assert estimate("orthogonalize=false", many) < estimate(many) < estimate("search_space=full", many)
+
+
+def test_importing_streammerge_makes_idle_openmp_threads_sleep():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, streammerge; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # the user's choice wins
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,11 @@ __all__ = ["ON_MAX_DELTA", "ORTHOGONALIZE_PARAMS", "OrthoSettings", "SideResult"
 ON_MAX_DELTA = ("warn_skip", "clip", "error")
 SEARCH_SPACES = ("rowspace", "full")
 ADAM_BETAS = (0.9, 0.999)
+SERIAL_MAX_ROWS = 256
+"""Up to this Σr a CPU Adam step is a few µs of work per op: run it on one thread.  With several
+OpenMP threads each tiny op is a parallel region whose barrier spins; when another process holds
+a core, one descheduled thread stalls every op (measured: a 4 × r16 merge of the `small` preset
+took 7.7 s on one thread and >100 s on two with two busy processes beside it)."""
 ADAM_EPS = 1e-12
 """Far below torch's 1e-8: normalised gradients of nearly orthogonal factors are ~1e-7."""
 
@@ -128,15 +134,30 @@ def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSet
     return p
 
 
+@contextmanager
+def _serial_on_cpu(x: torch.Tensor) -> Iterator[None]:
+    """One intra-op thread for small CPU problems (see ``SERIAL_MAX_ROWS``)."""
+    if x.device.type != "cpu" or x.shape[0] > SERIAL_MAX_ROWS or torch.get_num_threads() == 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _search(x0: torch.Tensor, ranks: Sequence[int], rms_units: torch.Tensor, owner: torch.Tensor,
             mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
     """Run Adam in the chosen search space; returns δ stacked ``[Σr, d]`` in units of ``‖X_i‖``."""
     n, d = x0.shape
     if s.search_space == "full" or n >= d:  # n ≥ d: the row span may be all of R^d already
         return _adam(x0, rms_units[owner][:, None], mask, s).mul_(rms_units[owner][:, None])
-    u, sigma, basis = torch.linalg.svd(x0, full_matrices=False)  # x0 = (u σ) basis, basis: [n, d]
     units = torch.tensor([1 / math.sqrt(rank * n) for rank in ranks], device=x0.device)[owner][:, None]
-    z = _adam(u * sigma, units, mask, s)
+    with _serial_on_cpu(x0):
+        u, sigma, basis = torch.linalg.svd(x0, full_matrices=False)  # x0 = (u σ) basis, basis: [n, d]
+        z = _adam(u * sigma, units, mask, s)
     return (z * units) @ basis
 
 
