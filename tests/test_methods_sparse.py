@@ -206,3 +206,27 @@ def test_components_on_full_fine_tunes_and_biases(method: str, axis: str) -> Non
     plain = m.merge(MergeInputs("w", torch.randn(12), biases, (1.0, 2.0), torch.Generator().manual_seed(0)),
                     {**params, "orthogonalize": False, "decouple": False})
     torch.testing.assert_close(result.update.dense(), plain.update.dense())
+
+
+@pytest.mark.parametrize("case", ["normal", "few_distinct", "constant", "heavy_tail"])
+@pytest.mark.parametrize("fraction", [1e-6, 0.2, 0.5, 0.999, 1.0])
+def test_kth_largest_is_exact_on_large_inputs(case: str, fraction: float) -> None:
+    from streammerge.methods.sparsify import SELECT_SAMPLE, kth_largest
+
+    g = torch.Generator().manual_seed(3)
+    n = 4 * SELECT_SAMPLE + 17
+    values = {"normal": lambda: torch.randn(n, generator=g).abs(),
+              "few_distinct": lambda: torch.randint(0, 5, (n,), generator=g).float(),
+              "constant": lambda: torch.full((n,), 0.25),
+              "heavy_tail": lambda: torch.randn(n, generator=g).abs().pow(8)}[case]()
+    k = max(1, int(fraction * n))
+    assert float(kth_largest(values, k)) == float(values.sort(descending=True).values[k - 1])
+
+
+def test_kth_largest_falls_back_when_the_bracket_misses(monkeypatch) -> None:
+    from streammerge.methods import sparsify
+
+    values = torch.randn(5 * sparsify.SELECT_SAMPLE, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(sparsify, "SELECT_MARGIN", 0.0)  # a zero-width bracket almost never holds it
+    for k in (1, 1234, values.numel() // 3, values.numel()):
+        assert float(sparsify.kth_largest(values, k)) == float(values.sort(descending=True).values[k - 1])
