@@ -29,8 +29,11 @@ WRITE_QUEUE_DEPTH = 2
 # Interpreter, torch, numpy and our modules, measured as the peak RSS of a merge of a tiny model.
 PROCESS_BASELINE_BYTES = 320 * MiB
 # Whole fp32 copies of a tensor a dense method holds at once: one input's delta while it is
-# built, the running sum or vote and the agreement mask (measured on TIES).
-DENSE_METHOD_COPIES = 4
+# built, its |values| and masks, the running sum or vote, the agreement mask, the result and the
+# allocator's slack.  Measured 2026-12-01 on the 1b preset (4 × r16, largest merged tensor
+# 8192×2048 = 64 MiB fp32): TIES peaked at 978 MiB, i.e. ~7 copies over the baseline and blocks;
+# Breadcrumbs holds ~1 copy more than TIES inside the method, DARE-TIES ~1 less.
+DENSE_METHOD_COPIES = 7
 _DENSE_KINDS = ("replacement", "full", "lora_bias")
 
 
