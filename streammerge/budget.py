@@ -81,6 +81,13 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if c.kind == "lora")
     need += 3 * 4 * factor_elems  # loaded factors, the method's intermediates, its concatenated result
     reasons = ["row blocks"]
+    dense_inputs = {c.input_index for c in job.contributions if c.kind in ("replacement", "full")}
+    if (method.elementwise and dense_inputs and job.shape and not method.reads_base
+            and not any(c.transposed for c in job.contributions)):
+        # The engine streams these row block by row block: base, one delta per input, the merge.
+        need += (len(dense_inputs) + 2) * 4 * block
+        reasons.append(f"{len(dense_inputs)} dense input block(s)")
+        return need, " + ".join(reasons)
     if method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions):
         need += 4 * n
         reasons.append("the whole fp32 base")

@@ -77,3 +77,39 @@ def test_row_block_streaming_matches_whole_tensors(world, tmp_path, monkeypatch)
     assert set(whole) == set(blocked)
     for name, tensor in whole.items():
         torch.testing.assert_close(blocked[name], tensor, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_full_fine_tunes_stream_row_blocks_for_elementwise_methods(world, tmp_path, monkeypatch):
+    """Task Arithmetic over full fine-tunes (and a LoRA) reads and merges row blocks, never whole tensors,
+    and equals W0 + λ Σ w_i (W_i − W0) + λ w s B A computed on whole tensors."""
+    from tools.synthetic import write_finetune
+
+    base_dir, adapters = world
+    fts = [write_finetune(base_dir, tmp_path / f"ft{i}", seed=10 + i, std=0.01) for i in range(2)]
+    inputs = (InputSpec(str(fts[0]), kind="model", weight=1.0), InputSpec(str(fts[1]), kind="model", weight=0.5),
+              InputSpec(str(adapters[0]), weight=0.25))
+    recipe = Recipe(base=str(base_dir), inputs=inputs, method="task_arithmetic", params=(("lambda", 0.8),), device="cpu")
+    monkeypatch.setattr(budget, "BLOCK_BYTES", 3 * 64 * 4)
+    whole_reads = []
+    read = engine.CheckpointReader.read
+    monkeypatch.setattr(engine.CheckpointReader, "read", lambda self, *a, **k: whole_reads.append(a[0]) or read(self, *a, **k))
+    run_plan(build_plan(recipe), tmp_path / "out")
+    lora_factor_reads = [n for n in whole_reads if "lora_" in n]
+    assert whole_reads == lora_factor_reads, "only LoRA factors may be read whole"
+
+    base, ours = read_model(base_dir), read_model(tmp_path / "out")
+    tuned = [read_model(f) for f in fts]
+    factors = load_adapter_file(adapters[0])
+    for name, w0 in base.items():
+        expected = w0.double() + 0.8 * (1.0 * (tuned[0][name].double() - w0) + 0.5 * (tuned[1][name].double() - w0))
+        module = "base_model.model." + name.removesuffix(".weight")
+        if module + ".lora_A.weight" in factors:
+            a, b = factors[module + ".lora_A.weight"], factors[module + ".lora_B.weight"]
+            expected += 0.8 * 0.25 * 2.0 * (b.double() @ a.double())
+        torch.testing.assert_close(ours[name], expected.to(w0.dtype), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_elementwise_streaming_is_only_claimed_by_elementwise_methods():
+    assert sorted(n for n, m in REGISTRY.items() if m.elementwise) == ["task_arithmetic"]
+    assert not any(m.uses_random or m.reads_base for m in REGISTRY.values() if m.elementwise)

@@ -156,6 +156,10 @@ class MergeMethod:
         reads_base: True if the method reads the *values* of ``MergeInputs.base``.  Otherwise
             the engine passes a zero-stride placeholder with the base's shape, dtype and device
             and streams the base through ``W0 + update`` in row blocks, never loading it whole.
+        elementwise: True if each merged element depends only on the same element of the base
+            and of the updates (no per-tensor statistics, no randomness) and an input whose
+            update is zero changes nothing.  The engine then merges dense inputs (full
+            fine-tunes, replaced tensors) one row block at a time instead of whole tensors.
     """
 
     name: str
@@ -166,6 +170,7 @@ class MergeMethod:
     uses_random: bool = False
     validate: Callable[[Mapping[str, Any]], None] | None = None
     reads_base: bool = False
+    elementwise: bool = False
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, every value validated.

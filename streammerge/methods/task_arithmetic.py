@@ -22,4 +22,5 @@ METHOD = MergeMethod(
     summary="W0 + λ Σ w_i ΔW_i; exact rank-Σr for LoRA inputs",
     params=(LAMBDA,),
     merge=merge,
+    elementwise=True,
 )
