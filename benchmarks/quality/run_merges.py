@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     subset = "" if tasks == sorted(train_results) else "@" + "+".join(tasks)
     results_path = args.cache / MERGE_RESULTS
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for key, entry in results.items():  # ad-hoc (--config) configurations of earlier runs: known again
+        name = key.split("|")[0].split("@")[0]
+        if name not in CONFIGS and "config" in entry:
+            method, params, scale_name, default = entry["config"]
+            CONFIGS[name] = (method, dict(params), scale_name, default)
+            LABELS[name] = name
     configs = [c for c in args.configs.split(",") if c] + [n for n, _, _ in args.config]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -211,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
             entry.setdefault("correct", {})[split] = per_task
         entry.setdefault("seconds", {}).update({"merge_wall": round(merge_s, 1), "merge_engine": summary["seconds"],
                                                 f"eval_{'+'.join(todo)}": round(eval_s, 1)})
+        entry["config"] = list(CONFIGS[config])
         entry["command"] = " ".join(["python", "-m", "streammerge", *cmd[3:]]).replace(str(args.cache), "$CACHE")
         entry["method_stats"] = summary.get("method_stats", {})
         write_json(results_path, results)
