@@ -399,9 +399,15 @@ def run_measured(label: str, command: Sequence[str], log: Path, env: dict[str, s
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     load = loadavg()
+    # ru_maxrss survives exec: a child spawned (vfork/fork + exec) from this process starts with
+    # our own high-water mark, which grows when we compare outputs.  GNU time forks the command
+    # from a small process of its own and reports the command's true peak.
+    maxrss_file = log.with_suffix(".maxrss")
+    maxrss_file.unlink(missing_ok=True)
+    wrapper = ["/usr/bin/time", "-f", "%M", "-o", str(maxrss_file)] if Path("/usr/bin/time").exists() else []
     with open(log, "wb") as out:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, cwd=cwd or SRC,
+        proc = subprocess.Popen([*wrapper, *command], stdout=out, stderr=subprocess.STDOUT, cwd=cwd or SRC,
                                 env={**os.environ, **(env or {})})
         stop, peak, guard = threading.Event(), [0], []
         sampler = threading.Thread(target=_sample_tree, args=(proc.pid, stop, peak, min_available_mib, guard),
@@ -413,6 +419,8 @@ def run_measured(label: str, command: Sequence[str], log: Path, env: dict[str, s
             if pid:
                 break
             if deadline is not None and time.perf_counter() > deadline:
+                for child in psutil.Process(proc.pid).children(recursive=True):  # the command under GNU time
+                    child.kill()
                 proc.kill()
             time.sleep(0.02)
         wall = time.perf_counter() - start
@@ -420,7 +428,12 @@ def run_measured(label: str, command: Sequence[str], log: Path, env: dict[str, s
         stop.set()
         sampler.join()
     cpu = usage.ru_utime + usage.ru_stime
-    run = Run(label, list(command), proc.returncode, round(wall, 3), round(cpu, 2), round(usage.ru_maxrss / 1024, 1),
+    maxrss_kib = usage.ru_maxrss
+    try:
+        maxrss_kib = int(maxrss_file.read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        pass  # no GNU time (or the command was killed before it wrote): wait4's figure
+    run = Run(label, list(command), proc.returncode, round(wall, 3), round(cpu, 2), round(maxrss_kib / 1024, 1),
               round(peak[0] / MIB, 1), load, str(log))
     if guard:
         run.summary["guard"] = guard[0]
