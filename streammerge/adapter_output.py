@@ -370,10 +370,10 @@ def write_adapter_output(plan: MergePlan, out_dir: Path, device: torch.device,
             config = _adapter_config(plan, base_config, builder.ranks, builder.saved, fan, bool(builder.biases))
             write_bytes_atomic(out_dir / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
             report.seconds = time.perf_counter() - start
-            report.peak_rss = monitor.peak_rss
+            report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
             write_bytes_atomic(out_dir / RECIPE_NAME, recipe_record(plan))
             write_bytes_atomic(out_dir / MODEL_CARD_NAME, render_model_card(plan, report).encode())
-        report.peak_rss = monitor.peak_rss
+        report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
     finally:
         spool.close()
         readers.close()

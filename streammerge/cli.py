@@ -160,6 +160,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     summary = {
         "output": str(report.output_dir), "format": recipe.output_format, "device": report.device,
         "seconds": round(report.seconds, 3), "peak_rss_mib": round(report.peak_rss / 2**20, 1),
+        "peak_anon_rss_mib": round(report.peak_anon_rss / 2**20, 1),
         "tensors_merged": report.tensors_merged, "tensors_copied": report.tensors_copied,
         "bytes_written": report.bytes_written, "shards": [r.file_name for r in report.shards],
         "resumed_shards": report.resumed_shards, "already_complete": report.already_complete,

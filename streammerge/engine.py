@@ -59,6 +59,7 @@ class MergeReport:
     bytes_written: int = 0
     seconds: float = 0.0
     peak_rss: int = 0
+    peak_anon_rss: int = 0
     peak_gpu_bytes: int = 0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
     resumed_shards: int = 0
@@ -465,7 +466,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
                 kill_point("file")
                 written.append(INDEX_NAME)
             report.seconds = time.perf_counter() - start
-            report.peak_rss = monitor.peak_rss
+            report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
             if device.type == "cuda":
                 report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
             write_bytes_atomic(out_dir / RECIPE_NAME, recipe_record(plan))
@@ -475,7 +476,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
             written += [RECIPE_NAME, MODEL_CARD_NAME]
             journal.add_complete({n: FileEntry((out_dir / n).stat().st_size, file_sha256(out_dir / n))
                                   for n in written})
-        report.peak_rss = monitor.peak_rss
+        report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
     finally:
         readers.close()
     return report

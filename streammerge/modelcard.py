@@ -126,7 +126,8 @@ def render_model_card(plan: MergePlan, report: MergeReport) -> str:
         "",
         f"- tensors merged: {report.tensors_merged}, copied unchanged: {report.tensors_copied}",
         f"- output: {len(report.shards)} file(s), {report.bytes_written:,} bytes",
-        f"- device: {report.device}; wall time {report.seconds:.1f} s; peak RSS {report.peak_rss / 2**20:,.0f} MiB",
+        f"- device: {report.device}; wall time {report.seconds:.1f} s; peak RSS {report.peak_rss / 2**20:,.0f} MiB "
+        f"({report.peak_anon_rss / 2**20:,.0f} MiB anonymous)",
         "- versions: " + ", ".join(f"{p} {_version(p)}" for p in VERSIONED_PACKAGES)
         + f", python {platform.python_version()}",
     ]

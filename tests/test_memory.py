@@ -55,3 +55,26 @@ def test_peak_rss_is_flat_in_layers(tmp_path, method_kind):
     assert growth < WORKING_SET_BUDGET, (
         f"peak RSS grew by {growth / MiB:.0f} MiB from 2 to 24 layers "
         f"({peaks[2] / MiB:.0f} -> {peaks[24] / MiB:.0f} MiB) for a {sizes[24] / MiB:.0f} MiB model")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="anonymous RSS comes from /proc (Linux)")
+def test_monitor_separates_anonymous_memory_from_mapped_file_pages(tmp_path):
+    import mmap
+
+    from streammerge.memory import PeakMemoryMonitor
+
+    path = tmp_path / "pages.bin"
+    path.write_bytes(b"\1" * (96 * MiB))
+    with PeakMemoryMonitor() as mapped, open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        start_rss, start_anon = mapped.peak_rss, mapped.peak_anon_rss
+        assert sum(m[i] for i in range(0, len(m), 4096)) == len(m) // 4096  # fault every page in
+        mapped.sample()
+    assert mapped.peak_rss - start_rss > 80 * MiB
+    assert mapped.peak_anon_rss - start_anon < 16 * MiB
+
+    with PeakMemoryMonitor() as allocated:
+        start_anon = allocated.peak_anon_rss
+        buffer = bytearray(96 * MiB)  # zero-filled pages: every one is touched
+        allocated.sample()
+        del buffer
+    assert allocated.peak_anon_rss - start_anon > 80 * MiB
