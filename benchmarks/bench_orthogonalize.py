@@ -19,11 +19,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 import benchlib as b
 
 sys.path.insert(0, str(b.REPO))
+import streammerge  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads, as the CLI does)
+import torch  # noqa: E402
 from streammerge.methods.orthogonalize import OrthoSettings, orthogonalize_rows  # noqa: E402
 
 CASES = ((4, 16, 4096, 0.0), (4, 16, 4096, 0.3), (4, 16, 14336, 0.5), (4, 16, 1024, 0.3), (8, 64, 4096, 0.3))
