@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from functools import partial
 from collections.abc import Callable, Iterator
@@ -217,7 +218,7 @@ class TensorMerger:
                         up, down = factors[(c.file, c.keys)]
                         low_rank = LowRankUpdate(up=up[start:stop], down=down)
                         continue
-                    value = self._load_rows(c.file, c.keys[0], start, stop)
+                    value = self.readers.get(c.file).read_rows(c.keys[0], start, stop, torch.float32).to(self.device)
                     delta = value.mul_(c.scale) if c.kind == "lora_bias" else value.sub_(base)
                     dense = delta if dense is None else dense.add_(delta)
                 if dense is None:
@@ -227,6 +228,9 @@ class TensorMerger:
             generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
             result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), self.params)
             update = result.update
+            if (self.check_finite and isinstance(update, DenseUpdate)
+                    and not math.isfinite(float(update.delta.sum()))):
+                self._refuse_non_finite_rows(job, start, stop)
             if isinstance(update, LowRankUpdate):
                 base.addmm_(update.up, update.down)
             else:
@@ -234,11 +238,19 @@ class TensorMerger:
             yield base.to(out_dtype).contiguous().cpu()  # type: ignore[arg-type]
             del base, updates, result, update
 
-    def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
-        rows = self.readers.get(file).read_rows(key, start, stop, torch.float32).to(self.device)
-        if self.check_finite and not bool(torch.isfinite(rows).all()):
-            raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
-        return rows
+    def _refuse_non_finite_rows(self, job: TensorJob, start: int, stop: int) -> None:
+        """The merged delta of rows ``start:stop`` is not finite: name the dense input that is NaN / Inf.
+
+        One sum over the merged delta replaces an ``isfinite`` pass over every input (NaN and Inf
+        propagate through it); only when it is not finite are the inputs' rows checked one by one.
+        A finite sum that overflowed finds no culprit and the merge goes on.
+        """
+        for c in job.contributions:
+            if c.kind in ("lora", "lora_bias"):
+                continue  # factors and biases were checked whole when loaded / before the job
+            rows = self.readers.get(c.file).read_rows(c.keys[0], start, stop, torch.float32)
+            if not bool(torch.isfinite(rows).all()):
+                raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
 
     def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
         """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.

@@ -218,8 +218,7 @@ def weighted_sum(updates: Sequence[TaskUpdate], coefficients: Sequence[float]) -
         return stack_low_rank(updates, coefficients)  # type: ignore[arg-type]
     total: torch.Tensor | None = None
     for update, c in zip(updates, coefficients):
-        term = update.dense() * c
-        total = term if total is None else total.add_(term)
+        total = update.dense() * c if total is None else total.add_(update.dense(), alpha=c)
     assert total is not None
     return DenseUpdate(total)
 
