@@ -28,8 +28,7 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--variant", action="append", choices=sorted(b.VARIANTS))
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--source", default="snapshot",
-                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+    b.add_source_argument(parser)
     args = parser.parse_args()
     b.use_source(args.source)
     machine = b.machine()

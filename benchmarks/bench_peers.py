@@ -180,8 +180,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", choices=COMPARISONS, help="repeatable (default all)")
     parser.add_argument("--tool", action="append", choices=("streammerge", "mergekit", "peft"),
                         help="repeatable (default all); keep streammerge for the ratios")
-    parser.add_argument("--source", default="snapshot",
-                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+    b.add_source_argument(parser)
     args = parser.parse_args()
     b.use_source(args.source)
     machine = b.machine()

@@ -90,8 +90,7 @@ def main() -> int:
     parser.add_argument("--series", action="append", choices=("layers", "adapters"), help="default both")
     parser.add_argument("--method", default="task_arithmetic")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--source", default="snapshot",
-                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+    b.add_source_argument(parser)
     args = parser.parse_args()
     b.use_source(args.source)
     machine = b.machine()

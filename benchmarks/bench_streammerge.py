@@ -121,8 +121,7 @@ def main() -> int:
                         help="process environment of the merges (repeatable; default: default = as a user runs it)")
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--warm", action="store_true", help="keep inputs in the page cache (default: evict)")
-    parser.add_argument("--source", default="snapshot",
-                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+    b.add_source_argument(parser)
     args = parser.parse_args()
     b.use_source(args.source)
     machine = b.machine()

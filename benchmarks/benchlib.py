@@ -126,6 +126,12 @@ def smoke_test() -> None:
                          f"retry later or pass --source <git ref>:\n{result.stderr[-1500:]}")
 
 
+def add_source_argument(parser: Any) -> None:
+    """The ``--source`` option every benchmark takes (see ``use_source``)."""
+    parser.add_argument("--source", default="snapshot",
+                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+
+
 def use_source(ref: str) -> Path:
     """Make every later streammerge / tools command run from ``prepare_source(ref)``; smoke-test it."""
     global SRC, SRC_REF

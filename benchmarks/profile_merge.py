@@ -156,8 +156,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=50, help="samples per second")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment of the merge, e.g. OMP_NUM_THREADS=1 (repeatable)")
-    parser.add_argument("--source", default="snapshot",
-                        help="snapshot (copy of this checkout now; default), worktree, or a git ref")
+    b.add_source_argument(parser)
     args = parser.parse_args()
     if not PY_SPY.is_file():
         raise SystemExit(f"py-spy is not installed in the main venv: {b.MAIN_PY.parent / 'pip'} install py-spy")
