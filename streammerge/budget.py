@@ -35,6 +35,7 @@ PROCESS_BASELINE_BYTES = 320 * MiB
 # Breadcrumbs holds ~1 copy more than TIES inside the method, DARE-TIES ~1 less.
 DENSE_METHOD_COPIES = 7
 _DENSE_KINDS = ("replacement", "full", "lora_bias")
+_WHOLE_TENSOR_KINDS = ("replacement", "full")  # inputs that bring a whole tensor, not factors
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,13 @@ def rows_per_block(shape: tuple[int, ...]) -> int:
     return max(1, BLOCK_BYTES // (4 * (_numel(shape[1:]) or 1)))
 
 
+def streams_dense_rows(job: TensorJob, method: MergeMethod) -> bool:
+    """Whether the engine merges ``job``'s whole-tensor inputs (full fine-tunes, replaced tensors)
+    one row block at a time: the method is elementwise and no input is stored transposed."""
+    return (method.elementwise and bool(job.shape) and not any(c.transposed for c in job.contributions)
+            and any(c.kind in _WHOLE_TENSOR_KINDS for c in job.contributions))
+
+
 def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     """Bytes the worker device holds to merge ``job``, and why."""
     n = _numel(job.shape)
@@ -81,14 +89,13 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if c.kind == "lora")
     need += 3 * 4 * factor_elems  # loaded factors, the method's intermediates, its concatenated result
     reasons = ["row blocks"]
-    dense_inputs = {c.input_index for c in job.contributions if c.kind in ("replacement", "full")}
-    if (method.elementwise and dense_inputs and job.shape and not method.reads_base
-            and not any(c.transposed for c in job.contributions)):
-        # The engine streams these row block by row block: base, one delta per input, the merge.
+    if streams_dense_rows(job, method):
+        # Row block by row block: the base rows, one delta per input, the merged rows.
+        dense_inputs = {c.input_index for c in job.contributions if c.kind in _WHOLE_TENSOR_KINDS}
         need += (len(dense_inputs) + 2) * 4 * block
         reasons.append(f"{len(dense_inputs)} dense input block(s)")
         return need, " + ".join(reasons)
-    if method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions):
+    if method.reads_base or any(c.kind in _WHOLE_TENSOR_KINDS for c in job.contributions):
         need += 4 * n
         reasons.append("the whole fp32 base")
     if method.dense_inputs or any(c.kind in _DENSE_KINDS for c in job.contributions):

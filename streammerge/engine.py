@@ -30,7 +30,7 @@ from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskU
 from .modelcard import render_model_card
 from .names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
-from .budget import WRITE_QUEUE_DEPTH, rows_per_block, tensor_working_set
+from .budget import WRITE_QUEUE_DEPTH, rows_per_block, streams_dense_rows, tensor_working_set
 from .pipeline import OrderedStage
 from .plan import Contribution, MergePlan, ShardJob, TensorJob
 from .preflight import check_finite_inputs, check_free_space
@@ -179,17 +179,12 @@ class TensorMerger:
         block by block, so a tensor never needs more than its factors, one fp32 row block and
         its cast copy — unless the method or a dense input needs the base values.
         """
-        if self.streams_dense_rows(job):
+        if streams_dense_rows(job, self.method):
             return self._elementwise_blocks(job), {}
         result, base, transposed = self.merge_update(job)
         update = result.update if result is not None else None
         stats = result.stats if result is not None else {}
         return self._blocks(job, base, transposed, update), stats
-
-    def streams_dense_rows(self, job: TensorJob) -> bool:
-        """Whether ``job``'s dense inputs are merged row block by row block (see ``_elementwise_blocks``)."""
-        return (self.method.elementwise and bool(job.shape) and not any(c.transposed for c in job.contributions)
-                and any(c.kind in ("replacement", "full") for c in job.contributions))
 
     def _elementwise_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
         """Merge an elementwise method one row block at a time: base rows, each input's rows, merge, cast.
@@ -201,12 +196,11 @@ class TensorMerger:
         """
         self.device = self.device_for(job)
         out_dtype = DTYPES[job.out_dtype].torch_dtype
-        by_input: dict[int, list[Contribution]] = {}
-        for c in job.contributions:
-            by_input.setdefault(c.input_index, []).append(c)
+        by_input = _contributions_by_input(job)
         factors = {(c.file, c.keys): (self._load(c.file, c.keys[1]).mul_(c.scale), self._load(c.file, c.keys[0]))
                    for c in job.contributions if c.kind == "lora"}
         weights = tuple(contribs[0].weight for contribs in by_input.values())
+        generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
         for start, stop in row_blocks(job.shape):
             base = self.readers.get(job.source_file).read_rows(job.source, start, stop, torch.float32).to(self.device)
             updates: list[TaskUpdate] = []
@@ -225,7 +219,6 @@ class TensorMerger:
                     updates.append(low_rank)  # type: ignore[arg-type]  # every input has a contribution
                 else:
                     updates.append(DenseUpdate(dense if low_rank is None else dense.add_(low_rank.dense())))
-            generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
             result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), self.params)
             update = result.update
             if (self.check_finite and isinstance(update, DenseUpdate)
@@ -265,9 +258,7 @@ class TensorMerger:
         canonical = tuple(reversed(job.shape)) if transposed else job.shape
         needs_values = self.method.reads_base or any(c.kind in ("replacement", "full") for c in job.contributions)
         base = self._base(job, canonical, transposed, needs_values)
-        by_input: dict[int, list[Contribution]] = {}
-        for c in job.contributions:
-            by_input.setdefault(c.input_index, []).append(c)
+        by_input = _contributions_by_input(job)
         updates, weights = [], []
         for contribs in by_input.values():
             update = self._input_update(contribs, base, transposed)
@@ -303,6 +294,14 @@ class TensorMerger:
                 block.add_(delta[start:stop] if job.shape else delta)
             yield block.to(out_dtype).contiguous().cpu()  # type: ignore[arg-type]
             del block
+
+
+def _contributions_by_input(job: TensorJob) -> dict[int, list[Contribution]]:
+    """``job``'s contributions grouped by input, in the order the plan lists them (an input may bring several)."""
+    by_input: dict[int, list[Contribution]] = {}
+    for c in job.contributions:
+        by_input.setdefault(c.input_index, []).append(c)
+    return by_input
 
 
 def row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
