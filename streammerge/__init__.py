@@ -13,12 +13,12 @@ if "torch" not in _sys.modules:
     # A value the user set wins; it only takes effect if torch is not loaded yet.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .engine import MergeReport, run_plan
+from .execution.engine import MergeReport, run_plan
 from .errors import StreamMergeError
 from .methods import REGISTRY as METHODS
-from .plan import MergePlan, build_plan
+from .planning.plan import MergePlan, build_plan
 from .recipe import InputSpec, Recipe, WeightOverride, load_recipe_file
-from .verify import Verification, verify_output
+from .jobs.verify import Verification, verify_output
 
 __version__ = "0.1.0"
 

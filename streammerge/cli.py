@@ -16,10 +16,10 @@ from typing import Any
 
 from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
-from .modelcard import stats_summary
+from .jobs.modelcard import stats_summary
 from .osrm.commands import add_osrm_commands
-from .describe import describe_plan
-from .plan import build_plan
+from .planning.describe import describe_plan
+from .planning.plan import build_plan
 from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
                      parse_size)
 
@@ -128,7 +128,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def cmd_merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .engine import run_plan
+    from .execution.engine import run_plan
 
     recipe = recipe_from_args(args)
     if not recipe.out:
@@ -181,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect_path, render_inspection
+    from .planning.inspection import inspect_path, render_inspection
 
     report = inspect_path(args.path, base=args.base, revision=args.revision, base_revision=args.base_revision)
     print(json.dumps(report, indent=2, default=str) if args.json else render_inspection(report))
@@ -189,7 +189,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify_output
+    from .jobs.verify import verify_output
 
     result = verify_output(args.out)
     for line in result.checked:

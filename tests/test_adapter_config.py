@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.adapters.config import parse_lora_settings
+from streammerge.inputs.peft_config import parse_lora_settings
 from streammerge.errors import UnsupportedAdapterError
 
 BASE = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}

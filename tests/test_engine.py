@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streammerge import InputSpec, Recipe, budget, build_plan, engine, run_plan
+from streammerge import InputSpec, Recipe, build_plan, run_plan
+from streammerge.execution import engine
+from streammerge.planning import budget
 from streammerge.methods import REGISTRY, LowRankUpdate, MergeInputs, apply_update
 from tests.helpers import load_adapter_file, read_model
 from tools.synthetic import PRESETS, write_adapter, write_model

@@ -25,10 +25,10 @@ from streammerge.errors import (AdapterError, DiskSpaceError, InputError, Output
                                 SafetensorsFormatError, StreamMergeError)
 from streammerge.io.reader import open_checkpoint
 from streammerge.io.writer import save_tensors
-from streammerge.journal import read_journal
+from streammerge.jobs.journal import read_journal
 from streammerge.names import (ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME, CACHE_DIR_ENV, INDEX_NAME,
                                MODEL_CARD_NAME)
-from streammerge.verify import verify_output
+from streammerge.jobs.verify import verify_output
 from tests.helpers import load_adapter_file, read_model, read_raw
 from tools.synthetic import PRESETS, write_adapter, write_finetune, write_model
 

@@ -121,7 +121,7 @@ def test_missing_offline_repo_is_a_clear_error(world, tmp_path):
 def test_existing_local_path_wins_over_repo_id(world, tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
-    from streammerge.hub import resolve_source
+    from streammerge.inputs.hub import resolve_source
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(world["cache"]))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(tmp_path)
@@ -136,7 +136,7 @@ def test_gated_and_unknown_repos_become_hub_errors(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    from streammerge.hub import resolve_source
+    from streammerge.inputs.hub import resolve_source
     response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co/api/models/org/x"))
     for error, expected in ((GatedRepoError("gated", response=response), "the repo is gated: accept its terms"),
                             (RepositoryNotFoundError("404", response=response), "no such repo exists, or it is private")):
@@ -150,7 +150,7 @@ def test_gated_and_unknown_repos_become_hub_errors(monkeypatch):
 def test_only_weights_configs_and_tokenizer_files_are_requested(monkeypatch, tmp_path):
     import huggingface_hub
 
-    from streammerge.hub import resolve_source
+    from streammerge.inputs.hub import resolve_source
     seen = {}
 
     def fake(repo_id, **kwargs):

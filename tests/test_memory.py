@@ -61,7 +61,7 @@ def test_peak_rss_is_flat_in_layers(tmp_path, method_kind):
 def test_monitor_separates_anonymous_memory_from_mapped_file_pages(tmp_path):
     import mmap
 
-    from streammerge.memory import PeakMemoryMonitor
+    from streammerge.execution.memory import PeakMemoryMonitor
 
     path = tmp_path / "pages.bin"
     path.write_bytes(b"\1" * (96 * MiB))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from streammerge import cli
-from streammerge.adapters.lora import load_lora_adapter
+from streammerge.inputs.lora import load_lora_adapter
 from streammerge.errors import InputError
 from streammerge.osrm import run as osrm_run
 from streammerge.osrm.collect import collect_task_stats, load_model, parse_max_memory

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from streammerge import InputSpec, Recipe, build_plan, cli, faults, run_plan
+from streammerge import InputSpec, Recipe, build_plan, cli, run_plan
+from streammerge.jobs import faults
 from streammerge.errors import OutputError, ResumeError
-from streammerge.journal import read_journal
+from streammerge.jobs.journal import read_journal
 from streammerge.methods import REGISTRY
 from streammerge.names import (INDEX_NAME, JOURNAL_NAME, MODEL_CARD_NAME, PARTIAL_SUFFIX,
                                RECIPE_NAME)
-from streammerge.verify import verify_output
+from streammerge.jobs.verify import verify_output
 from tests.helpers import run_cli
 from tools.synthetic import PRESETS, write_adapter, write_model
 
@@ -65,7 +66,7 @@ def out(world):
 
 
 def killed_run(plan, out: Path, spec: str) -> None:
-    """Run ``plan`` in a forked child that SIGKILLs itself at ``spec`` (see streammerge/faults.py)."""
+    """Run ``plan`` in a forked child that SIGKILLs itself at ``spec`` (see streammerge/jobs/faults.py)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child never returns
         code = 1

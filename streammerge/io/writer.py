@@ -23,7 +23,7 @@ from types import TracebackType
 import torch
 
 from ..errors import OutputError
-from ..faults import kill_point
+from ..jobs.faults import kill_point
 from ..names import DEFAULT_METADATA, INDEX_NAME, METADATA_KEY
 from .atomic import fsync_dir, partial_path, write_bytes_atomic, write_error
 from .dtypes import DTYPES, byte_size, safetensors_name

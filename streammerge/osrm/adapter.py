@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.lora import PEFT_PREFIX
+from ..inputs.lora import PEFT_PREFIX
 from ..errors import OutputError
 from ..io.atomic import write_bytes_atomic
 from ..io.writer import save_tensors

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.lora import load_lora_adapter
+from ..inputs.lora import load_lora_adapter
 from ..errors import AdapterError, InputError
 from ..io.atomic import write_bytes_atomic
 from ..names import ADAPTER_WEIGHTS_NAME

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .describe import free_disk_bytes
-from .errors import AdapterError, DiskSpaceError
-from .io.dtypes import FLOAT_DTYPE_NAMES
-from .io.reader import CheckpointReader, open_checkpoint
-from .plan import MergePlan
+from ..planning.describe import free_disk_bytes
+from ..errors import AdapterError, DiskSpaceError
+from ..io.dtypes import FLOAT_DTYPE_NAMES
+from ..io.reader import CheckpointReader, open_checkpoint
+from ..planning.plan import MergePlan
 
 __all__ = ["ADAPTER_KINDS", "check_finite_inputs", "check_free_space", "non_finite_counts"]
 

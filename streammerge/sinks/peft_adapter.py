@@ -30,19 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapters.lora import PEFT_PREFIX
-from .errors import OutputError, PlanError
-from .io.atomic import partial_path, write_bytes_atomic
-from .io.dtypes import DTYPES, byte_size, safetensors_name
-from .io.writer import ShardWriter, layout_shard, tensor_bytes
-from .memory import PeakMemoryMonitor
-from .methods import DenseUpdate, LowRankUpdate, TaskUpdate, get_method
-from .methods.lowrank import product_svd
-from .names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MODEL_CARD_NAME, RECIPE_NAME
-from .plan import Contribution, MergePlan, TensorJob, read_config, resolve_dtype
+from ..inputs.lora import PEFT_PREFIX
+from ..errors import OutputError, PlanError
+from ..io.atomic import partial_path, write_bytes_atomic
+from ..io.dtypes import DTYPES, byte_size, safetensors_name
+from ..io.writer import ShardWriter, layout_shard, tensor_bytes
+from ..execution.memory import PeakMemoryMonitor
+from ..methods import DenseUpdate, LowRankUpdate, TaskUpdate, get_method
+from ..methods.lowrank import product_svd
+from ..names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MODEL_CARD_NAME, RECIPE_NAME
+from ..planning.plan import Contribution, MergePlan, TensorJob, read_config, resolve_dtype
 
 if TYPE_CHECKING:
-    from .engine import MergeReport, ProgressCallback, TensorMerger
+    from ..execution.engine import MergeReport, ProgressCallback, TensorMerger
 
 __all__ = ["AdapterTarget", "adapter_targets", "adapter_problems", "describe_adapter_output", "factorize",
            "write_adapter_output"]
@@ -343,8 +343,8 @@ class _AdapterBuilder:
 def write_adapter_output(plan: MergePlan, out_dir: Path, device: torch.device,
                          progress: ProgressCallback | None = None) -> MergeReport:
     """Execute ``plan`` into ``out_dir`` as a PEFT adapter (the engine dispatches here)."""
-    from .engine import MergeReport, ShardRecord, TensorMerger, _Readers, prepare_output_dir, recipe_record
-    from .modelcard import render_model_card
+    from ..execution.engine import MergeReport, ShardRecord, TensorMerger, _Readers, prepare_output_dir, recipe_record
+    from ..jobs.modelcard import render_model_card
 
     base_config = _base_config(plan)
     targets, problems = adapter_targets(plan, base_config)

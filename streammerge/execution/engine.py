@@ -18,23 +18,23 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdapterError, OutputError
-from .faults import kill_point
-from .io.atomic import copy_file_atomic, write_bytes_atomic
-from .io.dtypes import DTYPES
-from .io.reader import CheckpointReader, open_checkpoint
-from .io.writer import ShardWriter, layout_shard, write_index
-from .journal import FileEntry, Journal, ShardEntry, file_sha256
+from ..errors import AdapterError, OutputError
+from ..jobs.faults import kill_point
+from ..io.atomic import copy_file_atomic, write_bytes_atomic
+from ..io.dtypes import DTYPES
+from ..io.reader import CheckpointReader, open_checkpoint
+from ..io.writer import ShardWriter, layout_shard, write_index
+from ..jobs.journal import FileEntry, Journal, ShardEntry, file_sha256
 from .memory import PeakMemoryMonitor
-from .methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
-from .modelcard import render_model_card
-from .names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
+from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
+from ..jobs.modelcard import render_model_card
+from ..names import (CONFIG_NAME, INDEX_NAME, MODEL_CARD_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, RECIPE_NAME,
                     WEIGHT_FILE_SUFFIXES)
-from .budget import WRITE_QUEUE_DEPTH, rows_per_block, streams_dense_rows, tensor_working_set
+from ..planning.budget import WRITE_QUEUE_DEPTH, rows_per_block, streams_dense_rows, tensor_working_set
 from .pipeline import OrderedStage
-from .plan import Contribution, MergePlan, ShardJob, TensorJob
-from .preflight import check_finite_inputs, check_free_space
-from .resume import JobStart, open_job
+from ..planning.plan import Contribution, MergePlan, ShardJob, TensorJob
+from ..jobs.preflight import check_finite_inputs, check_free_space
+from ..jobs.resume import JobStart, open_job
 
 ProgressCallback = Callable[[str, int], None]
 
@@ -439,7 +439,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
     out_dir = Path(out_dir)
     device = resolve_device(plan.recipe.device)
     if plan.recipe.output_format == "adapter":
-        from .adapter_output import write_adapter_output
+        from ..sinks.peft_adapter import write_adapter_output
 
         if check_finite:
             check_finite_inputs(plan)

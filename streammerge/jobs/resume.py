@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, ResumeError
-from .io.atomic import fsync_dir
+from ..errors import OutputError, ResumeError
+from ..io.atomic import fsync_dir
 from .journal import Journal, JournalState, ShardEntry, job_differences, job_record, read_journal
-from .names import INDEX_NAME, JOURNAL_NAME, MODEL_CARD_NAME, PARTIAL_SUFFIX, RECIPE_NAME
-from .plan import MergePlan
+from ..names import INDEX_NAME, JOURNAL_NAME, MODEL_CARD_NAME, PARTIAL_SUFFIX, RECIPE_NAME
+from ..planning.plan import MergePlan
 
 __all__ = ["JobStart", "open_job", "output_names"]
 

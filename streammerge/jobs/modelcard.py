@@ -7,11 +7,11 @@ import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from .recipe import dump_recipe_yaml, format_weight
+from ..recipe import dump_recipe_yaml, format_weight
 
 if TYPE_CHECKING:
-    from .engine import MergeReport
-    from .plan import MergePlan
+    from ..execution.engine import MergeReport
+    from ..planning.plan import MergePlan
 
 VERSIONED_PACKAGES = ("streammerge", "torch", "safetensors", "huggingface_hub", "transformers", "peft")
 # Per-module statistics tables list at most this many tensors (the aggregate covers all).

@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, OutputError, ResumeError
+from ..errors import InputError, OutputError, ResumeError
 from .faults import kill_point
-from .io.atomic import write_bytes_atomic
-from .names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
+from ..io.atomic import write_bytes_atomic
+from ..names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
                     JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY, JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY,
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
                     JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY,
                     JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_SHARD, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
                     JOURNAL_VERSION_KEY)
-from .plan import MergePlan
+from ..planning.plan import MergePlan
 
 __all__ = ["ShardEntry", "FileEntry", "JournalState", "Journal", "job_record", "job_differences", "read_journal",
            "file_sha256"]
@@ -160,7 +160,7 @@ def _input_records(plan: MergePlan) -> list[dict[str, Any]]:
 
 def job_record(plan: MergePlan, files: list[str]) -> dict[str, Any]:
     """The journal's first line for ``plan``; ``files`` are its non-shard outputs."""
-    from . import __version__  # the package imports the engine, which imports this module
+    from .. import __version__  # the package imports the engine, which imports this module
 
     return {
         JOURNAL_RECORD_KEY: JOURNAL_JOB, JOURNAL_FORMAT_KEY: JOURNAL_FORMAT, JOURNAL_VERSION_KEY: __version__,

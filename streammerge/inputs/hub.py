@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubError, StreamMergeError
+from ..errors import HubError, StreamMergeError
 
 if TYPE_CHECKING:
-    from .recipe import Recipe
+    from ..recipe import Recipe
 
 __all__ = ["ALLOW_PATTERNS", "IGNORE_PATTERNS", "Source", "is_repo_id", "resolve_source", "resolve_recipe_sources"]
 

@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .adapters.lora import LoraAdapter, load_lora_adapter
+from ..inputs.lora import LoraAdapter, load_lora_adapter
 from .budget import budget_problems, estimate_memory
-from .errors import InputError, PlanError, StreamMergeError
-from .hub import Source, resolve_recipe_sources
-from .io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
-from .io.reader import CheckpointLayout, open_checkpoint
-from .io.writer import layout_shard
-from .methods import MergeMethod, get_method
-from .names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
-from .recipe import Recipe, Weight
+from ..errors import InputError, PlanError, StreamMergeError
+from ..inputs.hub import Source, resolve_recipe_sources
+from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
+from ..io.reader import CheckpointLayout, open_checkpoint
+from ..io.writer import layout_shard
+from ..methods import MergeMethod, get_method
+from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
+from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
@@ -434,7 +434,7 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         sources=sources,
     )
     if recipe.output_format == "adapter":
-        from .adapter_output import adapter_problems  # the adapter writer's own checks of the plan
+        from ..sinks.peft_adapter import adapter_problems  # the adapter writer's own checks of the plan
 
         problems = adapter_problems(plan, base_config)
         if problems:

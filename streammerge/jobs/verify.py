@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, StreamMergeError
-from .io.header import read_header
-from .io.reader import open_checkpoint
+from ..errors import InputError, StreamMergeError
+from ..io.header import read_header
+from ..io.reader import open_checkpoint
 from .journal import file_sha256, read_journal
-from .names import (JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, PARTIAL_SUFFIX,
+from ..names import (JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, PARTIAL_SUFFIX,
                     SAFETENSORS_SUFFIX)
 
 __all__ = ["Verification", "verify_output"]

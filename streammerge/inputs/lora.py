@@ -19,7 +19,7 @@ from ..errors import AdapterError, InputError
 from ..io.header import SafetensorsHeader
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
-from .config import LoraSettings, read_lora_settings
+from .peft_config import LoraSettings, read_lora_settings
 from .pickled import convert_pickled_adapter
 
 PEFT_PREFIX = "base_model.model."

@@ -15,9 +15,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .methods import get_method
+from ..methods import get_method
 from .plan import MergePlan
-from .recipe import format_weight
+from ..recipe import format_weight
 
 __all__ = ["describe_plan", "estimate_seconds", "free_disk_bytes"]
 
@@ -105,7 +105,7 @@ def describe_plan(plan: MergePlan) -> str:
     lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
                  + (f"; cast only: {cast}" if cast else ""))
     if recipe.output_format == "adapter":
-        from .adapter_output import describe_adapter_output
+        from ..sinks.peft_adapter import describe_adapter_output
 
         lines.append(describe_adapter_output(plan))
     else:

@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .io.dtypes import DTYPES
-from .io.reader import COPY_CHUNK_BYTES
-from .methods import MergeMethod
+from ..io.dtypes import DTYPES
+from ..io.reader import COPY_CHUNK_BYTES
+from ..methods import MergeMethod
 
 if TYPE_CHECKING:
     from .plan import TensorJob

@@ -10,13 +10,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .adapters.lora import load_lora_adapter
-from .errors import PlanError, StreamMergeError
-from .hub import resolve_source
-from .io.reader import CheckpointLayout, open_checkpoint
-from .names import ADAPTER_CONFIG_NAME
+from ..inputs.lora import load_lora_adapter
+from ..errors import PlanError, StreamMergeError
+from ..inputs.hub import resolve_source
+from ..io.reader import CheckpointLayout, open_checkpoint
+from ..names import ADAPTER_CONFIG_NAME
 from .plan import build_plan, count_layers, read_config
-from .recipe import InputSpec, Recipe
+from ..recipe import InputSpec, Recipe
 
 __all__ = ["inspect_path", "render_inspection"]
 
