@@ -13,10 +13,11 @@ if "torch" not in _sys.modules:
     # A value the user set wins; it only takes effect if torch is not loaded yet.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .execution.engine import MergeReport, run_plan
 from .errors import StreamMergeError
+from .execution.engine import build_plan, run_plan
+from .jobs.report import MergeReport
 from .methods import REGISTRY as METHODS
-from .planning.plan import MergePlan, build_plan
+from .planning.plan import MergePlan
 from .recipe import InputSpec, Recipe, WeightOverride, load_recipe_file
 from .jobs.verify import Verification, verify_output
 

@@ -19,7 +19,8 @@ from .methods import REGISTRY, parse_param_assignment
 from .jobs.modelcard import stats_summary
 from .osrm.commands import add_osrm_commands
 from .planning.describe import describe_plan
-from .planning.plan import build_plan
+from .execution.engine import build_plan
+from .sinks import sink_for
 from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
                      parse_size)
 
@@ -134,9 +135,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not recipe.out:
         raise InputError("no output directory: pass --out DIR (or set `out:` in the recipe file)")
     plan = build_plan(recipe, allow_pickle=args.allow_pickle)
+    sink = sink_for(plan)
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
-    print(describe_plan(plan), file=sys.stderr)
-    bar = tqdm(total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+    print(describe_plan(plan, sink.describe(), sink.output_bytes()), file=sys.stderr)
+    bar = tqdm(total=sum(t.out_bytes for t in plan.tensors), unit="B", unit_scale=True, unit_divisor=1024,
                desc="merging", disable=args.no_progress or None, file=sys.stderr)
     done = [0]
 
@@ -154,16 +156,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if report.already_complete:
         print(f"streammerge: {recipe.out!r} already holds this job, finished; nothing to do "
               "(`streammerge verify` checks every checksum)", file=sys.stderr)
-    elif report.resumed_shards:
-        print(f"streammerge: resumed: {report.resumed_shards} of {len(report.shards)} shard(s) were finished "
+    elif report.resumed_units:
+        print(f"streammerge: resumed: {report.resumed_units} of {report.units} output unit(s) were finished "
               "by an earlier run; verified and kept", file=sys.stderr)
     summary = {
         "output": str(report.output_dir), "format": recipe.output_format, "device": report.device,
         "seconds": round(report.seconds, 3), "peak_rss_mib": round(report.peak_rss / 2**20, 1),
         "peak_anon_rss_mib": round(report.peak_anon_rss / 2**20, 1),
         "tensors_merged": report.tensors_merged, "tensors_copied": report.tensors_copied,
-        "bytes_written": report.bytes_written, "shards": [r.file_name for r in report.shards],
-        "resumed_shards": report.resumed_shards, "already_complete": report.already_complete,
+        "bytes_written": report.bytes_written, "files": [r.file_name for r in report.files],
+        "units": report.units, "resumed_units": report.resumed_units, "already_complete": report.already_complete,
     }
     if report.peak_gpu_bytes:
         summary["peak_gpu_mib"] = round(report.peak_gpu_bytes / 2**20, 1)
@@ -175,8 +177,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     plan = build_plan(recipe_from_args(args), allow_pickle=args.allow_pickle)
+    sink = sink_for(plan)
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()))
-    print(describe_plan(plan))
+    print(describe_plan(plan, sink.describe(), sink.output_bytes()))
     return 0
 
 

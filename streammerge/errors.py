@@ -21,6 +21,7 @@ __all__ = [
     "OutputError",
     "ResumeError",
     "DiskSpaceError",
+    "OutputLockedError",
     "exit_code_for",
 ]
 
@@ -78,6 +79,10 @@ class ResumeError(OutputError):
 
 class DiskSpaceError(OutputError):
     """Not enough free disk space for the planned output."""
+
+
+class OutputLockedError(OutputError):
+    """Another process is writing a job into the same output directory."""
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -19,6 +19,14 @@ ADAPTER_PICKLE_NAME = "adapter_model.bin"
 
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
+# Scratch parts of a merged adapter (--output-format adapter): one per output unit, consumed at the end.
+ADAPTER_PART_TEMPLATE = "adapter_model.part-{index:05d}-of-{count:05d}.safetensors"
+SPOOL_SUFFIX = ".spool"
+
+# Token-embedding tensors (a tied lm_head reads one of them), and every embedding (embedding LoRA).
+TOKEN_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+EMBEDDING_SUFFIXES = (*TOKEN_EMBEDDING_SUFFIXES, "wpe.weight", "embed_positions.weight")
+
 # The block index inside a tensor name: model.layers.N. (Llama, Qwen, Mistral), transformer.h.N. (GPT-2),
 # blocks.N. / layer.N. (others). Per-layer recipe weights are interpolated over it.
 LAYER_INDEX_PATTERN = r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\."
@@ -33,10 +41,10 @@ WEIGHT_FILE_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_WEIGHT_SUFFIXES)
 NOT_COPIED_NAMES = frozenset({INDEX_NAME, "pytorch_model.bin.index.json", MODEL_CARD_NAME, RECIPE_NAME, JOURNAL_NAME})
 
 # The job journal (journal.py): one JSON object per line; every record has JOURNAL_RECORD_KEY.
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2
 JOURNAL_RECORD_KEY = "record"
-JOURNAL_JOB = "job"  # first line: what the job is (recipe, input fingerprints, shard map)
-JOURNAL_SHARD = "shard"  # one per finished output shard
+JOURNAL_JOB = "job"  # first line: what the job is (recipe, input fingerprints, output units)
+JOURNAL_UNIT = "unit"  # one per finished output unit (a shard, an adapter part)
 JOURNAL_COMPLETE = "complete"  # last line: index, configs and model card are written too
 JOURNAL_FORMAT_KEY = "format"
 JOURNAL_VERSION_KEY = "streammerge"
@@ -46,7 +54,8 @@ JOURNAL_PLAN_FINGERPRINT_KEY = "plan_fingerprint"
 JOURNAL_JOB_DIGEST_KEY = "job_digest"
 JOURNAL_BASE_KEY = "base"
 JOURNAL_INPUTS_KEY = "inputs"
-JOURNAL_SHARDS_KEY = "shards"
+JOURNAL_UNITS_KEY = "units"
+JOURNAL_OUTPUT_FORMAT_KEY = "output_format"
 JOURNAL_FILES_KEY = "files"
 JOURNAL_PATH_KEY = "path"
 JOURNAL_FINGERPRINT_KEY = "fingerprint"
@@ -57,6 +66,7 @@ JOURNAL_SHA256_KEY = "sha256"
 JOURNAL_MERGED_KEY = "tensors_merged"
 JOURNAL_COPIED_KEY = "tensors_copied"
 JOURNAL_STATS_KEY = "stats"
+JOURNAL_EXTRA_KEY = "extra"
 
 # Converted pickle adapters (--allow-pickle) are cached here, by content hash.
 CACHE_DIR_ENV = "STREAMMERGE_CACHE_DIR"

@@ -69,7 +69,8 @@ def test_exact_low_rank_adapter_equals_full_merge(world, tmp_path, method, param
     recipe = _recipe(world, ["a1", "a2"], weights=[1.0, -0.5], method=method, params=params)
     full, adapter = _both(world, tmp_path, recipe)
     assert sorted(p.name for p in adapter.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "streammerge_recipe.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "streammerge_journal.jsonl",
+        "streammerge_recipe.json"]
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_adapter_file(adapter)
     # rank Σr per module, scale 1 (lora_alpha = r), exact factors
@@ -171,7 +172,7 @@ def test_cli_adapter_output_summary(world, tmp_path):
                    str(world["a2"]), "--method", "ties", "--output-format", "adapter", "--rank", "4",
                    "--out", str(out), "--no-progress")
     summary = json.loads(proc.stdout)
-    assert summary["format"] == "adapter" and summary["shards"] == ["adapter_model.safetensors"]
+    assert summary["format"] == "adapter" and summary["files"] == ["adapter_model.safetensors"]
     assert 0 < summary["method_stats"]["truncation_error"]["max"] < 1
     assert "truncated to rank 4" in proc.stderr
     card = (out / "README.md").read_text()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from streammerge import InputSpec, Recipe, build_plan, run_plan
-from streammerge.execution import engine
+from streammerge.execution import worker
 from streammerge.planning import budget
 from streammerge.methods import REGISTRY, LowRankUpdate, MergeInputs, apply_update
 from tests.helpers import load_adapter_file, read_model
@@ -41,7 +41,7 @@ def _reference(base_dir, adapters, method_name, weights):
         if not updates:
             expected[name] = w0
             continue
-        gen = torch.Generator().manual_seed(engine.tensor_seed(0, name))
+        gen = torch.Generator().manual_seed(worker.tensor_seed(0, name))
         result = method.merge(MergeInputs(name, w0.float(), tuple(updates), tuple(ws), gen), params)
         expected[name] = apply_update(w0.float(), result.update).to(w0.dtype)
     return expected
@@ -65,11 +65,11 @@ def test_row_block_streaming_matches_whole_tensors(world, tmp_path, monkeypatch)
     recipe = Recipe(base=str(base_dir), inputs=tuple(InputSpec(str(a)) for a in adapters), device="cpu")
     run_plan(build_plan(recipe), tmp_path / "whole")
     monkeypatch.setattr(budget, "BLOCK_BYTES", 3 * 64 * 4)  # three rows of a 64-wide fp32 tensor
-    blocks = list(engine.row_blocks((128, 64)))
+    blocks = list(worker.row_blocks((128, 64)))
     assert len(blocks) == 43 and blocks[-1] == (126, 128)
     calls = []
-    read_rows = engine.CheckpointReader.read_rows
-    monkeypatch.setattr(engine.CheckpointReader, "read_rows",
+    read_rows = worker.CheckpointReader.read_rows
+    monkeypatch.setattr(worker.CheckpointReader, "read_rows",
                         lambda self, *a, **k: calls.append(a) or read_rows(self, *a, **k))
     run_plan(build_plan(recipe), tmp_path / "blocks")
     assert len(calls) > 200, "merged tensors must have been streamed in many row blocks"
@@ -93,8 +93,8 @@ def test_full_fine_tunes_stream_row_blocks_for_elementwise_methods(world, tmp_pa
     recipe = Recipe(base=str(base_dir), inputs=inputs, method="task_arithmetic", params=(("lambda", 0.8),), device="cpu")
     monkeypatch.setattr(budget, "BLOCK_BYTES", 3 * 64 * 4)
     whole_reads = []
-    read = engine.CheckpointReader.read
-    monkeypatch.setattr(engine.CheckpointReader, "read", lambda self, *a, **k: whole_reads.append(a[0]) or read(self, *a, **k))
+    read = worker.CheckpointReader.read
+    monkeypatch.setattr(worker.CheckpointReader, "read", lambda self, *a, **k: whole_reads.append(a[0]) or read(self, *a, **k))
     run_plan(build_plan(recipe), tmp_path / "out")
     lora_factor_reads = [n for n in whole_reads if "lora_" in n]
     assert whole_reads == lora_factor_reads, "only LoRA factors may be read whole"

@@ -21,6 +21,7 @@ import torch
 
 import streammerge.io.writer as writer_module
 from streammerge import InputSpec, Recipe, build_plan, cli, merge, run_plan
+from streammerge.sinks import sink_for
 from streammerge.errors import (AdapterError, DiskSpaceError, InputError, OutputError, PlanError,
                                 SafetensorsFormatError, StreamMergeError)
 from streammerge.io.reader import open_checkpoint
@@ -336,8 +337,9 @@ def test_not_enough_free_disk_is_refused_before_writing(capsys, world, tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     error = refused(capsys, tmp_path, world["base"], world["adapter"], DiskSpaceError,
                     "not enough free disk space for the output", "but only 1,000 bytes (0.00 GiB) are free")
-    needed = build_plan(Recipe(base=str(world["base"]), inputs=(InputSpec(str(world["adapter"])),))).output_bytes
-    assert f"still needs {needed + 547 + (1 << 20):,} bytes" in str(error)  # shards + configs + index/card margin
+    plan = build_plan(Recipe(base=str(world["base"]), inputs=(InputSpec(str(world["adapter"])),)))
+    needed = sink_for(plan).output_bytes()  # shards + copied configs
+    assert f"still needs {needed + (1 << 20):,} bytes" in str(error)  # + index/card margin
     assert not (tmp_path / "out").exists()
 
 
@@ -371,12 +373,12 @@ def test_disk_full_mid_job_keeps_the_journal_consistent_and_resumes(world, tmp_p
         run_plan(plan, tmp_path / "out")
     out = tmp_path / "out"
     state = read_journal(out)
-    assert sorted(state.shards) == ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors"]
+    assert sorted(state.units) == ["model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors"]
     assert state.complete is None and not list(out.glob("*.partial"))
-    assert all(entry.check(out) is None for entry in state.shards.values())
+    assert all(entry.check(out) is None for entry in state.units.values())
     assert_no_completion(out)
     monkeypatch.undo()
-    assert run_plan(plan, out).resumed_shards == 2
+    assert run_plan(plan, out).resumed_units == 2
     for name in [p.name for p in reference.iterdir() if p.name != MODEL_CARD_NAME and "journal" not in p.name]:
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
     assert verify_output(out).ok

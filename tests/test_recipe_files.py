@@ -131,7 +131,7 @@ def test_semantic_and_file_problems_are_reported_together(world, tmp_path):
     doc = {"base": str(world["base"]), "method": "ties", "params": {"densty": 0.5}, "output_format": "zip",
            "inputs": [{"path": str(world["a1"]), "include": ["*.q_prj.*"]}, {"path": str(tmp_path / "missing")}]}
     with pytest.raises(PlanError) as info:
-        from streammerge.planning.plan import build_plan
+        from streammerge import build_plan
         build_plan(load_recipe_file(_write(tmp_path / "r.yaml", doc)))
     text = str(info.value)
     assert "params: method 'ties' has no parameter(s) 'densty'" in text

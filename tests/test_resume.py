@@ -19,6 +19,7 @@ import torch
 
 from streammerge import InputSpec, Recipe, build_plan, cli, run_plan
 from streammerge.jobs import faults
+from streammerge.sinks import sink_for
 from streammerge.errors import OutputError, ResumeError
 from streammerge.jobs.journal import read_journal
 from streammerge.methods import REGISTRY
@@ -43,7 +44,8 @@ def world(tmp_path_factory, one_torch_thread):
     out = root / "out"  # every run writes here: the recipe and card record the output path
     recipe = _recipe(base, adapters, out)
     plan = build_plan(recipe)
-    assert len(plan.shards) == 4 and plan.write_index
+    sink = sink_for(plan)
+    assert len(sink.units()) == 4 and sink.write_index
     run_plan(plan, out)
     reference = root / "reference"
     out.rename(reference)
@@ -87,7 +89,7 @@ def _final_state(out: Path) -> tuple:
     state = read_journal(out)
     assert state is not None and state.complete is not None
     state.complete.pop(MODEL_CARD_NAME)
-    return state.job, state.shards, state.complete
+    return state.job, state.units, state.complete
 
 
 def assert_same_output(reference: Path, out: Path) -> None:
@@ -127,7 +129,7 @@ def test_killed_anywhere_resumes_to_identical_bytes(world, out, spec, finished):
     assert state is None or state.complete is None, "an interrupted job must not claim completion"
     assert not out.exists() or not verify_output(out).ok
     report = run_plan(world["plan"], out)
-    assert report.resumed_shards == finished and not report.already_complete
+    assert report.resumed_units == finished and not report.already_complete
     assert not list(out.glob("*" + PARTIAL_SUFFIX))
     assert_same_output(world["reference"], out)
     assert verify_output(out).ok
@@ -137,7 +139,7 @@ def test_killed_anywhere_resumes_to_identical_bytes(world, out, spec, finished):
 def test_killed_twice_then_resumed(world, out):
     killed_run(world["plan"], out, "bytes:120000")
     killed_run(world["plan"], out, "file:2")
-    assert run_plan(world["plan"], out).resumed_shards == 4
+    assert run_plan(world["plan"], out).resumed_units == 4
     assert_same_output(world["reference"], out)
 
 
@@ -149,7 +151,7 @@ def test_method_stats_survive_resume(world, out, tmp_path):
     out.rename(reference)
     killed_run(plan, out, "record:3")
     report = run_plan(plan, out)
-    assert report.resumed_shards == 2 and len(report.stats) == 14
+    assert report.resumed_units == 2 and len(report.stats) == 14
     assert "## Method statistics" in (out / MODEL_CARD_NAME).read_text()
     assert_same_output(reference, out)
 
@@ -158,7 +160,7 @@ def test_finished_job_is_a_no_op(world, out):
     run_plan(world["plan"], out)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     report = run_plan(world["plan"], out)
-    assert report.already_complete and report.tensors_merged == 14 and len(report.shards) == 4
+    assert report.already_complete and report.tensors_merged == 14 and len(report.files) == 4
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
@@ -170,7 +172,7 @@ def test_deleted_or_damaged_shard_is_rewritten(world, out):
     data[-3] ^= 0xFF
     shard.write_bytes(bytes(data))
     report = run_plan(world["plan"], out)
-    assert report.resumed_shards == 2
+    assert report.resumed_units == 2
     assert any("model-00003-of-00004.safetensors" in n and "SHA-256" in n for n in report.notes)
     assert_same_output(world["reference"], out)
 
@@ -179,7 +181,7 @@ def test_torn_journal_line_is_ignored(world, out):
     killed_run(world["plan"], out, "record:3")
     with open(out / JOURNAL_NAME, "ab") as f:
         f.write(b'{"record":"shard","file":"model-00003-of-0')  # died mid-append
-    assert run_plan(world["plan"], out).resumed_shards == 2
+    assert run_plan(world["plan"], out).resumed_units == 2
     assert_same_output(world["reference"], out)
 
 
@@ -191,7 +193,7 @@ def test_damaged_journal_is_refused_and_restart_starts_over(world, out):
     with pytest.raises(ResumeError, match="damaged at line 2.*--restart"):
         run_plan(world["plan"], out)
     report = run_plan(world["plan"], out, restart=True)
-    assert report.resumed_shards == 0
+    assert report.resumed_units == 0
     assert_same_output(world["reference"], out)
 
 
@@ -205,7 +207,7 @@ def test_changed_recipe_is_refused_naming_the_change(world, out):
     with pytest.raises(ResumeError, match=r"recipe inputs\[0\]\.weight: 1\.0 then, 0\.5 now"):
         run_plan(weights, out)
     report = run_plan(changed, out, restart=True)
-    assert report.resumed_shards == 0 and any("discarded" in n for n in report.notes)
+    assert report.resumed_units == 0 and any("discarded" in n for n in report.notes)
     assert verify_output(out).ok
 
 
@@ -225,7 +227,7 @@ def test_changed_input_is_refused(world, out, tmp_path):
     finally:
         shutil.rmtree(adapter)
         shutil.copytree(saved, adapter)
-    assert run_plan(world["plan"], out).resumed_shards == 1
+    assert run_plan(world["plan"], out).resumed_units == 1
 
 
 def test_directory_holding_something_else_is_refused(world, out, tmp_path):
@@ -281,7 +283,7 @@ def test_verify_an_interrupted_job_and_a_foreign_model(world, out, capsys):
     killed_run(world["plan"], out, "bytes:170000")
     result = verify_output(out)
     assert not result.ok
-    assert any("not complete (2 of 4 shards finished)" in p for p in result.problems)
+    assert any("not complete (2 of 4 output units finished)" in p for p in result.problems)
     assert cli.main(["verify", str(world["base"])]) == 0  # no journal: index and headers only
     assert "not written by streammerge" in capsys.readouterr().out
 
@@ -296,7 +298,7 @@ def test_cli_sigkill_resume_and_no_op(world, out, capsys):
     assert killed.returncode == -signal.SIGKILL
     env.pop(faults.KILL_ENV)
     resumed = run_cli(*args, env=env)
-    assert "resumed: 2 of 4 shard(s) were finished by an earlier run" in resumed.stderr
+    assert "resumed: 2 of 4 output unit(s) were finished by an earlier run" in resumed.stderr
     for name in [p.name for p in world["reference"].glob("*.safetensors")] + [INDEX_NAME, "config.json"]:
         assert (out / name).read_bytes() == (world["reference"] / name).read_bytes(), name
     assert cli.main(args) == 0  # nothing to compute: in-process is as good as a subprocess here

@@ -19,6 +19,7 @@ from ..errors import AdapterError, InputError
 from ..io.header import SafetensorsHeader
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
+from .kinds import LORA_BIAS, REPLACEMENT
 from .peft_config import LoraSettings, read_lora_settings
 from .pickled import convert_pickled_adapter
 
@@ -47,8 +48,8 @@ class LoraModule:
 class AdapterTensor:
     """A non-factor adapter tensor that changes one base tensor.
 
-    ``kind`` is ``"lora_bias"`` (ΔW = scale · bias) or ``"replacement"`` (the tensor
-    replaces the base tensor: modules_to_save, saved embedding layers).
+    ``kind`` is ``LORA_BIAS`` (ΔW = scale · bias) or ``REPLACEMENT`` (the tensor replaces the
+    base tensor: modules_to_save, saved embedding layers); see ``kinds.py``.
     """
 
     target: str
@@ -141,7 +142,7 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
             if target is None:
                 problems.append(f"{where}: tensor {key!r} replaces {plain!r}, which the base model does not have")
             else:
-                extra.append(AdapterTensor(target=target, key=key, kind="replacement"))
+                extra.append(AdapterTensor(target=target, key=key, kind=REPLACEMENT.name))
             continue
         module, part, suffix = match["module"], match["part"], match["suffix"] or ""
         if suffix == ".bias":
@@ -174,7 +175,7 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
             if bias_target not in base_names:
                 problems.append(f"{where}: module {module!r} has a LoRA bias but the base has no {bias_target!r}")
             else:
-                extra.append(AdapterTensor(target=bias_target, key=bias_key, kind="lora_bias", scale=scale))
+                extra.append(AdapterTensor(target=bias_target, key=bias_key, kind=LORA_BIAS.name, scale=scale))
     if not modules and not extra:
         problems.append(f"{where}: {ADAPTER_WEIGHTS_NAME} holds no LoRA or replacement tensors")
     return LoraAdapter(root=root, settings=settings, weights=layout, modules=tuple(modules), tensors=tuple(extra))

@@ -152,3 +152,23 @@ def read_lora_settings(config_path: Path) -> LoraSettings:
     if not isinstance(doc, dict):
         raise AdapterError(f"adapter config {str(config_path)!r} must be a JSON object")
     return parse_lora_settings(config_path.parent, doc)
+
+
+def peft_lora_config(*, base: str, target_modules: list[str] | str, r: int, lora_alpha: float,
+                     revision: str | None = None, task_type: str | None = None,
+                     rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+                     modules_to_save: list[str] | None = None, fan_in_fan_out: bool = False,
+                     lora_bias: bool = False, lora_dropout: float = 0.0, inference_mode: bool = True) -> dict[str, Any]:
+    """An ``adapter_config.json`` document that PEFT loads as a plain LoRA (and streammerge merges).
+
+    ``init_lora_weights`` is PEFT's default: the saved A and B are loaded over its initialisation.
+    """
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base, "revision": revision,
+        "r": r, "lora_alpha": lora_alpha, "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}), "target_modules": target_modules,
+        "modules_to_save": modules_to_save or None, "fan_in_fan_out": fan_in_fan_out, "lora_bias": lora_bias,
+        "bias": "none", "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "lora_dropout": lora_dropout, "inference_mode": inference_mode, "layers_to_transform": None,
+        "layers_pattern": None,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -66,3 +67,12 @@ def copy_file_atomic(source: Path, path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise write_error(path, e) from e
     fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (``OSError`` if it cannot be read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -27,7 +27,9 @@ from ..names import INDEX_NAME, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX, SING
 from .dtypes import DTYPES
 from .header import SafetensorsHeader, TensorInfo, read_header
 
-COPY_CHUNK_BYTES = 64 << 20
+# Bytes of one block of work: fp32 row blocks of merged tensors, copy chunks, NaN-check blocks.
+BLOCK_BYTES = 64 << 20
+COPY_CHUNK_BYTES = BLOCK_BYTES
 
 _PAGE = mmap.PAGESIZE
 

@@ -1,14 +1,15 @@
 """The job journal: an append-only record, in the output directory, of what a job is and
-which of its output shards are finished, so that an interrupted job resumes where it stopped.
+which of its output units (shards, adapter parts) are finished, so that an interrupted job resumes where it stopped.
 
 ``streammerge_journal.jsonl`` holds one JSON object per line, each fsynced before the job
 goes on:
 
 1. ``job``: what determines the output bytes — the recipe (hashed fields) and its
    fingerprint, a path-free digest of the plan, the streammerge version, the base and input
-   fingerprints (shard sizes + header hashes; adapters also by content hash), the shard map;
-2. ``shard``: one per finished shard — name, size, SHA-256, tensor counts and method stats
-   (so a resumed job's model card says what an uninterrupted one says);
+   fingerprints (shard sizes + header hashes; adapters also by content hash), the output format
+   and its units;
+2. ``unit``: one per finished unit — name, size, SHA-256, tensor counts, method stats (so a
+   resumed job's model card says what an uninterrupted one says) and what the sink must remember;
 3. ``complete``: the index, configs, recipe and model card are written too (name, size,
    SHA-256 of each); the job is done.
 
@@ -27,33 +28,20 @@ from typing import Any
 
 from ..errors import InputError, OutputError, ResumeError
 from .faults import kill_point
-from ..io.atomic import write_bytes_atomic
+from ..io.atomic import file_sha256, write_bytes_atomic
 from ..names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
                     JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY, JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY,
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
                     JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY,
-                    JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_SHARD, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
-                    JOURNAL_VERSION_KEY)
+                    JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_UNIT, JOURNAL_UNITS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
+                    JOURNAL_VERSION_KEY, JOURNAL_EXTRA_KEY, JOURNAL_OUTPUT_FORMAT_KEY)
 from ..planning.plan import MergePlan
 
-__all__ = ["ShardEntry", "FileEntry", "JournalState", "Journal", "job_record", "job_differences", "read_journal",
-           "file_sha256"]
-
-_HASH_CHUNK = 8 << 20
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
+__all__ = ["UnitEntry", "FileEntry", "JournalState", "Journal", "job_record", "job_differences", "read_journal"]
 
 @dataclass(frozen=True)
-class ShardEntry:
-    """A finished output shard, as its journal record says."""
+class UnitEntry:
+    """A finished output unit, as its journal record says."""
 
     file: str
     size: int
@@ -61,25 +49,29 @@ class ShardEntry:
     tensors_merged: int = 0
     tensors_copied: int = 0
     stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """What the sink needs again to finish the job (e.g. adapter ranks)."""
 
     def record(self) -> dict[str, Any]:
-        return {JOURNAL_RECORD_KEY: JOURNAL_SHARD, JOURNAL_FILE_KEY: self.file, JOURNAL_SIZE_KEY: self.size,
+        return {JOURNAL_RECORD_KEY: JOURNAL_UNIT, JOURNAL_FILE_KEY: self.file, JOURNAL_SIZE_KEY: self.size,
                 JOURNAL_SHA256_KEY: self.sha256, JOURNAL_MERGED_KEY: self.tensors_merged,
                 JOURNAL_COPIED_KEY: self.tensors_copied,
-                JOURNAL_STATS_KEY: {k: {s: float(v) for s, v in d.items()} for k, d in self.stats.items()}}
+                JOURNAL_STATS_KEY: {k: {s: float(v) for s, v in d.items()} for k, d in self.stats.items()},
+                JOURNAL_EXTRA_KEY: self.extra}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> ShardEntry:
+    def from_record(cls, rec: dict[str, Any]) -> UnitEntry:
         stats = rec.get(JOURNAL_STATS_KEY, {})
         entry = cls(rec[JOURNAL_FILE_KEY], rec[JOURNAL_SIZE_KEY], rec[JOURNAL_SHA256_KEY],
-                    rec.get(JOURNAL_MERGED_KEY, 0), rec.get(JOURNAL_COPIED_KEY, 0), stats)
+                    rec.get(JOURNAL_MERGED_KEY, 0), rec.get(JOURNAL_COPIED_KEY, 0), stats, rec.get(JOURNAL_EXTRA_KEY, {}))
         if not (isinstance(entry.file, str) and _is_size(entry.size) and _is_sha(entry.sha256)
-                and _is_size(entry.tensors_merged) and _is_size(entry.tensors_copied) and _is_stats(stats)):
-            raise ValueError("malformed shard record")
+                and _is_size(entry.tensors_merged) and _is_size(entry.tensors_copied) and _is_stats(stats)
+                and isinstance(entry.extra, dict)):
+            raise ValueError("malformed unit record")
         return entry
 
     def check(self, directory: Path) -> str | None:
-        """None when the file on disk is this shard (size and checksum), else what is wrong."""
+        """None when the file on disk is this unit (size and checksum), else what is wrong."""
         path = directory / self.file
         if not path.is_file():
             return f"{self.file} is missing"
@@ -93,7 +85,7 @@ class ShardEntry:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """A finished non-shard output file (config, index, recipe, model card)."""
+    """A finished output file other than a unit (config, index, recipe, model card)."""
 
     size: int
     sha256: str
@@ -114,20 +106,17 @@ def _is_sha(value: Any) -> bool:
 
 # --- what a job is ---------------------------------------------------------------------------
 
-def _plan_digest(plan: MergePlan) -> str:
-    """SHA-256 of everything the plan says about the output bytes, without file locations."""
-    shards = []
-    for shard in plan.shards:
-        tensors = []
-        for job in shard.tensors:
-            doc = asdict(job)
-            doc.pop("source_file")
-            for c in doc["contributions"]:
-                c.pop("file")
-            tensors.append(doc)
-        shards.append({"file": shard.file_name, "tensors": tensors})
-    doc = {"method_params": plan.method_params, "config_updates": plan.config_updates,
-           "write_index": plan.write_index, "shards": shards}
+def _plan_digest(plan: MergePlan, units: list[tuple[str, list[str]]]) -> str:
+    """SHA-256 of everything the plan and the sink's units say about the output bytes, without file locations."""
+    tensors = []
+    for job in plan.tensors:
+        doc = asdict(job)
+        doc.pop("source_file")
+        for c in doc["contributions"]:
+            c.pop("file")
+        tensors.append(doc)
+    doc = {"method_params": plan.method_params, "config_updates": plan.config_updates, "tensors": tensors,
+           "units": units}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -144,7 +133,7 @@ def _input_records(plan: MergePlan) -> list[dict[str, Any]]:
     for summary in plan.inputs:
         content = None
         if summary.kind == "adapter":
-            files = sorted({c.file for s in plan.shards for t in s.tensors for c in t.contributions
+            files = sorted({c.file for t in plan.tensors for c in t.contributions
                             if c.input_index == summary.index})
             h = hashlib.sha256()
             for file in files:
@@ -158,17 +147,24 @@ def _input_records(plan: MergePlan) -> list[dict[str, Any]]:
     return records
 
 
-def job_record(plan: MergePlan, files: list[str]) -> dict[str, Any]:
-    """The journal's first line for ``plan``; ``files`` are its non-shard outputs."""
+def job_record(plan: MergePlan, units: list[tuple[str, int | None, list[str]]], files: list[str]) -> dict[str, Any]:
+    """The journal's first line for ``plan``.
+
+    Args:
+        plan: the plan.
+        units: the sink's output units: (file name, planned size or None, tensor names).
+        files: the other files the job writes.
+    """
     from .. import __version__  # the package imports the engine, which imports this module
 
     return {
         JOURNAL_RECORD_KEY: JOURNAL_JOB, JOURNAL_FORMAT_KEY: JOURNAL_FORMAT, JOURNAL_VERSION_KEY: __version__,
         JOURNAL_RECIPE_KEY: _hashed_recipe(plan), JOURNAL_RECIPE_FINGERPRINT_KEY: plan.recipe.fingerprint(),
-        JOURNAL_PLAN_FINGERPRINT_KEY: plan.fingerprint(), JOURNAL_JOB_DIGEST_KEY: _plan_digest(plan),
+        JOURNAL_OUTPUT_FORMAT_KEY: plan.recipe.output_format, JOURNAL_PLAN_FINGERPRINT_KEY: plan.fingerprint(),
+        JOURNAL_JOB_DIGEST_KEY: _plan_digest(plan, [(name, names) for name, _, names in units]),
         JOURNAL_BASE_KEY: {JOURNAL_PATH_KEY: plan.recipe.base, JOURNAL_FINGERPRINT_KEY: plan.base_fingerprint},
         JOURNAL_INPUTS_KEY: _input_records(plan),
-        JOURNAL_SHARDS_KEY: [{JOURNAL_FILE_KEY: s.file_name, JOURNAL_SIZE_KEY: s.file_size} for s in plan.shards],
+        JOURNAL_UNITS_KEY: [{JOURNAL_FILE_KEY: name, JOURNAL_SIZE_KEY: size} for name, size, _ in units],
         JOURNAL_FILES_KEY: sorted(files),
     }
 
@@ -213,7 +209,7 @@ def job_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
                 found.append(f"input {i} ({b[JOURNAL_PATH_KEY]!r}) changed since the job started "
                              "(its weights differ)")
     if not found and old.get(JOURNAL_JOB_DIGEST_KEY) != new[JOURNAL_JOB_DIGEST_KEY]:
-        found.append("the merge plan (tensor map, shard map or method parameters) differs "
+        found.append("the merge plan (tensor map, output units or method parameters) differs "
                      "although the recipe and inputs look the same")
     return found
 
@@ -226,8 +222,8 @@ class JournalState:
 
     path: Path
     job: dict[str, Any]
-    shards: dict[str, ShardEntry]
-    """The latest record of each finished shard."""
+    units: dict[str, UnitEntry]
+    """The latest record of each finished unit."""
     complete: dict[str, FileEntry] | None
     """The other output files, when the last record says the job is complete."""
     intact_bytes: int
@@ -236,16 +232,21 @@ class JournalState:
     @property
     def names(self) -> set[str]:
         """Every output file name this job writes."""
-        shards = {s.get(JOURNAL_FILE_KEY) for s in self.job.get(JOURNAL_SHARDS_KEY) or []}
-        return {n for n in shards | set(self.job.get(JOURNAL_FILES_KEY) or []) if isinstance(n, str)}
+        units = {s.get(JOURNAL_FILE_KEY) for s in self.job.get(JOURNAL_UNITS_KEY) or []}
+        return {n for n in units | set(self.job.get(JOURNAL_FILES_KEY) or []) if isinstance(n, str)}
+
+    @property
+    def unit_names(self) -> list[str]:
+        """The job's planned units, in order."""
+        return [s[JOURNAL_FILE_KEY] for s in self.job.get(JOURNAL_UNITS_KEY) or []]
 
 
 def _is_job(rec: dict[str, Any]) -> bool:
-    shards = rec.get(JOURNAL_SHARDS_KEY)
+    units = rec.get(JOURNAL_UNITS_KEY)
     files = rec.get(JOURNAL_FILES_KEY)
-    return (rec.get(JOURNAL_RECORD_KEY) == JOURNAL_JOB and isinstance(shards, list) and isinstance(files, list)
+    return (rec.get(JOURNAL_RECORD_KEY) == JOURNAL_JOB and isinstance(units, list) and isinstance(files, list)
             and all(isinstance(s, dict) and isinstance(s.get(JOURNAL_FILE_KEY), str)
-                    and _is_size(s.get(JOURNAL_SIZE_KEY)) for s in shards)
+                    and (s.get(JOURNAL_SIZE_KEY) is None or _is_size(s.get(JOURNAL_SIZE_KEY))) for s in units)
             and all(isinstance(f, str) for f in files))
 
 
@@ -284,14 +285,14 @@ def read_journal(out_dir: Path) -> JournalState | None:
         intact += len(raw) + 1
     if not records or not _is_job(records[0]):
         raise _corrupt(path, 1, "the first record is not a job record")
-    shards: dict[str, ShardEntry] = {}
+    units: dict[str, UnitEntry] = {}
     complete: dict[str, FileEntry] | None = None
     for number, rec in enumerate(records[1:], start=2):
         kind = rec.get(JOURNAL_RECORD_KEY)
         try:
-            if kind == JOURNAL_SHARD:
-                entry = ShardEntry.from_record(rec)
-                shards[entry.file] = entry
+            if kind == JOURNAL_UNIT:
+                entry = UnitEntry.from_record(rec)
+                units[entry.file] = entry
                 complete = None
             elif kind == JOURNAL_COMPLETE:
                 complete = {name: FileEntry(v[JOURNAL_SIZE_KEY], v[JOURNAL_SHA256_KEY])
@@ -300,7 +301,7 @@ def read_journal(out_dir: Path) -> JournalState | None:
                 raise ValueError(f"unknown record type {kind!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _corrupt(path, number, str(e)) from e
-    return JournalState(path, records[0], shards, complete, intact)
+    return JournalState(path, records[0], units, complete, intact)
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -347,7 +348,7 @@ class Journal:
                               "re-run the same command to resume once the problem is fixed") from e
         kill_point("record")
 
-    def add_shard(self, entry: ShardEntry) -> None:
+    def add_unit(self, entry: UnitEntry) -> None:
         self.append(entry.record())
 
     def add_complete(self, files: dict[str, FileEntry]) -> None:

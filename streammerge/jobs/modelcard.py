@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from ..recipe import dump_recipe_yaml, format_weight
 
 if TYPE_CHECKING:
-    from ..execution.engine import MergeReport
     from ..planning.plan import MergePlan
+    from ..sinks.base import CardFacts
+    from .report import MergeReport
 
 VERSIONED_PACKAGES = ("streammerge", "torch", "safetensors", "huggingface_hub", "transformers", "peft")
 # Per-module statistics tables list at most this many tensors (the aggregate covers all).
@@ -33,17 +34,17 @@ def _aggregate(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     return {k: {"min": min(v), "mean": sum(v) / len(v), "max": max(v)} for k, v in values.items()}
 
 
-def _front_matter(plan: MergePlan) -> list[str]:
-    adapter = plan.recipe.output_format == "adapter"
+def _front_matter(plan: MergePlan, facts: CardFacts) -> list[str]:
     hub = [s.repo_id for s in plan.sources if s.repo_id]
-    lines = ["---", f"library_name: {'peft' if adapter else 'transformers'}"]
-    if adapter and plan.sources and plan.sources[0].repo_id:
-        lines.append(f"base_model: {plan.sources[0].repo_id}")
-    elif not adapter and hub:
-        lines += ["base_model:"] + [f"- {h}" for h in dict.fromkeys(hub)] + ["base_model_relation: merge"]
+    lines = ["---", f"library_name: {facts.library_name}"]
+    if facts.base_model_relation is None:  # an adapter of the base
+        if plan.sources and plan.sources[0].repo_id:
+            lines.append(f"base_model: {plan.sources[0].repo_id}")
+    elif hub:
+        lines += ["base_model:"] + [f"- {h}" for h in dict.fromkeys(hub)]
+        lines.append(f"base_model_relation: {facts.base_model_relation}")
     lines += ["tags:", "- merge", "- streammerge", f"- {plan.recipe.method}"]
-    if adapter:
-        lines.append("- lora")
+    lines += [f"- {tag}" for tag in facts.tags]
     return lines + ["---"]
 
 
@@ -85,27 +86,18 @@ def _stats_tables(stats: dict[str, dict[str, float]]) -> list[str]:
     return lines + ["", "</details>"]
 
 
-def render_model_card(plan: MergePlan, report: MergeReport) -> str:
-    """Markdown with YAML front matter, as the Hugging Face Hub expects."""
+def render_model_card(plan: MergePlan, report: MergeReport, facts: CardFacts) -> str:
+    """Markdown with YAML front matter, as the Hugging Face Hub expects; ``facts`` come from the output's sink."""
     recipe = plan.recipe
-    adapter = recipe.output_format == "adapter"
-    what = "Merged LoRA adapter" if adapter else "Merged model"
-    usage = (["```python", "from peft import AutoPeftModelForCausalLM",
-              'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/adapter")', "```"] if adapter else
-             ["```python", "from transformers import AutoModelForCausalLM",
-              'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")', "```"])
     lines = [
-        *_front_matter(plan),
+        *_front_matter(plan, facts),
         "",
-        f"# {what} ({recipe.method})",
+        f"# {facts.title} ({recipe.method})",
         "",
         f"Made with streammerge {_version('streammerge')} from the base model `{recipe.base}` and "
-        f"{len(recipe.inputs)} input(s) with the `{recipe.method}` method"
-        + (f"; the merged update is stored as a PEFT LoRA adapter "
-           f"({'truncated to rank ' + str(recipe.rank) + ' by SVD' if recipe.rank else 'exact factors'})."
-           if adapter else "."),
+        f"{len(recipe.inputs)} input(s) with the `{recipe.method}` method{facts.sentence}.",
         "",
-        *usage,
+        *facts.usage,
         "",
         "## Inputs",
         "",
@@ -125,7 +117,7 @@ def render_model_card(plan: MergePlan, report: MergeReport) -> str:
         "## Job",
         "",
         f"- tensors merged: {report.tensors_merged}, copied unchanged: {report.tensors_copied}",
-        f"- output: {len(report.shards)} file(s), {report.bytes_written:,} bytes",
+        f"- output: {len(report.files)} weight file(s), {report.bytes_written:,} bytes",
         f"- device: {report.device}; wall time {report.seconds:.1f} s; peak RSS {report.peak_rss / 2**20:,.0f} MiB "
         f"({report.peak_anon_rss / 2**20:,.0f} MiB anonymous)",
         "- versions: " + ", ".join(f"{p} {_version(p)}" for p in VERSIONED_PACKAGES)
@@ -133,7 +125,7 @@ def render_model_card(plan: MergePlan, report: MergeReport) -> str:
     ]
     lines += _stats_tables(report.stats)
     lines += ["", "## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]
-    lines += [f"| {r.file_name} | {r.size:,} | `{r.sha256}` |" for r in report.shards]
+    lines += [f"| {r.file_name} | {r.size:,} | `{r.sha256}` |" for r in report.files]
     return "\n".join(lines) + "\n"
 
 

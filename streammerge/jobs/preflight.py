@@ -16,15 +16,13 @@ import torch
 
 from ..planning.describe import free_disk_bytes
 from ..errors import AdapterError, DiskSpaceError
+from ..inputs.kinds import KINDS
 from ..io.dtypes import FLOAT_DTYPE_NAMES
-from ..io.reader import CheckpointReader, open_checkpoint
+from ..io.reader import BLOCK_BYTES, CheckpointReader, open_checkpoint
 from ..planning.plan import MergePlan
 
-__all__ = ["ADAPTER_KINDS", "check_finite_inputs", "check_free_space", "non_finite_counts"]
+__all__ = ["check_finite_inputs", "check_free_space", "non_finite_counts"]
 
-ADAPTER_KINDS = ("lora", "lora_bias", "replacement")
-# Rows of a tensor checked at a time: bounds memory for large saved modules (embeddings).
-_CHECK_BLOCK_BYTES = 64 << 20
 MAX_LISTED = 10
 
 
@@ -37,7 +35,7 @@ def non_finite_counts(reader: CheckpointReader, key: str) -> tuple[int, int]:
         tensor = reader.read(key)
         return int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
     row_bytes = max(1, info.nbytes // max(1, info.shape[0]))
-    step = max(1, _CHECK_BLOCK_BYTES // row_bytes)
+    step = max(1, BLOCK_BYTES // row_bytes)  # bounds memory for large saved modules
     nans = infs = 0
     for start in range(0, info.shape[0], step):
         block = reader.read_rows(key, start, min(info.shape[0], start + step))
@@ -53,11 +51,10 @@ def check_finite_inputs(plan: MergePlan) -> None:
         AdapterError: naming every bad tensor (up to ``MAX_LISTED``), its file and counts.
     """
     keys: dict[str, set[str]] = {}
-    for shard in plan.shards:
-        for job in shard.tensors:
-            for c in job.contributions:
-                if c.kind in ADAPTER_KINDS:
-                    keys.setdefault(c.file, set()).update(c.keys)
+    for job in plan.tensors:
+        for c in job.contributions:
+            if KINDS[c.kind].checked_before_job:
+                keys.setdefault(c.file, set()).update(c.keys)
     bad = list(_non_finite(keys.items()))
     if bad:
         listed = "\n".join(f"  - {key!r} in {file!r}: {nans} NaN, {infs} Inf" for file, key, nans, infs in bad)

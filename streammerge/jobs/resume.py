@@ -2,7 +2,7 @@
 
 ``open_job`` reads the directory and its journal and decides, changing nothing; the engine
 then runs its pre-flight checks, and ``JobStart.begin`` deletes our own stale files (partial
-writes, shards that fail verification, a job discarded by ``--restart``) and opens the journal.
+writes, units that fail verification, a job discarded by ``--restart``) and opens the journal.
 Files streammerge did not write are never deleted: a directory holding any is refused.
 """
 
@@ -14,11 +14,26 @@ from typing import Any
 
 from ..errors import OutputError, ResumeError
 from ..io.atomic import fsync_dir
-from .journal import Journal, JournalState, ShardEntry, job_differences, job_record, read_journal
-from ..names import INDEX_NAME, JOURNAL_NAME, MODEL_CARD_NAME, PARTIAL_SUFFIX, RECIPE_NAME
+from .journal import Journal, JournalState, UnitEntry, job_differences, job_record, read_journal
+from ..names import JOURNAL_NAME, PARTIAL_SUFFIX
 from ..planning.plan import MergePlan
 
-__all__ = ["JobStart", "open_job", "output_names"]
+__all__ = ["JobStart", "OutputLayout", "open_job"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What a sink will write: its units (name, planned size or None, tensor names) and its other files."""
+
+    units: list[tuple[str, int | None, list[str]]]
+    files: list[str]
+    """Files written once every unit is (the recipe and model card included)."""
+    keeps_units: bool = True
+    """Units stay in the finished output (False: scratch files, deleted once the job is complete)."""
+
+    @property
+    def unit_names(self) -> list[str]:
+        return [name for name, _, _ in self.units]
 
 
 @dataclass
@@ -29,12 +44,12 @@ class JobStart:
     job: dict[str, Any]
     state: JournalState | None
     """The existing journal to continue, or None to start a new one."""
-    done: dict[str, ShardEntry]
-    """Finished shards of this job, verified by size and checksum."""
+    done: dict[str, UnitEntry]
+    """Finished units of this job, verified by size and checksum."""
     complete: bool = False
     """The directory already holds this job, finished: nothing to do."""
     stale: list[Path] = field(default_factory=list)
-    """Our own files to delete first: partial files, shards that failed verification, a discarded job."""
+    """Our own files to delete first: partial files, units that failed verification, a discarded job."""
     notes: list[str] = field(default_factory=list)
 
     def begin(self) -> Journal:
@@ -56,13 +71,7 @@ def _ours(names: set[str]) -> set[str]:
     return names | {n + PARTIAL_SUFFIX for n in names} | {JOURNAL_NAME, JOURNAL_NAME + PARTIAL_SUFFIX}
 
 
-def output_names(plan: MergePlan, copied: list[str]) -> list[str]:
-    """The non-shard files a model job writes: copied model files, index, recipe, model card."""
-    names = [*copied, RECIPE_NAME, MODEL_CARD_NAME]
-    return names + [INDEX_NAME] if plan.write_index else names
-
-
-def open_job(out_dir: Path, plan: MergePlan, copied: list[str], restart: bool = False) -> JobStart:
+def open_job(out_dir: Path, plan: MergePlan, output: OutputLayout, restart: bool = False) -> JobStart:
     """Decide how a job starts in ``out_dir``: new, resumed, already finished, or refused.
 
     Reads and verifies, but changes nothing on disk (``JobStart.begin`` does).
@@ -72,8 +81,9 @@ def open_job(out_dir: Path, plan: MergePlan, copied: list[str], restart: bool = 
         ResumeError: it holds a job with another recipe or other inputs (and not ``restart``),
             or its journal is damaged.
     """
-    files = output_names(plan, copied)
-    job = job_record(plan, files)
+    files = output.files
+    job = job_record(plan, output.units, files)
+    unit_names = set(output.unit_names)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {str(out_dir)!r} exists and is not a directory")
     try:
@@ -87,9 +97,9 @@ def open_job(out_dir: Path, plan: MergePlan, copied: list[str], restart: bool = 
             raise
         state = None
     if state is not None:
-        mine = _ours({s.file_name for s in plan.shards} | set(files) | state.names)
+        mine = _ours(unit_names | set(files) | state.names)
     elif JOURNAL_NAME in present:  # damaged, and restart: this plan's names are all we can claim
-        mine = _ours({s.file_name for s in plan.shards} | set(files))
+        mine = _ours(unit_names | set(files))
     else:  # no job here: only leftovers of one that died before its journal existed
         mine = {n for n in present if n.endswith(PARTIAL_SUFFIX)}
     foreign = [n for n in present if n not in mine]
@@ -120,30 +130,34 @@ def open_job(out_dir: Path, plan: MergePlan, copied: list[str], restart: bool = 
         return JobStart(out_dir, job, None, {}, stale=[out_dir / n for n in present],
                         notes=["discarded the previous run of this job (--restart)"])
 
-    planned = {s.file_name: s.file_size for s in plan.shards}
-    if state.complete is not None and _looks_complete(out_dir, state, planned):
-        return JobStart(out_dir, job, state, dict(state.shards), complete=True)
-    done: dict[str, ShardEntry] = {}
+    planned = {name: size for name, size, _ in output.units}
+    if state.complete is not None and _looks_complete(out_dir, state, planned, output.keeps_units):
+        leftovers = [] if output.keeps_units else [out_dir / n for n in present if n in planned]
+        return JobStart(out_dir, job, state, dict(state.units), complete=True, stale=leftovers)
+    done: dict[str, UnitEntry] = {}
     notes: list[str] = []
-    for name, entry in state.shards.items():
+    for name, entry in state.units.items():
         if name not in planned:
             continue
-        problem = entry.check(out_dir) if entry.size == planned[name] else f"{name} has an unexpected size"
+        size = planned[name]
+        problem = entry.check(out_dir) if size is None or entry.size == size else f"{name} has an unexpected size"
         if problem is None:
             done[name] = entry
         else:
             notes.append(f"rewriting {name}: {problem}")
             stale.append(out_dir / name)
-    # Shards renamed into place whose record never made it: written again.
+    # Units renamed into place whose record never made it: written again.
     stale += [out_dir / n for n in present if n in planned and n not in done and out_dir / n not in stale]
     return JobStart(out_dir, job, state, done, stale=stale, notes=notes)
 
 
-def _looks_complete(out_dir: Path, state: JournalState, planned: dict[str, int]) -> bool:
-    """Every shard and file of a finished job is present with its recorded size (no checksums: a no-op is quick)."""
-    expected = {name: e.size for name, e in state.shards.items() if name in planned}
+def _looks_complete(out_dir: Path, state: JournalState, planned: dict[str, int | None], keeps_units: bool) -> bool:
+    """Every unit and file of a finished job is present with its recorded size (no checksums: a no-op is quick)."""
+    expected = {name: e.size for name, e in state.units.items() if name in planned}
     if set(expected) != set(planned):
         return False
+    if not keeps_units:
+        expected = {}  # scratch units were consumed by the finished output
     expected.update({name: f.size for name, f in (state.complete or {}).items()})
     for name, size in expected.items():
         path = out_dir / name

@@ -1,9 +1,9 @@
-"""``streammerge verify OUT``: check a merged model directory against its journal and index.
+"""``streammerge verify OUT``: check a merged model or adapter directory against its journal.
 
-With a journal (every directory streammerge writes has one), each shard and each other
-output file must be present with its recorded size and SHA-256, each shard's header must be
-valid, the job must be complete, and the index must place every tensor in a shard that holds
-it.  Without one (a model from elsewhere), the index and headers are checked, not checksums.
+With a journal (every directory streammerge writes has one), each kept output unit (shard) and
+each other output file must be present with its recorded size and SHA-256, each unit's header
+must be valid, the job must be complete, and the output format's own checks must pass (the
+index places every tensor in a journaled shard; the adapter's header and config are valid).  Without one (a model from elsewhere), the index and headers are checked, not checksums.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from pathlib import Path
 
 from ..errors import InputError, StreamMergeError
 from ..io.header import read_header
-from ..io.reader import open_checkpoint
-from .journal import file_sha256, read_journal
-from ..names import (JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_SHARDS_KEY, JOURNAL_SIZE_KEY, PARTIAL_SUFFIX,
-                    SAFETENSORS_SUFFIX)
+from ..io.atomic import file_sha256
+from ..names import JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_OUTPUT_FORMAT_KEY, JOURNAL_SIZE_KEY, JOURNAL_UNITS_KEY, PARTIAL_SUFFIX
+from ..sinks import SINKS
+from ..sinks.hf_model import HfModelSink
+from .journal import read_journal
 
 __all__ = ["Verification", "verify_output"]
 
@@ -56,7 +57,7 @@ def _check_shard(path: Path) -> str | None:
 
 
 def verify_output(out_dir: str | Path) -> Verification:
-    """Check every output file of a merged model directory.
+    """Check every output file of a merged model or adapter directory.
 
     Raises:
         InputError: ``out_dir`` is not a directory.
@@ -70,52 +71,53 @@ def verify_output(out_dir: str | Path) -> Verification:
     except StreamMergeError as e:
         result.problems.append(str(e))
         return result
-    shard_names: list[str] = []
     if state is None:
         result.notes.append(f"no {JOURNAL_NAME}: not written by streammerge, so only the index and headers are "
                             "checked, not checksums")
-    else:
-        planned = [(s[JOURNAL_FILE_KEY], s[JOURNAL_SIZE_KEY]) for s in state.job.get(JOURNAL_SHARDS_KEY) or []]
-        shard_names = [name for name, _ in planned]
-        for name, size in planned:
-            entry = state.shards.get(name)
-            if entry is None:
-                where = "is present but" if (out_dir / name).exists() else "is"
-                result.problems.append(f"{name}: {where} not recorded as finished")
-                continue
-            problem = _check_file(out_dir / name, entry.size, entry.sha256) or _check_shard(out_dir / name)
-            if problem is None and entry.size != size:
-                problem = f"{name}: {entry.size:,} bytes recorded, the job planned {size:,}"
-            if problem:
-                result.problems.append(problem)
-            else:
-                result.checked.append(f"{name}: {entry.size:,} bytes, header valid, sha256 {entry.sha256[:16]}… ok")
-        if state.complete is None:
-            finished = sum(1 for name in shard_names if name in state.shards)
-            result.problems.append(f"the job is not complete ({finished} of {len(shard_names)} shards finished); "
-                                   "re-run the same merge command to resume it")
-            return _leftovers(result)
-        for name, entry in sorted(state.complete.items()):
-            problem = _check_file(out_dir / name, entry.size, entry.sha256)
-            if problem:
-                result.problems.append(problem)
-            else:
-                result.checked.append(f"{name}: {entry.size:,} bytes, sha256 {entry.sha256[:16]}… ok")
-    try:
-        layout = open_checkpoint(out_dir)
-    except StreamMergeError as e:
-        result.problems.append(f"the model directory does not load: {e}")
+        _add(result, HfModelSink.check_output(out_dir, None))
         return _leftovers(result)
-    found = sorted(p.name for p in layout.shards)
-    if state is None:
-        result.checked += [f"{name}: header valid, {len(layout.headers[out_dir / name].tensors)} tensors"
-                           for name in found]
-    elif found != sorted(shard_names):
-        result.problems.append(f"the index names shards {found}, the journal {sorted(shard_names)}")
-    stray = sorted(p.name for p in out_dir.glob("*" + SAFETENSORS_SUFFIX) if p.name not in found)
-    if stray:
-        result.notes.append(f"safetensors files no index entry points to: {stray[:5]}")
+    output_format = state.job.get(JOURNAL_OUTPUT_FORMAT_KEY, "model")
+    sink = SINKS.get(output_format)
+    if sink is None:
+        result.problems.append(f"the journal names an unknown output format {output_format!r}")
+        return result
+    planned = [(s[JOURNAL_FILE_KEY], s[JOURNAL_SIZE_KEY]) for s in state.job.get(JOURNAL_UNITS_KEY) or []]
+    unit_names = [name for name, _ in planned]
+    for name, size in planned:
+        entry = state.units.get(name)
+        if entry is None:
+            where = "is present but" if (out_dir / name).exists() else "is"
+            result.problems.append(f"{name}: {where} not recorded as finished")
+            continue
+        if not sink.keeps_units and state.complete is not None:
+            continue  # a scratch unit, consumed by the finished output
+        problem = _check_file(out_dir / name, entry.size, entry.sha256) or _check_shard(out_dir / name)
+        if problem is None and size is not None and entry.size != size:
+            problem = f"{name}: {entry.size:,} bytes recorded, the job planned {size:,}"
+        if problem:
+            result.problems.append(problem)
+        else:
+            result.checked.append(f"{name}: {entry.size:,} bytes, header valid, sha256 {entry.sha256[:16]}… ok")
+    if state.complete is None:
+        finished = sum(1 for name in unit_names if name in state.units)
+        result.problems.append(f"the job is not complete ({finished} of {len(unit_names)} output units finished); "
+                               "re-run the same merge command to resume it")
+        return _leftovers(result)
+    for name, file_entry in sorted(state.complete.items()):
+        problem = _check_file(out_dir / name, file_entry.size, file_entry.sha256)
+        if problem:
+            result.problems.append(problem)
+        else:
+            result.checked.append(f"{name}: {file_entry.size:,} bytes, sha256 {file_entry.sha256[:16]}… ok")
+    _add(result, sink.check_output(out_dir, unit_names))
     return _leftovers(result)
+
+
+def _add(result: Verification, found: tuple[list[str], list[str], list[str]]) -> None:
+    checked, problems, notes = found
+    result.checked += checked
+    result.problems += problems
+    result.notes += notes
 
 
 def _leftovers(result: Verification) -> Verification:

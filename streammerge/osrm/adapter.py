@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..inputs.lora import PEFT_PREFIX
+from ..inputs.peft_config import peft_lora_config
 from ..errors import OutputError
 from ..io.atomic import write_bytes_atomic
 from ..io.writer import save_tensors
@@ -35,29 +36,10 @@ def lora_key(module: str, part: str) -> str:
 
 def lora_init_config(base: str, target_modules: Sequence[str], rank: int, alpha: float, *,
                      fan_in_fan_out: bool, task_type: str | None, lora_dropout: float = 0.0) -> dict[str, Any]:
-    """An ``adapter_config.json`` document PEFT loads as a plain LoRA (and streammerge merges)."""
+    """An ``adapter_config.json`` document PEFT loads as a plain LoRA to train from (and streammerge merges)."""
     targets: str | list[str] = "all-linear" if list(target_modules) == ["all-linear"] else sorted(target_modules)
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base,
-        "revision": None,
-        "inference_mode": False,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": lora_dropout,
-        "target_modules": targets,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,  # PEFT's default init, overwritten by the saved A and B on load
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
+    return peft_lora_config(base=base, target_modules=targets, r=rank, lora_alpha=alpha, task_type=task_type,
+                            fan_in_fan_out=fan_in_fan_out, lora_dropout=lora_dropout, inference_mode=False)
 
 
 def _json_bytes(doc: Mapping[str, Any]) -> bytes:

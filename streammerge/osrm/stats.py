@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..io.atomic import file_sha256 as io_file_sha256
 from ..io.writer import save_tensors
 from ..names import DEFAULT_METADATA, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX
 from .subspace import ModuleStats
@@ -121,15 +122,11 @@ def load_task_stats(path: Path) -> TaskStats | None:
 
 
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
+    """SHA-256 of a file's bytes (``InputError`` naming it when it cannot be read)."""
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        return io_file_sha256(path)
     except OSError as e:
         raise InputError(f"cannot read {str(path)!r}: {e.strerror or e}") from e
-    return digest.hexdigest()
 
 
 _WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_WEIGHT_SUFFIXES)

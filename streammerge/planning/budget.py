@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..io.dtypes import DTYPES
-from ..io.reader import COPY_CHUNK_BYTES
+from ..io.reader import BLOCK_BYTES, COPY_CHUNK_BYTES
+from ..inputs.kinds import KINDS
 from ..methods import MergeMethod
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 MiB = 2**20
 # fp32 bytes of one row block. Fixed (not derived from the budget) so that the output bytes
 # never depend on the memory limit a job ran under: BLAS may round differently per block shape.
-BLOCK_BYTES = 64 * MiB
 # Output blocks or copy chunks queued for the background writer.
 WRITE_QUEUE_DEPTH = 2
 # Interpreter, torch, numpy and our modules, measured as the peak RSS of a merge of a tiny model.
@@ -34,8 +34,6 @@ PROCESS_BASELINE_BYTES = 320 * MiB
 # 8192×2048 = 64 MiB fp32): TIES peaked at 978 MiB, i.e. ~7 copies over the baseline and blocks;
 # Breadcrumbs holds ~1 copy more than TIES inside the method, DARE-TIES ~1 less.
 DENSE_METHOD_COPIES = 7
-_DENSE_KINDS = ("replacement", "full", "lora_bias")
-_WHOLE_TENSOR_KINDS = ("replacement", "full")  # inputs that bring a whole tensor, not factors
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def streams_dense_rows(job: TensorJob, method: MergeMethod) -> bool:
     """Whether the engine merges ``job``'s whole-tensor inputs (full fine-tunes, replaced tensors)
     one row block at a time: the method is elementwise and no input is stored transposed."""
     return (method.elementwise and bool(job.shape) and not any(c.transposed for c in job.contributions)
-            and any(c.kind in _WHOLE_TENSOR_KINDS for c in job.contributions))
+            and any(KINDS[c.kind].whole_tensor for c in job.contributions))
 
 
 def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
@@ -86,19 +84,19 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     need = block * (4 + out_size)  # the fp32 block and its cast copy
     d_out = job.shape[0] if job.shape else 1
     d_in = n // d_out if d_out else 0
-    factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if c.kind == "lora")
+    factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if KINDS[c.kind].low_rank)
     need += 3 * 4 * factor_elems  # loaded factors, the method's intermediates, its concatenated result
     reasons = ["row blocks"]
     if streams_dense_rows(job, method):
         # Row block by row block: the base rows, one delta per input, the merged rows.
-        dense_inputs = {c.input_index for c in job.contributions if c.kind in _WHOLE_TENSOR_KINDS}
+        dense_inputs = {c.input_index for c in job.contributions if KINDS[c.kind].whole_tensor}
         need += (len(dense_inputs) + 2) * 4 * block
         reasons.append(f"{len(dense_inputs)} dense input block(s)")
         return need, " + ".join(reasons)
-    if method.reads_base or any(c.kind in _WHOLE_TENSOR_KINDS for c in job.contributions):
+    if method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions):
         need += 4 * n
         reasons.append("the whole fp32 base")
-    if method.dense_inputs or any(c.kind in _DENSE_KINDS for c in job.contributions):
+    if method.dense_inputs or any(not KINDS[c.kind].low_rank for c in job.contributions):
         need += DENSE_METHOD_COPIES * 4 * n
         reasons.append(f"{DENSE_METHOD_COPIES} dense fp32 copies")
     return need, " + ".join(reasons)

@@ -39,7 +39,8 @@ def _step_seconds(total_rank: int, width: int) -> float:
             + 12 * total_rank * width / STEP_ELEMENTS_PER_S)
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes for a person: 1.50 GiB, 12.00 MiB, 512 B."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -53,11 +54,11 @@ def _elements(shape: tuple[int, ...]) -> int:
     return n
 
 
-def estimate_seconds(plan: MergePlan) -> float:
+def estimate_seconds(plan: MergePlan, output_bytes: int) -> float:
     """Rough wall time of the job (see the module docstring for what it assumes)."""
     method = get_method(plan.recipe.method)
     params = dict(plan.method_params)
-    jobs = [t for s in plan.shards for t in s.tensors]
+    jobs = plan.tensors
     read = sum(t.out_bytes if t.is_copy else _elements(t.shape) * 2 for t in jobs)
     read += sum(s.bytes_read for s in plan.inputs)
     merged = [t for t in jobs if t.contributions]
@@ -75,7 +76,7 @@ def estimate_seconds(plan: MergePlan) -> float:
             for width in t.shape:  # the B side spans d_out, the A side d_in
                 k = width if params.get("search_space") == "full" else min(total_rank, width)
                 seconds += params["steps"] * _step_seconds(total_rank, k)
-    return seconds + read / READ_BYTES_PER_S + plan.output_bytes / WRITE_BYTES_PER_S
+    return seconds + read / READ_BYTES_PER_S + output_bytes / WRITE_BYTES_PER_S
 
 
 def free_disk_bytes(path: str | Path) -> int:
@@ -86,10 +87,16 @@ def free_disk_bytes(path: str | Path) -> int:
     return shutil.disk_usage(target).free
 
 
-def describe_plan(plan: MergePlan) -> str:
-    """A few lines a person reads before a long job starts."""
+def describe_plan(plan: MergePlan, output_line: str, output_bytes: int) -> str:
+    """A few lines a person reads before a long job starts.
+
+    Args:
+        plan: the plan.
+        output_line: the output format's own line (``Sink.describe``).
+        output_bytes: about how many bytes the output will hold (``Sink.output_bytes``).
+    """
     recipe = plan.recipe
-    jobs = [t for s in plan.shards for t in s.tensors]
+    jobs = plan.tensors
     copied = sum(1 for t in jobs if t.is_copy)
     cast = sum(1 for t in jobs if not t.is_copy and not t.contributions)
     base_src = plan.sources[0] if plan.sources else None
@@ -100,22 +107,15 @@ def describe_plan(plan: MergePlan) -> str:
         src = plan.sources[s.index + 1] if len(plan.sources) > s.index + 1 else None
         hub = f", Hub commit {src.commit}" if src and src.commit else ""
         lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {format_weight(s.weight)}, "
-                     f"{s.tensors_changed} tensors, {_size(s.bytes_read)} read"
+                     f"{s.tensors_changed} tensors, {format_size(s.bytes_read)} read"
                      + (f", ranks {list(s.ranks)}" if s.ranks else "") + hub + ")")
     lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
                  + (f"; cast only: {cast}" if cast else ""))
-    if recipe.output_format == "adapter":
-        from ..sinks.peft_adapter import describe_adapter_output
-
-        lines.append(describe_adapter_output(plan))
-    else:
-        lines.append(f"write: {plan.tensor_count} tensors ({plan.merged_count} merged) into {len(plan.shards)} shard(s), "
-                     f"{_size(plan.output_bytes)}" + (" + index" if plan.write_index else "")
-                     + ", config/tokenizer files, README.md, streammerge_recipe.json")
-    disk = f"disk: {_size(plan.output_bytes)} needed"
+    lines.append(output_line)
+    disk = f"disk: {format_size(output_bytes)} needed"
     if recipe.out:
         free = free_disk_bytes(recipe.out)
-        disk += f", {_size(free)} free at {recipe.out}" + ("" if free >= plan.output_bytes else " (NOT ENOUGH)")
-    lines += [f"memory: predicted peak memory {_size(plan.estimated_peak_bytes)}", disk,
-              f"time: roughly {estimate_seconds(plan):.0f} s on a 2-core CPU (much less on a GPU worker)"]
+        disk += f", {format_size(free)} free at {recipe.out}" + ("" if free >= output_bytes else " (NOT ENOUGH)")
+    lines += [f"memory: predicted peak memory {format_size(plan.estimated_peak_bytes)}", disk,
+              f"time: roughly {estimate_seconds(plan, output_bytes):.0f} s on a 2-core CPU (much less on a GPU worker)"]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from ..errors import PlanError, StreamMergeError
 from ..inputs.hub import resolve_source
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..names import ADAPTER_CONFIG_NAME
-from .plan import build_plan, count_layers, read_config
+from .plan import count_layers, plan_merge, read_config
 from ..recipe import InputSpec, Recipe
 
 __all__ = ["inspect_path", "render_inspection"]
@@ -77,7 +77,7 @@ def _compatibility(report: dict[str, Any], reference: str, revision: str | None,
     recipe = Recipe(base=base, revision=base_revision, device="cpu",
                     inputs=(InputSpec(path=reference, kind=report["kind"], revision=revision),))
     try:
-        plan = build_plan(recipe)
+        plan = plan_merge(recipe)
     except PlanError as e:
         report.update(compatible=False, problems=e.problems)
         return

@@ -16,19 +16,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..inputs.kinds import FULL, KINDS, LORA
 from ..inputs.lora import LoraAdapter, load_lora_adapter
 from .budget import budget_problems, estimate_memory
 from ..errors import InputError, PlanError, StreamMergeError
 from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
-from ..io.writer import layout_shard
 from ..methods import MergeMethod, get_method
-from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME
+from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,8 @@ class Contribution:
 
     Attributes:
         input_index: position of the input in the recipe.
-        kind: "lora" (keys = A, B), "lora_bias" (keys = bias), "replacement" (keys = the
-            replacing tensor) or "full" (keys = the fine-tuned tensor; ΔW = it − base).
+        kind: the input kind, a key of ``inputs.kinds.KINDS`` (what ``keys`` are and how they
+            become a task update).
         file: the safetensors file holding ``keys``.
         keys: tensor names inside ``file``.
         scale: LoRA scaling s (folded into B), 1 otherwise.
@@ -80,18 +79,6 @@ class TensorJob:
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One output file; ``tensors`` are in the order they are written (file order)."""
-
-    file_name: str
-    tensors: tuple[TensorJob, ...]
-
-    @property
-    def file_size(self) -> int:
-        return layout_shard((t.name, t.out_dtype, t.shape) for t in self.tensors).file_size
-
-
-@dataclass(frozen=True)
 class InputSummary:
     """What the plan found in one input."""
 
@@ -103,6 +90,8 @@ class InputSummary:
     tensors_changed: int
     ranks: tuple[int, ...] = ()
     bytes_read: int = 0
+    key_mapping: str = ""
+    """How its tensor names were mapped onto the base's ('' when they match as they are)."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +102,12 @@ class MergePlan:
     method_params: tuple[tuple[str, Any], ...]
     base_fingerprint: str
     inputs: tuple[InputSummary, ...]
-    shards: tuple[ShardJob, ...]
-    write_index: bool
+    tensors: tuple[TensorJob, ...]
+    """Every output tensor, in the base's order (virtual tensors such as an untied lm_head last)."""
+    base_files: tuple[str, ...]
+    """The base's weight file names, in order (sinks may keep its layout)."""
+    base_indexed: bool
+    """The base has a ``model.safetensors.index.json``."""
     config_updates: tuple[tuple[str, Any], ...]
     estimated_peak_bytes: int
     sources: tuple[Source, ...] = ()
@@ -137,16 +130,12 @@ class MergePlan:
                          for spec, src in zip(recipe.inputs, inputs)))
 
     @property
-    def output_bytes(self) -> int:
-        return sum(s.file_size for s in self.shards)
-
-    @property
     def tensor_count(self) -> int:
-        return sum(len(s.tensors) for s in self.shards)
+        return len(self.tensors)
 
     @property
     def merged_count(self) -> int:
-        return sum(1 for s in self.shards for t in s.tensors if t.contributions)
+        return sum(1 for t in self.tensors if t.contributions)
 
     def fingerprint(self) -> str:
         """SHA-256 of the plan's content: guards a resumed job against changed recipes or inputs."""
@@ -208,7 +197,7 @@ class _Planner:
         self.problems: list[str] = []
         self.contributions: dict[str, list[Contribution]] = {}
         self.virtual_sources: dict[str, str] = {}
-        embed = next((n for n in base.shard_of if n.endswith(_EMBED_SUFFIXES)), None)
+        embed = next((n for n in base.shard_of if n.endswith(TOKEN_EMBEDDING_SUFFIXES)), None)
         if LM_HEAD not in base.shard_of and embed is not None:
             # Tied embeddings: lm_head is not stored. An adapter that changes lm_head unties it.
             self.virtual_sources[LM_HEAD] = embed
@@ -267,7 +256,7 @@ class _Planner:
                     f"{m.target!r} has shape {list(self.base_shape(m.target))}")
                 continue
             ranks.append(m.rank)
-            self.add(m.target, Contribution(index, "lora", file, (m.a_key, m.b_key), m.scale, m.transposed,
+            self.add(m.target, Contribution(index, LORA.name, file, (m.a_key, m.b_key), m.scale, m.transposed,
                                                   rank=m.rank))
         for t in adapter.tensors:
             info = header.tensors[t.key]
@@ -297,7 +286,7 @@ class _Planner:
                 self.problems.append(f"{where}: tensor {name!r} has shape {list(info.shape)}, "
                                      f"the base has {list(self.base.info(name).shape)}")
                 continue
-            self.add(name, Contribution(index, "full", str(model.shard_of[name]), (name,)))
+            self.add(name, Contribution(index, FULL.name, str(model.shard_of[name]), (name,)))
             changed += 1
         return changed
 
@@ -339,8 +328,8 @@ def _filter_problems(recipe: Recipe, planner: _Planner, planned: set[int]) -> li
     return problems
 
 
-def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
-    """Validate a recipe against its files and produce the plan.
+def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
+    """Validate a recipe against its files and produce the plan (the output format's own checks are the sink's).
 
     Hub repo ids are resolved to local snapshots first (``hub.py``).
 
@@ -401,16 +390,15 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     if not planner.problems:
         problems += _filter_problems(recipe, planner, {s.index for s in summaries})
     for target, contribs in planner.contributions.items():
-        if len({c.transposed for c in contribs if c.kind == "lora"}) > 1:
+        if len({c.transposed for c in contribs if KINDS[c.kind].low_rank}) > 1:
             problems.append(f"inputs disagree on the orientation of {target!r} (fan_in_fan_out differs)")
     if problems:
         raise PlanError(problems)
     assert method is not None
 
     jobs = _tensor_jobs(base, planner, out_dtype)
-    shards, write_index = _shard_map(base, jobs, recipe.max_shard_size, planner.virtual_sources)
     config_updates: dict[str, Any] = {}
-    if any(LM_HEAD == t.name and t.source != LM_HEAD for s in shards for t in s.tensors):
+    if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
     if out_dtype is not None:
         # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
@@ -427,18 +415,13 @@ def build_plan(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         method_params=tuple(sorted(method_params.items())),
         base_fingerprint=layout_fingerprint(base),
         inputs=tuple(summaries),
-        shards=shards,
-        write_index=write_index,
+        tensors=tuple(jobs.values()),
+        base_files=tuple(shard.name for shard in base.shards),
+        base_indexed=base.index_path is not None,
         config_updates=tuple(sorted(config_updates.items())),
         estimated_peak_bytes=memory.host_bytes,
         sources=sources,
     )
-    if recipe.output_format == "adapter":
-        from ..sinks.peft_adapter import adapter_problems  # the adapter writer's own checks of the plan
-
-        problems = adapter_problems(plan, base_config)
-        if problems:
-            raise PlanError(problems)
     return plan
 
 
@@ -452,30 +435,3 @@ def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | Non
         contribs = tuple(sorted(planner.contributions.get(name, ()), key=lambda c: (c.input_index, c.kind)))
         jobs[name] = TensorJob(name, source, str(base.shard_of[source]), info.dtype, cast_to, info.shape, contribs)
     return jobs
-
-
-def _shard_map(base: CheckpointLayout, jobs: dict[str, TensorJob], max_shard_size: int | None,
-               virtual: dict[str, str]) -> tuple[tuple[ShardJob, ...], bool]:
-    def in_file_order(group: list[TensorJob]) -> tuple[TensorJob, ...]:
-        order = {slot.name: i for i, slot in enumerate(layout_shard((t.name, t.out_dtype, t.shape) for t in group).slots)}
-        return tuple(sorted(group, key=lambda t: order[t.name]))
-
-    if max_shard_size is None:
-        groups: dict[str, list[TensorJob]] = {shard.name: [] for shard in base.shards}
-        for name, job in jobs.items():
-            groups[base.shard_of[virtual.get(name, name)].name].append(job)
-        shards = tuple(ShardJob(file, in_file_order(group)) for file, group in groups.items())
-        return shards, base.index_path is not None
-    buckets: list[list[TensorJob]] = [[]]
-    size = 0
-    for job in jobs.values():
-        if buckets[-1] and size + job.out_bytes > max_shard_size:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(job)
-        size += job.out_bytes
-    if len(buckets) == 1:
-        return (ShardJob(SINGLE_FILE_NAME, in_file_order(buckets[0])),), False
-    count = len(buckets)
-    return tuple(ShardJob(SHARD_NAME_TEMPLATE.format(index=i + 1, count=count), in_file_order(b))
-                 for i, b in enumerate(buckets)), True

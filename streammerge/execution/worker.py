@@ -1,0 +1,257 @@
+"""The device worker: merges one ``TensorJob`` with the plan's method and hands back row blocks.
+
+The worker reads what a tensor's contributions need (through the input-kinds table), calls the
+method on canonical ``[d_out, d_in]`` updates, and streams ``W0 + ΔW`` back in fixed row blocks,
+in the stored orientation and output dtype, on the CPU.  It never knows which output format the
+blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (the update alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+
+from ..errors import AdapterError, OutputError
+from ..inputs.kinds import KINDS, TaskPart, lora_factors
+from ..io.dtypes import DTYPES
+from ..io.reader import CheckpointReader, open_checkpoint
+from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
+from ..planning.budget import rows_per_block, streams_dense_rows, tensor_working_set
+from ..planning.plan import Contribution, MergePlan, TensorJob
+
+__all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise OutputError("--device cuda was requested but torch sees no CUDA device; use --device auto or cpu")
+    return torch.device(name)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor random seed: a resumed or re-run job draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """Row ranges of a tensor whose fp32 blocks stay near ``budget.BLOCK_BYTES`` (at least one row)."""
+    if not shape:
+        yield 0, 1
+        return
+    rows = shape[0]
+    step = rows_per_block(shape)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+    if rows == 0:
+        yield 0, 0
+
+
+class Readers:
+    """One lazily opened reader per input file."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, CheckpointReader] = {}
+
+    def get(self, file: str) -> CheckpointReader:
+        reader = self._readers.get(file)
+        if reader is None:
+            reader = CheckpointReader(open_checkpoint(file))
+            self._readers[file] = reader
+        return reader
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+def contributions_by_input(job: TensorJob) -> dict[int, list[Contribution]]:
+    """``job``'s contributions grouped by input, in the order the plan lists them (an input may bring several)."""
+    by_input: dict[int, list[Contribution]] = {}
+    for c in job.contributions:
+        by_input.setdefault(c.input_index, []).append(c)
+    return by_input
+
+
+def _combine(parts: list[TaskPart]) -> TaskUpdate | None:
+    """One input's task update from its contributions' parts: factors alone stay low-rank."""
+    dense: torch.Tensor | None = None
+    low_rank: LowRankUpdate | None = None
+    for part in parts:
+        if part.up is not None and part.down is not None:
+            low_rank = LowRankUpdate(up=part.up, down=part.down)
+        elif part.delta is not None:
+            dense = part.delta if dense is None else dense.add_(part.delta)
+    if dense is None:
+        return low_rank
+    if low_rank is not None:
+        dense = dense.add_(low_rank.dense())
+    return DenseUpdate(dense)
+
+
+class TensorMerger:
+    """The device worker: merges one ``TensorJob`` with the plan's method."""
+
+    def __init__(self, plan: MergePlan, device: torch.device, readers: Readers, *, check_finite: bool = True) -> None:
+        self.plan = plan
+        self.main_device = device
+        self.device = device  # the device of the tensor being merged (see device_for)
+        self.readers = readers
+        self.check_finite = check_finite  # refuse input tensors holding NaN / Inf
+        self.method = get_method(plan.recipe.method)
+        self.params = dict(plan.method_params)
+
+    def device_for(self, job: TensorJob) -> torch.device:
+        """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
+        limit = self.plan.recipe.max_gpu_memory
+        if self.main_device.type != "cpu" and limit is not None:
+            if tensor_working_set(job, self.method)[0] > limit:
+                return torch.device("cpu")
+        return self.main_device
+
+    def _load(self, file: str, key: str) -> torch.Tensor:
+        tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
+        if self.check_finite and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
+        return tensor
+
+    def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.readers.get(file).read_rows(key, start, stop, torch.float32).to(self.device)
+
+    def _base(self, job: TensorJob, canonical_shape: tuple[int, ...], transposed: bool,
+              needs_values: bool) -> torch.Tensor:
+        """The base in canonical orientation: real values, or a zero-stride placeholder of the right shape."""
+        if not needs_values:
+            return torch.zeros((), device=self.device).expand(canonical_shape)
+        base = self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device)
+        return base.T if transposed else base
+
+    def merged_blocks(self, job: TensorJob) -> tuple[Iterator[torch.Tensor], dict[str, float]]:
+        """The merged tensor as row blocks (stored orientation, output dtype, CPU), and method stats.
+
+        The method sees factors only; the base is streamed through ``W0[rows] + L[rows] @ R``
+        block by block, so a tensor never needs more than its factors, one fp32 row block and
+        its cast copy — unless the method or a dense input needs the base values.
+        """
+        if streams_dense_rows(job, self.method):
+            return self._elementwise_blocks(job), {}
+        result, base, transposed = self.merge_update(job)
+        update = result.update if result is not None else None
+        stats = result.stats if result is not None else {}
+        return self._blocks(job, base, transposed, update), stats
+
+    def _elementwise_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
+        """Merge an elementwise method one row block at a time: base rows, each input's rows, merge, cast.
+
+        A full fine-tune of a 128k-row embedding then needs a few 64 MiB blocks instead of a whole
+        fp32 base, a whole fp32 delta per input and the result.  Every input's delta enters every
+        block, also where it is zero: the method is elementwise, so the result does not depend on
+        the blocking.
+        """
+        self.device = self.device_for(job)
+        out_dtype = DTYPES[job.out_dtype].torch_dtype
+        by_input = contributions_by_input(job)
+        factors = {(c.file, c.keys): lora_factors(c, self._load) for c in job.contributions if KINDS[c.kind].low_rank}
+        weights = tuple(contribs[0].weight for contribs in by_input.values())
+        generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
+        for start, stop in row_blocks(job.shape):
+            base = self._load_rows(job.source_file, job.source, start, stop)
+            updates = []
+            for contribs in by_input.values():
+                parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, factors.get((c.file, c.keys)))
+                         for c in contribs]
+                update = _combine(parts)
+                assert update is not None  # every input has a contribution here
+                updates.append(update)
+            result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), self.params)
+            update = result.update
+            if (self.check_finite and isinstance(update, DenseUpdate)
+                    and not math.isfinite(float(update.delta.sum()))):
+                self._refuse_non_finite_rows(job, start, stop)
+            if isinstance(update, LowRankUpdate):
+                base.addmm_(update.up, update.down)
+            else:
+                base.add_(update.delta)
+            yield base.to(out_dtype).contiguous().cpu()
+            del base, updates, result, update
+
+    def _refuse_non_finite_rows(self, job: TensorJob, start: int, stop: int) -> None:
+        """The merged delta of rows ``start:stop`` is not finite: name the whole-tensor input that is NaN / Inf.
+
+        One sum over the merged delta replaces an ``isfinite`` pass over every input (NaN and Inf
+        propagate through it); only when it is not finite are the inputs' rows checked one by one.
+        A finite sum that overflowed finds no culprit and the merge goes on.
+        """
+        for c in job.contributions:
+            if not KINDS[c.kind].whole_tensor:
+                continue  # factors and biases were checked whole when loaded / before the job
+            rows = self.readers.get(c.file).read_rows(c.keys[0], start, stop, torch.float32)
+            if not bool(torch.isfinite(rows).all()):
+                raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
+
+    def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
+        """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.
+
+        Returns:
+            The result (None when no input changes the tensor), the base values in canonical
+            orientation when they were read (None otherwise), and whether the stored tensor is
+            the transpose of the canonical one.
+        """
+        self.device = self.device_for(job)
+        transposed = any(c.transposed for c in job.contributions)
+        canonical = tuple(reversed(job.shape)) if transposed else job.shape
+        needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
+        base = self._base(job, canonical, transposed, needs_values)
+        updates, weights = [], []
+        for contribs in contributions_by_input(job).values():
+            parts = [KINDS[c.kind].update(c, self._load, base, transposed) for c in contribs]
+            update = _combine([p for p in parts if p is not None])
+            if update is not None:
+                updates.append(update)
+                weights.append(contribs[0].weight)  # the plan gives every input its weight per tensor
+        stored_base = base if needs_values else None
+        if not updates:
+            return None, stored_base, transposed
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
+        return result, stored_base, transposed
+
+    def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
+                update: TaskUpdate | None) -> Iterator[torch.Tensor]:
+        out_dtype = DTYPES[job.out_dtype].torch_dtype
+        if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
+            left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
+        elif isinstance(update, DenseUpdate):
+            delta = update.delta.T if transposed else update.delta
+        stored = None if base is None else (base.T if transposed else base)
+        for start, stop in row_blocks(job.shape):
+            if stored is not None:
+                block = stored[start:stop].clone() if job.shape else stored.clone()
+            else:
+                block = self._load_rows(job.source_file, job.source, start, stop)
+            if isinstance(update, LowRankUpdate):
+                if update.rank:
+                    block.addmm_(left[start:stop], right)
+            elif isinstance(update, DenseUpdate):
+                block.add_(delta[start:stop] if job.shape else delta)
+            yield block.to(out_dtype).contiguous().cpu()
+            del block
+
+    def copy_ranges(self, job: TensorJob) -> Iterator[Callable[[Callable[[str, bytes], None]], None]]:
+        """For an untouched tensor: callables that copy its stored bytes, chunk by chunk, into ``write_bytes``."""
+        reader = self.readers.get(job.source_file)
+        for start, stop in reader.byte_ranges(job.source):
+            yield partial(reader.copy_range, job.source, start, stop)
+
+    def prefetch(self, job: TensorJob) -> None:
+        """Ask the kernel to start reading ``job``'s base tensor now."""
+        self.readers.get(job.source_file).prefetch(job.source)

@@ -1,0 +1,177 @@
+"""``--output-format model``: a Hugging Face model directory.
+
+Units are safetensors shards: the base's own layout, or ``--max-shard-size`` buckets named
+``model-0000k-of-0000n.safetensors`` (``model.safetensors`` when one suffices).  Each shard is
+written tensor by tensor behind a background writer stage; the index, the config (with the
+plan's updates) and the base's tokenizer / generation files are written once every shard is.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..errors import StreamMergeError
+from ..io.atomic import copy_file_atomic, write_bytes_atomic
+from ..io.reader import open_checkpoint
+from ..io.writer import ShardWriter, layout_shard, write_index
+from ..io.stage import OrderedStage
+from ..jobs.faults import kill_point
+from ..names import (CONFIG_NAME, INDEX_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, SAFETENSORS_SUFFIX,
+                     SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME, WEIGHT_FILE_SUFFIXES)
+from ..planning.budget import WRITE_QUEUE_DEPTH
+from ..planning.describe import format_size
+from ..planning.plan import MergePlan, TensorJob
+from .base import CardFacts, OutputUnit, ProgressCallback, Sink, TensorSource, UnitResult, UnitTally
+
+__all__ = ["HfModelSink", "model_files"]
+
+
+def _in_file_order(group: list[TensorJob]) -> tuple[TensorJob, ...]:
+    order = {slot.name: i for i, slot in enumerate(layout_shard((t.name, t.out_dtype, t.shape) for t in group).slots)}
+    return tuple(sorted(group, key=lambda t: order[t.name]))
+
+
+def _unit(file_name: str, group: list[TensorJob]) -> OutputUnit:
+    tensors = _in_file_order(group)
+    return OutputUnit(file_name, tensors, layout_shard((t.name, t.out_dtype, t.shape) for t in tensors).file_size)
+
+
+def shard_units(plan: MergePlan) -> tuple[tuple[OutputUnit, ...], bool]:
+    """The output shards and whether an index is written: the base's layout, or ``max_shard_size`` buckets."""
+    max_shard_size = plan.recipe.max_shard_size
+    if max_shard_size is None:
+        groups: dict[str, list[TensorJob]] = {name: [] for name in plan.base_files}
+        for job in plan.tensors:
+            groups[Path(job.source_file).name].append(job)
+        return tuple(_unit(file, group) for file, group in groups.items()), plan.base_indexed
+    buckets: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in plan.tensors:
+        if buckets[-1] and size + job.out_bytes > max_shard_size:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(job)
+        size += job.out_bytes
+    if len(buckets) == 1:
+        return (_unit(SINGLE_FILE_NAME, buckets[0]),), False
+    count = len(buckets)
+    return tuple(_unit(SHARD_NAME_TEMPLATE.format(index=i + 1, count=count), b) for i, b in enumerate(buckets)), True
+
+
+def model_files(plan: MergePlan) -> list[Path]:
+    """The base's config, tokenizer and generation files: copied to the output."""
+    base_root = Path(plan.base_dir)
+    if base_root.is_file():
+        base_root = base_root.parent
+    return [path for path in sorted(base_root.iterdir())
+            if path.is_file() and not path.name.startswith(".") and path.name not in NOT_COPIED_NAMES
+            and not path.name.endswith((*WEIGHT_FILE_SUFFIXES, PARTIAL_SUFFIX))]
+
+
+class HfModelSink(Sink):
+    """Shards + index + config/tokenizer files: what ``from_pretrained`` loads."""
+
+    format = "model"
+
+    def __init__(self, plan: MergePlan) -> None:
+        super().__init__(plan)
+        self._units, self.write_index = shard_units(plan)
+
+    def problems(self) -> list[str]:
+        return []
+
+    def units(self) -> tuple[OutputUnit, ...]:
+        return self._units
+
+    def final_names(self) -> list[str]:
+        names = [p.name for p in model_files(self.plan)]
+        return names + [INDEX_NAME] if self.write_index else names
+
+    def write_unit(self, unit: OutputUnit, out_dir: Path, source: TensorSource, tally: UnitTally,
+                   progress: ProgressCallback | None) -> UnitResult:
+        """Write one shard, tensor by tensor, and rename it into place when complete.
+
+        Merging happens on this thread; writes, checksums and byte copies run on a background
+        stage behind a bounded queue, so the disk stays busy while the next tensor is merged.
+        """
+        layout = layout_shard((t.name, t.out_dtype, t.shape) for t in unit.tensors)
+        with ShardWriter(out_dir / unit.file_name, layout) as writer, \
+                OrderedStage("streammerge-writer", max_pending=WRITE_QUEUE_DEPTH) as stage:
+            for i, job in enumerate(unit.tensors):
+                if i + 1 < len(unit.tensors):
+                    source.prefetch(unit.tensors[i + 1])
+                if job.is_copy:
+                    for copy in source.copy_ranges(job):
+                        stage.submit(partial(copy, writer.write_bytes))
+                    tally.tensors_copied += 1
+                else:
+                    blocks, stats = source.merged_blocks(job)
+                    for block in blocks:
+                        stage.submit(partial(writer.write_tensor_block, job.name, block))
+                        del block
+                    if stats:
+                        tally.stats[job.name] = stats
+                    tally.tensors_merged += 1
+                if progress is not None:
+                    progress(job.name, job.out_bytes)
+            stage.drain()
+            digest = writer.commit()
+        return UnitResult(layout.file_size, digest)
+
+    def finish(self, out_dir: Path, extras: list[dict[str, Any]]) -> list[str]:
+        """Copy config, tokenizer and generation files (applying the plan's config updates); write the index."""
+        names = []
+        for path in model_files(self.plan):
+            if path.name == CONFIG_NAME and self.plan.config_updates:
+                config = json.loads(path.read_text(encoding="utf-8"))
+                config.update(dict(self.plan.config_updates))
+                write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+            else:
+                copy_file_atomic(path, out_dir / path.name)
+            names.append(path.name)
+            kill_point("file")
+        if self.write_index:
+            weight_map = {t.name: u.file_name for u in self._units for t in u.tensors}
+            write_index(out_dir, weight_map, sum(t.out_bytes for t in self.plan.tensors))
+            kill_point("file")
+            names.append(INDEX_NAME)
+        return names
+
+    def output_bytes(self) -> int:
+        shards = sum(u.size or 0 for u in self._units)
+        return shards + sum(p.stat().st_size for p in model_files(self.plan))
+
+    def describe(self) -> str:
+        shards = sum(u.size or 0 for u in self._units)
+        return (f"write: {self.plan.tensor_count} tensors ({self.plan.merged_count} merged) into "
+                f"{len(self._units)} shard(s), {format_size(shards)}" + (" + index" if self.write_index else "")
+                + ", config/tokenizer files, README.md, streammerge_recipe.json")
+
+    def card_facts(self) -> CardFacts:
+        return CardFacts(
+            library_name="transformers", title="Merged model",
+            usage=("```python", "from transformers import AutoModelForCausalLM",
+                   'model = AutoModelForCausalLM.from_pretrained("path/to/this/model")', "```"))
+
+    @classmethod
+    def check_output(cls, out_dir: Path, unit_names: list[str] | None) -> tuple[list[str], list[str], list[str]]:
+        """The directory loads as a checkpoint and its index names exactly the journaled shards (``unit_names``)."""
+        checked: list[str] = []
+        problems: list[str] = []
+        notes: list[str] = []
+        try:
+            layout = open_checkpoint(out_dir)
+        except StreamMergeError as e:
+            return checked, [f"the model directory does not load: {e}"], notes
+        found = sorted(p.name for p in layout.shards)
+        if unit_names is None:  # not written by streammerge: the headers are all there is to check
+            checked += [f"{name}: header valid, {len(layout.headers[out_dir / name].tensors)} tensors" for name in found]
+        elif found != sorted(unit_names):
+            problems.append(f"the index names shards {found}, the journal {sorted(unit_names)}")
+        stray = sorted(p.name for p in out_dir.glob("*" + SAFETENSORS_SUFFIX) if p.name not in found)
+        if stray:
+            notes.append(f"safetensors files no index entry points to: {stray[:5]}")
+        return checked, problems, notes
