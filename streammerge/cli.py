@@ -79,7 +79,10 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         if flag is None:
             continue
         default = defaults[f.name]
-        shown = f" (default: {default})" if default not in (None, "", MISSING) else ""
+        shown = f" (default: {default})" if default not in (None, "", MISSING, False) else ""
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=f.name, default=None, action="store_const", const=True, help=f.metadata["help"])
+            continue
         p.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
                        type=int if f.name in ("seed", "rank") else str,
                        metavar=f.metadata.get("metavar"), help=f.metadata["help"] + shown)

@@ -139,6 +139,9 @@ class Recipe:
                                 flag="--output-format")
     rank: int | None = _field(None, help="adapter output: truncate every update to this rank (truncated SVD); "
                                          "needed for methods whose result is dense", flag="--rank", metavar="K")
+    skip_missing: bool = _field(False, help="leave out adapter tensors the base has no counterpart for (e.g. a task "
+                                            "head saved through modules_to_save) instead of refusing them",
+                                flag="--skip-missing")
     device: str = _field("auto", help="worker device; auto = CUDA when present", flag="--device", compare=False)
     max_memory: int | None = _field(None, help="refuse to start if the predicted peak host memory exceeds SIZE "
                                                "(e.g. 2GB)", flag="--max-memory", metavar="SIZE", parse="size",

@@ -19,6 +19,7 @@ from ..errors import AdapterError, InputError
 from ..io.header import SafetensorsHeader
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_NAME, ADAPTER_WEIGHTS_NAME
+from .keymap import IDENTITY, KeyMapping, find_key_mapping
 from .kinds import LORA_BIAS, REPLACEMENT
 from .peft_config import LoraSettings, read_lora_settings
 from .pickled import convert_pickled_adapter
@@ -67,25 +68,14 @@ class LoraAdapter:
     weights: CheckpointLayout
     modules: tuple[LoraModule, ...]
     tensors: tuple[AdapterTensor, ...]
+    key_mapping: KeyMapping = IDENTITY
+    """How its module names were mapped onto the base's tensor names."""
+    skipped: tuple[str, ...] = ()
+    """Saved tensors left out because the base has no counterpart (``skip_missing``)."""
 
     @property
     def header(self) -> SafetensorsHeader:
         return self.weights.headers[self.weights.shards[0]]
-
-
-def resolve_target(module_weight: str, base_names: Collection[str]) -> str | None:
-    """The base tensor name for an adapter-side tensor name.
-
-    Adapters trained on a bare backbone (``AutoModel``) lack the ``model.`` prefix the
-    causal-LM checkpoint has, and the reverse; both spellings are tried.
-    """
-    candidates = [module_weight, "model." + module_weight]
-    if module_weight.startswith("model."):
-        candidates.append(module_weight[len("model."):])
-    for name in candidates:
-        if name in base_names:
-            return name
-    return None
 
 
 def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
@@ -110,8 +100,11 @@ def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
 
 
 def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str],
-                      allow_pickle: bool = False) -> LoraAdapter:
+                      allow_pickle: bool = False, skip_missing: bool = False) -> LoraAdapter:
     """Parse an adapter directory; append every mismatch with the base to ``problems``.
+
+    Module names are mapped onto the base's tensor names with the one prefix mapping that fits
+    every LoRA module (``keymap.py``): an adapter saved from a task model merges into its backbone.
 
     Args:
         root: the adapter directory.
@@ -119,6 +112,8 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
         problems: receives every mismatch with the base.
         allow_pickle: read a pickle-only adapter (``adapter_model.bin``) through
             ``torch.load(weights_only=True)``; otherwise it is refused unread.
+        skip_missing: leave out saved tensors the base has no counterpart for (a task head in
+            ``modules_to_save``) instead of refusing them; they are listed in ``skipped``.
 
     Raises:
         AdapterError / UnsupportedAdapterError: unreadable or unsupported adapter (fatal).
@@ -131,18 +126,12 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
     where = f"adapter {str(root)!r}"
 
     factors: dict[str, dict[str, str]] = {}
-    extra: list[AdapterTensor] = []
+    saved: list[tuple[str, str]] = []  # (key, base-side name) of modules_to_save / saved embedding layers
     for key in header.tensors:
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         match = _LORA_KEY.match(name)
         if match is None:
-            # modules_to_save / saved embedding layer: a full replacement of a base tensor.
-            plain = name.replace(_BASE_LAYER + ".", ".")
-            target = resolve_target(plain, base_names)
-            if target is None:
-                problems.append(f"{where}: tensor {key!r} replaces {plain!r}, which the base model does not have")
-            else:
-                extra.append(AdapterTensor(target=target, key=key, kind=REPLACEMENT.name))
+            saved.append((key, name.replace(_BASE_LAYER + ".", ".")))
             continue
         module, part, suffix = match["module"], match["part"], match["suffix"] or ""
         if suffix == ".bias":
@@ -151,18 +140,39 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
                 continue
             part = "lora_B_bias"
         factors.setdefault(module, {})[part] = key
+    if not factors and not saved:
+        problems.append(f"{where}: {ADAPTER_WEIGHTS_NAME} holds no tensors")
+        return LoraAdapter(root=root, settings=settings, weights=layout, modules=(), tensors=())
+
+    complete = [m for m, parts in factors.items() if _factor_keys(parts) is not None]
+    mapping, candidates = find_key_mapping([m + ".weight" for m in complete], [n for _, n in saved], base_names)
+    if mapping is None:
+        listed = "; ".join(m.describe() for m in candidates)
+        problems.append(f"{where}: its module names fit the base model's tensors under {len(candidates)} different "
+                        f"prefix mappings ({listed}); rename the adapter's keys so that only one fits")
+        return LoraAdapter(root=root, settings=settings, weights=layout, modules=(), tensors=())
 
     modules: list[LoraModule] = []
+    extra: list[AdapterTensor] = []
+    skipped: list[str] = []
+    for key, plain in saved:
+        target = mapping.apply(plain)
+        if target in base_names:
+            extra.append(AdapterTensor(target=target, key=key, kind=REPLACEMENT.name))
+        elif skip_missing:
+            skipped.append(key)
+        else:
+            problems.append(f"{where}: tensor {key!r} replaces {target!r}, which the base model does not have "
+                            "(a task head saved through modules_to_save?); pass --skip-missing to leave it out")
     for module, parts in factors.items():
-        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
-        b_key = parts.get("lora_embedding_B" if embedding else "lora_B")
-        if a_key is None or b_key is None:
+        keys = _factor_keys(parts)
+        if keys is None:
             problems.append(f"{where}: module {module!r} has only one of its LoRA factors ({sorted(parts)})")
             continue
-        target = resolve_target(module + ".weight", base_names)
-        if target is None:
-            problems.append(f"{where}: module {module!r} has no base tensor {module + '.weight'!r} in the base model")
+        embedding, a_key, b_key = keys
+        target = mapping.apply(module + ".weight")
+        if target not in base_names:
+            problems.append(f"{where}: module {module!r} has no base tensor {target!r} in the base model")
             continue
         r, _alpha = settings.rank_and_alpha(module)
         scale = settings.scaling(module)
@@ -176,6 +186,15 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
                 problems.append(f"{where}: module {module!r} has a LoRA bias but the base has no {bias_target!r}")
             else:
                 extra.append(AdapterTensor(target=bias_target, key=bias_key, kind=LORA_BIAS.name, scale=scale))
-    if not modules and not extra:
-        problems.append(f"{where}: {ADAPTER_WEIGHTS_NAME} holds no LoRA or replacement tensors")
-    return LoraAdapter(root=root, settings=settings, weights=layout, modules=tuple(modules), tensors=tuple(extra))
+    return LoraAdapter(root=root, settings=settings, weights=layout, modules=tuple(modules), tensors=tuple(extra),
+                       key_mapping=mapping, skipped=tuple(skipped))
+
+
+def _factor_keys(parts: dict[str, str]) -> tuple[bool, str, str] | None:
+    """(is an embedding LoRA, A key, B key) of a module's saved parts, or None when a factor is missing."""
+    embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_key = parts.get("lora_embedding_A" if embedding else "lora_A")
+    b_key = parts.get("lora_embedding_B" if embedding else "lora_B")
+    if a_key is None or b_key is None:
+        return None
+    return embedding, a_key, b_key

@@ -63,7 +63,8 @@ def _inputs_table(plan: MergePlan) -> list[str]:
         ranks = ",".join(map(str, s.ranks)) or "-"
         lines.append(f"| {s.index} | {s.kind} | `{s.path}` | {commit} | {format_weight(s.weight)} | {ranks} | "
                      f"{s.tensors_changed} | `{s.fingerprint}` |")
-    return lines
+    mapped = [f"- input {s.index}: {s.key_mapping}" for s in plan.inputs if s.key_mapping]
+    return lines + (["", "Key mappings onto the base's tensor names:", "", *mapped] if mapped else [])
 
 
 def _stats_tables(stats: dict[str, dict[str, float]]) -> list[str]:

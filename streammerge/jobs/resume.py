@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import OutputError, ResumeError
 from ..io.atomic import fsync_dir
 from .journal import Journal, JournalState, UnitEntry, job_differences, job_record, read_journal
-from ..names import JOURNAL_NAME, PARTIAL_SUFFIX
+from ..names import JOURNAL_NAME, PARTIAL_SUFFIX, SPOOL_SUFFIX
 from ..planning.plan import MergePlan
 
 __all__ = ["JobStart", "OutputLayout", "open_job"]
@@ -68,7 +68,9 @@ class JobStart:
 
 
 def _ours(names: set[str]) -> set[str]:
-    return names | {n + PARTIAL_SUFFIX for n in names} | {JOURNAL_NAME, JOURNAL_NAME + PARTIAL_SUFFIX}
+    """Our output names, their partial files, a sink's spool of a unit being written, and the journal."""
+    return (names | {n + PARTIAL_SUFFIX for n in names} | {n + SPOOL_SUFFIX + PARTIAL_SUFFIX for n in names}
+            | {JOURNAL_NAME, JOURNAL_NAME + PARTIAL_SUFFIX})
 
 
 def open_job(out_dir: Path, plan: MergePlan, output: OutputLayout, restart: bool = False) -> JobStart:

@@ -108,7 +108,8 @@ def describe_plan(plan: MergePlan, output_line: str, output_bytes: int) -> str:
         hub = f", Hub commit {src.commit}" if src and src.commit else ""
         lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {format_weight(s.weight)}, "
                      f"{s.tensors_changed} tensors, {format_size(s.bytes_read)} read"
-                     + (f", ranks {list(s.ranks)}" if s.ranks else "") + hub + ")")
+                     + (f", ranks {list(s.ranks)}" if s.ranks else "") + hub + ")"
+                     + (f"\n    {s.key_mapping}" if s.key_mapping else ""))
     lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
                  + (f"; cast only: {cast}" if cast else ""))
     lines.append(output_line)

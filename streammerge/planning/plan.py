@@ -371,12 +371,17 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
             continue  # its Hub problem is already reported
         try:
             if spec.kind == "adapter":
-                adapter = load_lora_adapter(source.local_path, planner.names, planner.problems, allow_pickle)
+                adapter = load_lora_adapter(source.local_path, planner.names, planner.problems, allow_pickle,
+                                            recipe.skip_missing)
                 ranks = planner.add_adapter(index, adapter)
                 layout = adapter.weights
+                mapping = adapter.key_mapping.describe()
+                if adapter.skipped:
+                    mapping = "; ".join(filter(None, [mapping, f"left out (no base tensor): {list(adapter.skipped)}"]))
             else:
                 layout = open_checkpoint(source.local_path)
                 ranks = ()
+                mapping = ""
                 planner.add_model(index, layout)
         except StreamMergeError as e:
             planner.problems.append(str(e))
@@ -385,7 +390,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         changed = sum(1 for cs in planner.contributions.values() if any(c.input_index == index for c in cs))
         read = sum(layout.headers[Path(c.file)].tensors[k].nbytes for c in mine for k in c.keys)
         summaries.append(InputSummary(index, spec.kind, spec.path, spec.weight, layout_fingerprint(layout),
-                                      changed, ranks, read))
+                                      changed, ranks, read, mapping))
     problems += planner.problems
     if not planner.problems:
         problems += _filter_problems(recipe, planner, {s.index for s in summaries})

@@ -33,6 +33,7 @@ from ..io.dtypes import DTYPES, byte_size, safetensors_name
 from ..io.header import read_header
 from ..io.reader import BLOCK_BYTES, CheckpointReader, open_checkpoint
 from ..io.writer import ShardWriter, layout_shard, tensor_bytes
+from ..jobs.faults import kill_point
 from ..methods import TaskUpdate
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PART_TEMPLATE, ADAPTER_WEIGHTS_NAME, SPOOL_SUFFIX
 from ..planning.plan import MergePlan, TensorJob, read_config, resolve_dtype
@@ -211,9 +212,11 @@ class PeftAdapterSink(Sink):
         zero_biases = {f"{PEFT_PREFIX}{m}.lora_B.bias": (d_out[m],)
                        for m in sorted((set(ranks) & linear) - biases)} if biases else {}
         self._assemble(out_dir, zero_biases)
+        kill_point("file")
         fan = any(t.fan_in_fan_out for t in self.targets.values() if t.kind == "linear")
         config = self._config(ranks, saved, fan, bool(biases))
         write_bytes_atomic(out_dir / ADAPTER_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        kill_point("file")
         return [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
 
     def _assemble(self, out_dir: Path, zero_biases: dict[str, tuple[int, ...]]) -> None:
