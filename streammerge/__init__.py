@@ -14,6 +14,7 @@ if "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .errors import StreamMergeError
+from .version import __version__
 from .execution.engine import build_plan, run_plan
 from .jobs.report import MergeReport
 from .methods import REGISTRY as METHODS
@@ -21,7 +22,6 @@ from .planning.plan import MergePlan
 from .recipe import InputSpec, Recipe, WeightOverride, load_recipe_file
 from .jobs.verify import Verification, verify_output
 
-__version__ = "0.1.0"
 
 __all__ = ["METHODS", "InputSpec", "MergePlan", "MergeReport", "Recipe", "StreamMergeError", "build_plan",
            "merge", "run_plan", "verify_output", "Verification", "__version__"]

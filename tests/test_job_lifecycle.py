@@ -24,7 +24,7 @@ from streammerge.names import ADAPTER_WEIGHTS_NAME, JOURNAL_NAME, PARTIAL_SUFFIX
 from streammerge.recipe import OUTPUT_FORMATS
 from streammerge.sinks import SINKS, sink_for
 from tests.helpers import REPO, run_cli
-from tests.test_resume import assert_same_output, killed_run
+from tests.test_resume import assert_same_output, killed_run, out  # noqa: F401 - `out` is a fixture
 from tools.synthetic import PRESETS, write_adapter, write_model
 
 
@@ -43,15 +43,6 @@ def world(tmp_path_factory, one_torch_thread):
     reference = root / "reference"
     out.rename(reference)
     return {"root": root, "base": base, "adapters": adapters, "out": out, "plan": plan, "reference": reference}
-
-
-@pytest.fixture
-def out(world):
-    import shutil
-    path = world["out"]
-    shutil.rmtree(path, ignore_errors=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_every_output_format_has_a_sink():

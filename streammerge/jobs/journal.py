@@ -29,6 +29,7 @@ from typing import Any
 from ..errors import InputError, OutputError, ResumeError
 from .faults import kill_point
 from ..io.atomic import file_sha256, write_bytes_atomic
+from ..version import __version__
 from ..names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
                     JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY, JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY,
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
@@ -155,8 +156,6 @@ def job_record(plan: MergePlan, units: list[tuple[str, int | None, list[str]]], 
         units: the sink's output units: (file name, planned size or None, tensor names).
         files: the other files the job writes.
     """
-    from .. import __version__  # the package imports the engine, which imports this module
-
     return {
         JOURNAL_RECORD_KEY: JOURNAL_JOB, JOURNAL_FORMAT_KEY: JOURNAL_FORMAT, JOURNAL_VERSION_KEY: __version__,
         JOURNAL_RECIPE_KEY: _hashed_recipe(plan), JOURNAL_RECIPE_FINGERPRINT_KEY: plan.recipe.fingerprint(),
