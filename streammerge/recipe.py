@@ -186,10 +186,6 @@ class Recipe:
             problems.append(f"output_format: {self.output_format!r} must be one of {list(OUTPUT_FORMATS)}")
         if self.rank is not None and self.rank <= 0:
             problems.append(f"rank: must be a positive integer, got {self.rank}")
-        if self.rank is not None and self.output_format != "adapter":
-            problems.append("rank: only applies with output_format 'adapter' (--output-format adapter)")
-        if self.output_format == "adapter" and self.max_shard_size is not None:
-            problems.append("max_shard_size: an adapter is written as one file; drop --max-shard-size")
         problems += _method_problems(self.method, self.params)
         return problems
 

@@ -151,3 +151,12 @@ def test_three_concurrent_identical_merges_into_one_directory(world, tmp_path, o
     for shard in sorted(lone.glob("model-*.safetensors")):
         assert (out / shard.name).read_bytes() == shard.read_bytes()
     assert (out / JOURNAL_NAME).exists()
+
+
+def test_each_sink_refuses_what_it_cannot_write_at_plan_time(world):
+    from streammerge.errors import PlanError
+    recipe = world["plan"].recipe
+    with pytest.raises(PlanError, match="rank: only applies with output_format 'adapter'"):
+        build_plan(replace(recipe, output_format="model", rank=4))
+    with pytest.raises(PlanError, match="max_shard_size: an adapter is written as one file"):
+        build_plan(replace(recipe, max_shard_size=10_000))

@@ -81,6 +81,8 @@ class HfModelSink(Sink):
         self._units, self.write_index = shard_units(plan)
 
     def problems(self) -> list[str]:
+        if self.plan.recipe.rank is not None:
+            return ["rank: only applies with output_format 'adapter' (--output-format adapter)"]
         return []
 
     def units(self) -> tuple[OutputUnit, ...]:

@@ -139,6 +139,8 @@ class PeftAdapterSink(Sink):
                      for i, g in enumerate(filled))
 
     def problems(self) -> list[str]:
+        if self.plan.recipe.max_shard_size is not None:
+            return ["max_shard_size: an adapter is written as one file; drop --max-shard-size", *self._problems]
         return list(self._problems)
 
     def units(self) -> tuple[OutputUnit, ...]:
