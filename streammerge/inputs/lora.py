@@ -2,7 +2,8 @@
 
 PEFT saves ``base_model.model.<module>.lora_A.weight`` [r, d_in] and ``...lora_B.weight``
 [d_out, r] for linear layers, ``...lora_embedding_A`` [r, vocab] / ``...lora_embedding_B``
-[hidden, r] for embeddings, ``...lora_B.bias`` with ``lora_bias``, and full tensors for
+[hidden, r] for embeddings, ``...lora_B.bias`` with ``lora_bias``, ``...lora_magnitude_vector``
+[d_out] ([hidden] for embeddings) with DoRA (``use_dora``), and full tensors for
 ``modules_to_save`` (``<module>.weight``) and saved embedding layers
 (``<module>.base_layer.weight``).  This module turns those keys into plain data: which base
 tensor each one changes and how (no tensor data is read here).
@@ -24,14 +25,18 @@ from .pickled import convert_pickled_adapter
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?P<suffix>\.weight|\.bias)?$")
 _BASE_LAYER = ".base_layer"
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ``ΔW = scale · B @ A`` (stored transposed when ``transposed``)."""
+    """One adapted module: ``ΔW = scale · B @ A`` (stored transposed when ``transposed``).
+
+    ``magnitude_key`` names DoRA's ``lora_magnitude_vector`` (None for plain LoRA); such a
+    module's task vector comes from ``inputs.dora``, not from ``scale · B @ A`` alone.
+    """
 
     module: str
     target: str
@@ -41,6 +46,7 @@ class LoraModule:
     scale: float
     transposed: bool
     embedding: bool
+    magnitude_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
 
 
 def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str],
-                      allow_pickle: bool = False) -> LoraAdapter:
+                      allow_pickle: bool = False, accept_dora: bool = False) -> LoraAdapter:
     """Parse an adapter directory; append every mismatch with the base to ``problems``.
 
     Args:
@@ -118,13 +124,14 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
         problems: receives every mismatch with the base.
         allow_pickle: read a pickle-only adapter (``adapter_model.bin``) through
             ``torch.load(weights_only=True)``; otherwise it is refused unread.
+        accept_dora: read DoRA adapters (magnitude keys on the modules); otherwise refused.
 
     Raises:
         AdapterError / UnsupportedAdapterError: unreadable or unsupported adapter (fatal).
     """
     root = Path(root)
     config_path, weights_path = _adapter_files(root, allow_pickle)
-    settings = read_lora_settings(config_path)
+    settings = read_lora_settings(config_path, accept_dora)
     layout = open_checkpoint(weights_path)
     header = layout.headers[weights_path]
     where = f"adapter {str(root)!r}"
@@ -163,11 +170,17 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
         if target is None:
             problems.append(f"{where}: module {module!r} has no base tensor {module + '.weight'!r} in the base model")
             continue
+        magnitude_key = parts.get("lora_magnitude_vector")
+        if (magnitude_key is not None) != settings.use_dora:
+            problems.append(f"{where}: module {module!r} " + (
+                "has no lora_magnitude_vector although use_dora is set" if settings.use_dora
+                else "has a lora_magnitude_vector although use_dora is not set"))
+            continue
         r, _alpha = settings.rank_and_alpha(module)
         scale = settings.scaling(module)
         modules.append(LoraModule(
             module=module, target=target, a_key=a_key, b_key=b_key, rank=r, scale=scale,
-            transposed=embedding or settings.fan_in_fan_out, embedding=embedding))
+            transposed=embedding or settings.fan_in_fan_out, embedding=embedding, magnitude_key=magnitude_key))
         bias_key = parts.get("lora_B_bias")
         if bias_key is not None:
             bias_target = target[: -len(".weight")] + ".bias"

@@ -22,7 +22,6 @@ _PLAIN_INITS = {True, False, "gaussian", "true", "false"}
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "lora_ga")
 # Fields whose truthy value means the adapter is not plain LoRA.
 _UNSUPPORTED_TRUTHY = {
-    "use_dora": "DoRA adapters carry a magnitude vector; merging them as plain LoRA would be wrong",
     "layer_replication": "layer replication changes the model's layer structure",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported yet",
     "trainable_token_indices": "trainable token deltas are not supported yet",
@@ -31,6 +30,7 @@ _UNSUPPORTED_TRUTHY = {
     "use_bdlora": "block-diagonal LoRA is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; a merge cannot express it",
 }
+_DORA_REFUSED = "DoRA adapters carry a magnitude vector; merging them as plain LoRA would be wrong"
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class LoraSettings:
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None
     base_model_class: str | None = None
+    use_dora: bool = False
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """The (r, α) PEFT uses for ``module`` (pattern keys match a dotted suffix, as in PEFT)."""
@@ -80,14 +81,22 @@ def _refuse(path: Path, field_name: str, value: Any, why: str) -> UnsupportedAda
         f"adapter {str(path)!r}: {field_name}={value!r} is not supported: {why}")
 
 
-def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
-    """Validate an adapter_config.json document; refuse every unsupported feature by name."""
+def parse_lora_settings(path: Path, doc: dict[str, Any], accept_dora: bool = False) -> LoraSettings:
+    """Validate an adapter_config.json document; refuse every unsupported feature by name.
+
+    ``accept_dora``: the caller merges DoRA (``inputs.dora``); otherwise ``use_dora`` is refused.
+    """
     peft_type = doc.get("peft_type")
     if peft_type != "LORA":
         raise _refuse(path, "peft_type", peft_type, "only LoRA adapters can be merged")
     for name, why in _UNSUPPORTED_TRUTHY.items():
         if doc.get(name):
             raise _refuse(path, name, doc[name], why)
+    use_dora = bool(doc.get("use_dora", False))
+    if use_dora and not accept_dora:
+        raise _refuse(path, "use_dora", doc["use_dora"], _DORA_REFUSED)
+    if use_dora and doc.get("lora_bias"):
+        raise _refuse(path, "lora_bias", doc["lora_bias"], "PEFT itself refuses lora_bias together with use_dora")
     init = doc.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
         why = ("this initialisation rewrites the base weights, so the adapter is relative to a modified base; "
@@ -136,6 +145,7 @@ def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
         modules_to_save=tuple(modules_to_save),
         base_model_name_or_path=_string(doc.get("base_model_name_or_path")),
         base_model_class=_string(auto.get("base_model_class") if isinstance(auto, dict) else None),
+        use_dora=use_dora,
     )
 
 
@@ -143,12 +153,12 @@ def _string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_lora_settings(config_path: Path) -> LoraSettings:
-    """Read and validate ``adapter_config.json``."""
+def read_lora_settings(config_path: Path, accept_dora: bool = False) -> LoraSettings:
+    """Read and validate ``adapter_config.json`` (``accept_dora``: see ``parse_lora_settings``)."""
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdapterError(f"cannot read adapter config {str(config_path)!r}: {str(e)[:300]}") from e
     if not isinstance(doc, dict):
         raise AdapterError(f"adapter config {str(config_path)!r} must be a JSON object")
-    return parse_lora_settings(config_path.parent, doc)
+    return parse_lora_settings(config_path.parent, doc, accept_dora)
