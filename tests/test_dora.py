@@ -42,7 +42,7 @@ def dora_merged(base: Path, adapter: Path, block_rows: int = BLOCK_ROWS) -> tupl
     """Our W0 + τ for every DoRA module, in fp32, computed block by block from the files."""
     layout = open_checkpoint(base)
     problems: list[str] = []
-    parsed = load_lora_adapter(adapter, layout.tensor_names, problems, accept_dora=True)
+    parsed = load_lora_adapter(adapter, layout.tensor_names, problems, accept=("use_dora",))
     assert problems == []
     factors = load_adapter_file(adapter)
     merged: dict[str, torch.Tensor] = {}
@@ -140,9 +140,9 @@ def test_dora_refused_unless_accepted() -> None:
     doc = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_dora": True}
     with pytest.raises(UnsupportedAdapterError, match="use_dora=True"):
         parse_lora_settings(Path("/adapters/x"), doc)
-    assert parse_lora_settings(Path("/adapters/x"), doc, accept_dora=True).use_dora
+    assert parse_lora_settings(Path("/adapters/x"), doc, accept=("use_dora",)).use_dora
     with pytest.raises(UnsupportedAdapterError, match="lora_bias"):
-        parse_lora_settings(Path("/adapters/x"), {**doc, "lora_bias": True}, accept_dora=True)
+        parse_lora_settings(Path("/adapters/x"), {**doc, "lora_bias": True}, accept=("use_dora",))
 
 
 def test_magnitude_without_use_dora_is_a_problem(llama_fp32: Path, tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
 
 
 def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str],
-                      allow_pickle: bool = False, accept_dora: bool = False) -> LoraAdapter:
+                      allow_pickle: bool = False, accept: Collection[str] = ()) -> LoraAdapter:
     """Parse an adapter directory; append every mismatch with the base to ``problems``.
 
     Args:
@@ -124,14 +124,16 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
         problems: receives every mismatch with the base.
         allow_pickle: read a pickle-only adapter (``adapter_model.bin``) through
             ``torch.load(weights_only=True)``; otherwise it is refused unread.
-        accept_dora: read DoRA adapters (magnitude keys on the modules); otherwise refused.
+        accept: opt-in adapter features the caller merges (``peft_config.DORA_FEATURE``: DoRA,
+            magnitude keys on the modules; ``TARGET_PARAMETERS_FEATURE``: their keys are
+            left to ``inputs.moe``); otherwise refused.
 
     Raises:
         AdapterError / UnsupportedAdapterError: unreadable or unsupported adapter (fatal).
     """
     root = Path(root)
     config_path, weights_path = _adapter_files(root, allow_pickle)
-    settings = read_lora_settings(config_path, accept_dora)
+    settings = read_lora_settings(config_path, accept)
     layout = open_checkpoint(weights_path)
     header = layout.headers[weights_path]
     where = f"adapter {str(root)!r}"
@@ -151,6 +153,9 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
                 extra.append(AdapterTensor(target=target, key=key, kind="replacement"))
             continue
         module, part, suffix = match["module"], match["part"], match["suffix"] or ""
+        if settings.target_parameters and settings.targeted_parameters(module.replace(_BASE_LAYER, "")) and (
+                _BASE_LAYER in module or resolve_target(module + ".weight", base_names) is None):
+            continue  # a ParamWrapper's factors (target_parameters on a non-Linear module): inputs.moe reads them
         if suffix == ".bias":
             if part != "lora_B":
                 problems.append(f"{where}: unexpected bias tensor {key!r}")
