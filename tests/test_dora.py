@@ -79,7 +79,7 @@ def test_one_dora_adapter_equals_peft_merge_and_unload(tmp_path: Path, dtype: to
 def test_dora_conv1d_fan_in_fan_out_equals_peft(tmp_path: Path) -> None:
     base = save_tiny_gpt2(tmp_path / "gpt2")
     adapter = save_dora_adapter(base, tmp_path / "dora", torch.float32, seed=2, r=4, lora_alpha=4,
-                                target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+                                target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, use_rslora=True)
     reference = peft_merged_state(base, adapter, torch.float32)
     ours, modules = dora_merged(base, adapter)
     assert all(m.transposed for m in modules)

@@ -77,7 +77,7 @@ def test_bad_options_are_refused() -> None:
 
 
 def test_extracted_adapter_loads_in_peft(tmp_path: Path) -> None:
-    """FT = base + (rank-6 change + noise); the rank-4 extraction, written as a PEFT adapter, merges to base + UΣVᵀ."""
+    """FT = base + (rank-6 change + noise); the rank-4 extraction as a PEFT adapter merges to base + UΣVᵀ."""
     from peft import PeftModel
     base = save_tiny_llama(tmp_path / "base", torch.float32)
     weights = read_model(base)
@@ -90,7 +90,8 @@ def test_extracted_adapter_loads_in_peft(tmp_path: Path) -> None:
                  + torch.randn(d_out, d_in, generator=gen) * 1e-4)
         out = extract_low_rank(delta, 4)
         module = "base_model.model." + name[: -len(".weight")]
-        tensors[module + ".lora_A.weight"], tensors[module + ".lora_B.weight"] = out.down.contiguous(), out.up.contiguous()
+        tensors[module + ".lora_A.weight"] = out.down.contiguous()
+        tensors[module + ".lora_B.weight"] = out.up.contiguous()
         exact = torch.linalg.svdvals(delta.double())
         errors[name] = (out, delta, float((exact[4:] ** 2).sum().sqrt() / (exact ** 2).sum().sqrt()))
     adapter = tmp_path / "extracted"
@@ -105,6 +106,7 @@ def test_extracted_adapter_loads_in_peft(tmp_path: Path) -> None:
     merged = PeftModel.from_pretrained(load_causal_lm(base, torch.float32), adapter).merge_and_unload().state_dict()
     for name, (out, delta, exact_error) in errors.items():
         torch.testing.assert_close(merged[name], weights[name] + out.up @ out.down, rtol=1e-6, atol=1e-6)
-        achieved = float(torch.linalg.vector_norm(merged[name] - weights[name] - delta) / torch.linalg.vector_norm(delta))
+        residual = merged[name] - weights[name] - delta
+        achieved = float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(delta))
         assert out.relative_error == pytest.approx(exact_error, rel=1e-3)
         assert achieved == pytest.approx(exact_error, rel=1e-2)

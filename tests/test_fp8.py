@@ -169,3 +169,20 @@ def test_fp8_base_merge_round_trips_through_transformers(tmp_path: Path) -> None
                 want = out_bf16[name]
             assert torch.equal(loaded[name], want), (folder, name)
         assert torch.equal(loaded["model.embed_tokens.weight"], out_fp8["model.embed_tokens.weight"])
+
+
+def test_reader_reads_fp8_weights_and_ue8m0_scales(tmp_path: Path) -> None:
+    values = torch.randn(256, 130, generator=torch.Generator().manual_seed(2))
+    fmt = Fp8Format(scale_fmt="ue8m0")
+    weight, scale = stream_quantize(values, fmt)
+    save_file({"m.weight": weight, "m.weight_scale_inv": scale}, str(tmp_path / "model.safetensors"))
+    layout = open_checkpoint(tmp_path)
+    assert layout.info("m.weight").dtype == "F8_E4M3" and layout.info("m.weight_scale_inv").dtype == "F8_E8M0"
+    assert fp8_weight_scales({n: layout.info(n) for n in layout.tensor_names}, fmt, "m") == {
+        "m.weight": "m.weight_scale_inv"}
+    with CheckpointReader(layout) as reader:
+        rows = reader.read_rows("m.weight", 128, 256)
+        assert torch.equal(rows.view(torch.uint8), weight[128:].view(torch.uint8))
+        got = dequantize_rows(rows, reader.read_rows("m.weight_scale_inv", 1, 2), 128, fmt)
+    torch.testing.assert_close(got, stream_dequantize(weight, scale)[128:], rtol=0, atol=0)
+    assert torch.equal(torch.log2(scale.float()), torch.log2(scale.float()).round())  # powers of two

@@ -71,8 +71,9 @@ def ours(base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], tuple]:
         a, b = factors[lora.a_key].float(), factors[lora.b_key].float()
         for target in lora.targets:
             if target.expert is None:  # fused on disk: row blocks are expert ranges (here 3 + 1)
-                delta = torch.cat([fused_expert_delta(a, b, lora.scale, lora.num_experts, s, min(s + 3, lora.num_experts),
-                                                      lora.transposed) for s in range(0, lora.num_experts, 3)])
+                e = lora.num_experts
+                delta = torch.cat([fused_expert_delta(a, b, lora.scale, e, s, min(s + 3, e), lora.transposed)
+                                   for s in range(0, e, 3)])
             else:
                 up, down = expert_part_factors(lora, a, b, target)
                 delta = up @ down

@@ -82,7 +82,8 @@ class ExpertLora:
     targets: tuple[ExpertTarget, ...]
 
 
-def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int,
+                   expert: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A_e [r, d_in], B_e [d_out, r])`` of expert ``expert`` from the saved ``lora_A`` / ``lora_B``."""
     r = a.shape[0] // num_experts
     return a[expert * r:(expert + 1) * r], b[:, expert::num_experts]
@@ -125,7 +126,8 @@ def _base_layout(module: str, param: str, base: Mapping[str, TensorInfo],
             return f"{fused!r} has shape {list(shape)}; only 3-D [experts, ·, ·] parameters are merged per expert"
         return (shape[0], shape[1], shape[2]), (ExpertTarget(fused, None, (0, shape[1])),)
     if transposed:
-        return f"no fused tensor {module + '.' + param!r} in the base, and per-expert tensors of a transposed experts module are not supported"
+        return (f"no fused tensor {module + '.' + param!r} in the base, and per-expert tensors of a transposed "
+                "experts module are not supported")
     for spelling in _spellings(module):
         for parts in _PER_EXPERT_PARTS.get(param, ()):
             targets: list[ExpertTarget] = []

@@ -28,7 +28,8 @@ from .header import TensorInfo
 
 __all__ = [
     "FP8_DTYPE", "FP8_MAX", "SCALE_INV_SUFFIX", "Fp8Format", "read_fp8_format", "scale_inv_name",
-    "scale_grid_shape", "fp8_weight_scales", "aligned_block_rows", "dequantize_rows", "quantize_rows", "without_quantization_config",
+    "scale_grid_shape", "fp8_weight_scales", "aligned_block_rows", "dequantize_rows", "quantize_rows",
+    "without_quantization_config",
 ]
 
 FP8_DTYPE = torch.float8_e4m3fn
