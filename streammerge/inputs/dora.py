@@ -114,11 +114,12 @@ def iter_dora_task_blocks(read_base_rows: Callable[[int, int], torch.Tensor], do
     starts = range(0, rows, block_rows)
     norms: torch.Tensor | None = None
     if transposed:
-        squares = torch.zeros(magnitude.shape[0], dtype=torch.float32, device=magnitude.device)
+        # fp64 accumulator: a 128k-row vocabulary is summed over hundreds of blocks
+        squares = torch.zeros(magnitude.shape[0], dtype=torch.float64, device=magnitude.device)
         for start in starts:
             stop = min(start + block_rows, rows)
             squares += dora_column_sq_norms(read_base_rows(start, stop), lora_delta_rows(down, up, start, stop, True))
-        norms = squares.sqrt()
+        norms = squares.sqrt().float()
     for start in starts:
         stop = min(start + block_rows, rows)
         base_rows = read_base_rows(start, stop)

@@ -44,6 +44,15 @@ class Extraction:
         return self.up.shape[1]
 
 
+def _squared_norm(delta: torch.Tensor) -> float:
+    """``‖delta‖²_F`` accurate for huge matrices: fp32 row norms, summed in fp64.
+
+    ``torch.linalg.vector_norm`` of a whole 14336×4096 fp32 matrix is 0.9% low on CPU
+    (torch 2.13); per-row norms of that width are within 4e-7.
+    """
+    return float(torch.linalg.vector_norm(delta, dim=1).double().square().sum())
+
+
 def _randomized_svd(delta: torch.Tensor, width: int, power_iterations: int,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     sketch = torch.randn(delta.shape[1], width, generator=generator, device=delta.device, dtype=delta.dtype)
@@ -82,7 +91,7 @@ def extract_low_rank(delta: torch.Tensor, rank: int, *, randomized: bool = False
     if energy_target is not None and not 0 < energy_target <= 1:
         raise MethodParameterError(f"LoRA extraction: energy_target={energy_target} must be in (0, 1]")
     delta = delta.float()
-    total = float(torch.linalg.vector_norm(delta)) ** 2
+    total = _squared_norm(delta)
     width = min(rank + oversample, *delta.shape)
     sketched = randomized and width < min(delta.shape)
     if sketched:
