@@ -10,7 +10,7 @@ import torch
 
 from streammerge.errors import UnsupportedAdapterError
 from streammerge.inputs.lora import load_lora_adapter
-from streammerge.inputs.moe import expert_part_factors, fused_expert_delta, parse_expert_loras
+from streammerge.inputs.moe import expert_part_factors, expert_update_factors, fused_expert_delta, parse_expert_loras
 from streammerge.inputs.peft_config import TARGET_PARAMETERS_FEATURE, parse_lora_settings, read_lora_settings
 from streammerge.io.reader import open_checkpoint
 from tests.helpers import load_adapter_file, read_model
@@ -74,6 +74,10 @@ def ours(base: Path, adapter: Path) -> tuple[dict[str, torch.Tensor], tuple]:
                 e = lora.num_experts
                 delta = torch.cat([fused_expert_delta(a, b, lora.scale, e, s, min(s + 3, e), lora.transposed)
                                    for s in range(0, e, 3)])
+                for expert in range(e):  # the same, one low-rank expert matrix at a time
+                    up, down = expert_update_factors(lora, a, b, expert)
+                    stored = (up @ down).T if lora.transposed else up @ down
+                    torch.testing.assert_close(stored, delta[expert], rtol=1e-6, atol=1e-7)
             else:
                 up, down = expert_part_factors(lora, a, b, target)
                 delta = up @ down

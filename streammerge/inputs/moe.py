@@ -32,7 +32,7 @@ from .peft_config import LoraSettings
 
 __all__ = [
     "EXPERT_PARAM_ORDER", "TRANSPOSED_EXPERT_MODELS", "ExpertTarget", "ExpertLora", "expert_factors",
-    "expert_part_factors", "fused_expert_delta", "parse_expert_loras",
+    "expert_update_factors", "expert_part_factors", "fused_expert_delta", "parse_expert_loras",
 ]
 
 EXPERT_PARAM_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
@@ -89,13 +89,25 @@ def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int,
     return a[expert * r:(expert + 1) * r], b[:, expert::num_experts]
 
 
+def expert_update_factors(lora: ExpertLora, a: torch.Tensor, b: torch.Tensor, expert: int,
+                          rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)``, ``ΔW_e = up @ down`` in the canonical ``[d_out, d_in]``, scale folded.
+
+    ``rows`` keeps a slice of ``d_out`` (one per-expert part of ``gate_up_proj``).  For a
+    ``transposed`` parameter the stored slice ``[e]`` is ``(up @ down)ᵀ``.
+    """
+    down, up = expert_factors(a, b, lora.num_experts, expert)
+    if rows is not None:
+        up = up[rows[0]:rows[1]]
+    return lora.scale * up, down
+
+
 def expert_part_factors(lora: ExpertLora, a: torch.Tensor, b: torch.Tensor,
                         target: ExpertTarget) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(up, down)`` with ``ΔW = up @ down`` for a per-expert target, canonical ``[d_out, d_in]``, scale folded."""
-    if target.expert is None or lora.transposed:
-        raise ValueError(f"{target.name!r} is a fused expert tensor; use fused_expert_delta")
-    down, up = expert_factors(a, b, lora.num_experts, target.expert)
-    return lora.scale * up[target.rows[0]:target.rows[1]], down
+    """``expert_update_factors`` of a per-expert on-disk target (a plain 2-D LoRA on it)."""
+    if target.expert is None:
+        raise ValueError(f"{target.name!r} is a fused expert tensor; use fused_expert_delta or expert_update_factors")
+    return expert_update_factors(lora, a, b, target.expert, target.rows)
 
 
 def fused_expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, num_experts: int, start: int, stop: int,
