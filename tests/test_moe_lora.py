@@ -42,7 +42,7 @@ def build(kind: str, root: Path, **lora_kwargs) -> tuple[Path, Path, dict[str, t
     base = root / "base"
     model.save_pretrained(base)
     peft_model = get_peft_model(getattr(transformers, model_cls).from_pretrained(base),
-                                LoraConfig(target_modules=[], **lora_kwargs))
+                                LoraConfig(**{"target_modules": [], **lora_kwargs}))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
@@ -109,14 +109,24 @@ def test_rslora_rank_pattern_and_one_parameter(tmp_path: Path) -> None:
         torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-6)
 
 
-def test_plain_lora_loader_leaves_param_wrappers_alone(tmp_path: Path) -> None:
-    base, adapter, _ = build("qwen3_moe", tmp_path, r=2, lora_alpha=2, target_parameters=TARGETS)
+def test_attention_lora_and_expert_lora_in_one_adapter(tmp_path: Path) -> None:
+    """inputs.lora reads the Linear modules, inputs.moe the ParamWrappers; together they are PEFT's merge."""
+    base, adapter, reference = build("qwen3_moe", tmp_path, r=2, lora_alpha=2, target_modules=["q_proj"],
+                                     target_parameters=TARGETS)
     with pytest.raises(UnsupportedAdapterError, match="target_parameters"):
         load_lora_adapter(adapter, open_checkpoint(base).tensor_names, [])
     problems: list[str] = []
     parsed = load_lora_adapter(adapter, open_checkpoint(base).tensor_names, problems,
                                accept=(TARGET_PARAMETERS_FEATURE,))
-    assert parsed.modules == () and all("holds no LoRA" in p for p in problems)
+    assert problems == [] and sorted(m.target for m in parsed.modules) == [
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)]
+    merged, loras = ours(base, adapter)
+    factors = load_adapter_file(adapter)
+    for module in parsed.modules:
+        merged[module.target] = merged[module.target] + module.scale * factors[module.b_key] @ factors[module.a_key]
+    assert len(loras) == 4
+    for name, tensor in reference.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("field,value", [("use_dora", True), ("lora_bias", True), ("fan_in_fan_out", True),
