@@ -2,7 +2,8 @@
 
 PEFT saves ``base_model.model.<module>.lora_A.weight`` [r, d_in] and ``...lora_B.weight``
 [d_out, r] for linear layers, ``...lora_embedding_A`` [r, vocab] / ``...lora_embedding_B``
-[hidden, r] for embeddings, ``...lora_B.bias`` with ``lora_bias``, and full tensors for
+[hidden, r] for embeddings, ``...lora_B.bias`` with ``lora_bias``, ``...lora_magnitude_vector``
+[d_out] ([hidden] for embeddings) with DoRA (``use_dora``), and full tensors for
 ``modules_to_save`` (``<module>.weight``) and saved embedding layers
 (``<module>.base_layer.weight``).  This module turns those keys into plain data: which base
 tensor each one changes and how (no tensor data is read here).
@@ -26,14 +27,18 @@ from .pickled import convert_pickled_adapter
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(
-    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?P<suffix>\.weight|\.bias)?$")
 _BASE_LAYER = ".base_layer"
 
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: ``ΔW = scale · B @ A`` (stored transposed when ``transposed``)."""
+    """One adapted module: ``ΔW = scale · B @ A`` (stored transposed when ``transposed``).
+
+    ``magnitude_key`` names DoRA's ``lora_magnitude_vector`` (None for plain LoRA); such a
+    module's task vector comes from ``inputs.dora``, not from ``scale · B @ A`` alone.
+    """
 
     module: str
     target: str
@@ -43,6 +48,7 @@ class LoraModule:
     scale: float
     transposed: bool
     embedding: bool
+    magnitude_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,12 @@ class LoraAdapter:
         return self.weights.headers[self.weights.shards[0]]
 
 
+def resolve_target(name: str, base_names: Collection[str]) -> str | None:
+    """``name`` as a base tensor name, as it is or with a ``model.`` prefix added or removed (a quick look;
+    the adapter's module mapping as a whole is ``keymap.find_key_mapping``)."""
+    return next((n for n in (name, "model." + name, name.removeprefix("model.")) if n in base_names), None)
+
+
 def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
     if not root.is_dir():
         raise InputError(f"adapter path {str(root)!r} is not a directory")
@@ -100,7 +112,8 @@ def _adapter_files(root: Path, allow_pickle: bool) -> tuple[Path, Path]:
 
 
 def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: list[str],
-                      allow_pickle: bool = False, skip_missing: bool = False) -> LoraAdapter:
+                      allow_pickle: bool = False, skip_missing: bool = False,
+                      accept: Collection[str] = ()) -> LoraAdapter:
     """Parse an adapter directory; append every mismatch with the base to ``problems``.
 
     Module names are mapped onto the base's tensor names with the one prefix mapping that fits
@@ -114,13 +127,16 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
             ``torch.load(weights_only=True)``; otherwise it is refused unread.
         skip_missing: leave out saved tensors the base has no counterpart for (a task head in
             ``modules_to_save``) instead of refusing them; they are listed in ``skipped``.
+        accept: opt-in adapter features the caller merges (``peft_config.DORA_FEATURE``: DoRA,
+            magnitude keys on the modules; ``TARGET_PARAMETERS_FEATURE``: their keys are
+            left to ``inputs.moe``); otherwise refused.
 
     Raises:
         AdapterError / UnsupportedAdapterError: unreadable or unsupported adapter (fatal).
     """
     root = Path(root)
     config_path, weights_path = _adapter_files(root, allow_pickle)
-    settings = read_lora_settings(config_path)
+    settings = read_lora_settings(config_path, accept)
     layout = open_checkpoint(weights_path)
     header = layout.headers[weights_path]
     where = f"adapter {str(root)!r}"
@@ -134,6 +150,9 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
             saved.append((key, name.replace(_BASE_LAYER + ".", ".")))
             continue
         module, part, suffix = match["module"], match["part"], match["suffix"] or ""
+        if settings.target_parameters and settings.targeted_parameters(module.replace(_BASE_LAYER, "")) and (
+                _BASE_LAYER in module or resolve_target(module + ".weight", base_names) is None):
+            continue  # a ParamWrapper's factors (target_parameters on a non-Linear module): inputs.moe reads them
         if suffix == ".bias":
             if part != "lora_B":
                 problems.append(f"{where}: unexpected bias tensor {key!r}")
@@ -174,11 +193,17 @@ def load_lora_adapter(root: str | Path, base_names: Collection[str], problems: l
         if target not in base_names:
             problems.append(f"{where}: module {module!r} has no base tensor {target!r} in the base model")
             continue
+        magnitude_key = parts.get("lora_magnitude_vector")
+        if (magnitude_key is not None) != settings.use_dora:
+            problems.append(f"{where}: module {module!r} " + (
+                "has no lora_magnitude_vector although use_dora is set" if settings.use_dora
+                else "has a lora_magnitude_vector although use_dora is not set"))
+            continue
         r, _alpha = settings.rank_and_alpha(module)
         scale = settings.scaling(module)
         modules.append(LoraModule(
             module=module, target=target, a_key=a_key, b_key=b_key, rank=r, scale=scale,
-            transposed=embedding or settings.fan_in_fan_out, embedding=embedding))
+            transposed=embedding or settings.fan_in_fan_out, embedding=embedding, magnitude_key=magnitude_key))
         bias_key = parts.get("lora_B_bias")
         if bias_key is not None:
             bias_target = target[: -len(".weight")] + ".bias"

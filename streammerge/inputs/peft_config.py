@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,22 @@ _PLAIN_INITS = {True, False, "gaussian", "true", "false"}
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "lora_ga")
 # Fields whose truthy value means the adapter is not plain LoRA.
 _UNSUPPORTED_TRUTHY = {
-    "use_dora": "DoRA adapters carry a magnitude vector; merging them as plain LoRA would be wrong",
     "layer_replication": "layer replication changes the model's layer structure",
-    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported yet",
     "trainable_token_indices": "trainable token deltas are not supported yet",
     "use_qalora": "QA-LoRA adapters are not supported",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "use_bdlora": "block-diagonal LoRA is not supported",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after invocation tokens; a merge cannot express it",
 }
+# Features a caller may merge (``accept=``); refused by name otherwise.
+DORA_FEATURE = "use_dora"
+TARGET_PARAMETERS_FEATURE = "target_parameters"
+_OPT_IN = {
+    DORA_FEATURE: "DoRA adapters carry a magnitude vector; merging them as plain LoRA would be wrong",
+    TARGET_PARAMETERS_FEATURE: "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported by this command",
+}
+# PEFT's ParamWrapper (target_parameters) refuses these at creation, so such an adapter cannot exist.
+_PARAM_WRAPPER_REFUSES = ("use_dora", "lora_bias", "fan_in_fan_out", "lora_dropout")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,17 @@ class LoraSettings:
     modules_to_save: tuple[str, ...] = ()
     base_model_name_or_path: str | None = None
     base_model_class: str | None = None
+    use_dora: bool = False
+    target_parameters: tuple[str, ...] = ()
+
+    def targeted_parameters(self, module: str) -> tuple[str, ...]:
+        """Names of ``module``'s parameters that ``target_parameters`` wraps (PEFT's suffix match)."""
+        found = []
+        for target in self.target_parameters:
+            owner, _, param = target.rpartition(".")
+            if module == owner or module.endswith("." + owner) or not owner:
+                found.append(param)
+        return tuple(found)
 
     def rank_and_alpha(self, module: str) -> tuple[int, float]:
         """The (r, α) PEFT uses for ``module`` (pattern keys match a dotted suffix, as in PEFT)."""
@@ -80,14 +99,32 @@ def _refuse(path: Path, field_name: str, value: Any, why: str) -> UnsupportedAda
         f"adapter {str(path)!r}: {field_name}={value!r} is not supported: {why}")
 
 
-def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
-    """Validate an adapter_config.json document; refuse every unsupported feature by name."""
+def parse_lora_settings(path: Path, doc: dict[str, Any], accept: Collection[str] = ()) -> LoraSettings:
+    """Validate an adapter_config.json document; refuse every unsupported feature by name.
+
+    ``accept``: opt-in features the caller merges (``DORA_FEATURE`` via ``inputs.dora``,
+    ``TARGET_PARAMETERS_FEATURE`` via ``inputs.moe``); any other is refused.
+    """
     peft_type = doc.get("peft_type")
     if peft_type != "LORA":
         raise _refuse(path, "peft_type", peft_type, "only LoRA adapters can be merged")
     for name, why in _UNSUPPORTED_TRUTHY.items():
         if doc.get(name):
             raise _refuse(path, name, doc[name], why)
+    for name, why in _OPT_IN.items():
+        if doc.get(name) and name not in accept:
+            raise _refuse(path, name, doc[name], why)
+    use_dora = bool(doc.get("use_dora", False))
+    if use_dora and doc.get("lora_bias"):
+        raise _refuse(path, "lora_bias", doc["lora_bias"], "PEFT itself refuses lora_bias together with use_dora")
+    target_parameters = doc.get("target_parameters") or ()
+    if not isinstance(target_parameters, list | tuple) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"adapter {str(path)!r}: target_parameters must be a list of parameter names, "
+                           f"found {target_parameters!r:.200}")
+    for name in _PARAM_WRAPPER_REFUSES if target_parameters else ():
+        if doc.get(name):
+            raise _refuse(path, name, doc[name], "PEFT's ParamWrapper (target_parameters) refuses it, so PEFT "
+                          "cannot load or merge this adapter either")
     init = doc.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
         why = ("this initialisation rewrites the base weights, so the adapter is relative to a modified base; "
@@ -136,6 +173,8 @@ def parse_lora_settings(path: Path, doc: dict[str, Any]) -> LoraSettings:
         modules_to_save=tuple(modules_to_save),
         base_model_name_or_path=_string(doc.get("base_model_name_or_path")),
         base_model_class=_string(auto.get("base_model_class") if isinstance(auto, dict) else None),
+        use_dora=use_dora,
+        target_parameters=tuple(target_parameters),
     )
 
 
@@ -143,15 +182,15 @@ def _string(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_lora_settings(config_path: Path) -> LoraSettings:
-    """Read and validate ``adapter_config.json``."""
+def read_lora_settings(config_path: Path, accept: Collection[str] = ()) -> LoraSettings:
+    """Read and validate ``adapter_config.json`` (``accept``: see ``parse_lora_settings``)."""
     try:
         doc = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdapterError(f"cannot read adapter config {str(config_path)!r}: {str(e)[:300]}") from e
     if not isinstance(doc, dict):
         raise AdapterError(f"adapter config {str(config_path)!r} must be a JSON object")
-    return parse_lora_settings(config_path.parent, doc)
+    return parse_lora_settings(config_path.parent, doc, accept)
 
 
 def peft_lora_config(*, base: str, target_modules: list[str] | str, r: int, lora_alpha: float,

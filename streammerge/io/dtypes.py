@@ -65,6 +65,7 @@ DTYPE_ALIASES: dict[str, str] = {
     "float16": "F16", "fp16": "F16", "f16": "F16", "half": "F16",
     "bfloat16": "BF16", "bf16": "BF16",
     "float64": "F64", "fp64": "F64",
+    "float8_e4m3fn": "F8_E4M3", "fp8": "F8_E4M3", "f8_e4m3": "F8_E4M3",
 }
 
 
