@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
 
 from ..errors import AdapterError, OutputError
-from ..inputs.kinds import KINDS, TaskPart, lora_factors
+from ..inputs.kinds import KINDS, TaskPart
 from ..io.dtypes import DTYPES
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
@@ -24,6 +25,9 @@ from ..planning.budget import rows_per_block, streams_dense_rows, tensor_working
 from ..planning.plan import Contribution, MergePlan, TensorJob
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
+
+# Stored tensors kept by the worker for kinds whose tensors feed many output tensors (MoE expert factors).
+SHARED_TENSORS_KEPT = 4
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +112,7 @@ class TensorMerger:
         self.check_finite = check_finite  # refuse input tensors holding NaN / Inf
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
+        self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -122,6 +127,19 @@ class TensorMerger:
         if self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
+
+    def _load_shared(self, file: str, key: str) -> torch.Tensor:
+        """``_load`` for tensors many output tensors read (``InputKind.shared_tensors``): the last few are kept."""
+        tensor = self._shared.pop((file, key), None)
+        if tensor is None or tensor.device != self.device:
+            tensor = self._load(file, key)
+        self._shared[(file, key)] = tensor
+        while len(self._shared) > SHARED_TENSORS_KEPT:
+            self._shared.popitem(last=False)
+        return tensor
+
+    def _loader(self, kind: str) -> Callable[[str, str], torch.Tensor]:
+        return self._load_shared if KINDS[kind].shared_tensors else self._load
 
     def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
         return self.readers.get(file).read_rows(key, start, stop, torch.float32).to(self.device)
@@ -159,14 +177,16 @@ class TensorMerger:
         self.device = self.device_for(job)
         out_dtype = DTYPES[job.out_dtype].torch_dtype
         by_input = contributions_by_input(job)
-        factors = {(c.file, c.keys): lora_factors(c, self._load) for c in job.contributions if KINDS[c.kind].low_rank}
+        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
+                     for c in job.contributions
+                     if KINDS[c.kind].preload is not None}
         weights = tuple(contribs[0].weight for contribs in by_input.values())
         generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
         for start, stop in row_blocks(job.shape):
             base = self._load_rows(job.source_file, job.source, start, stop)
             updates = []
             for contribs in by_input.values():
-                parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, factors.get((c.file, c.keys)))
+                parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c)))
                          for c in contribs]
                 update = _combine(parts)
                 assert update is not None  # every input has a contribution here
@@ -212,7 +232,7 @@ class TensorMerger:
         base = self._base(job, canonical, transposed, needs_values)
         updates, weights = [], []
         for contribs in contributions_by_input(job).values():
-            parts = [KINDS[c.kind].update(c, self._load, base, transposed) for c in contribs]
+            parts = [KINDS[c.kind].update(c, self._loader(c.kind), base, transposed) for c in contribs]
             update = _combine([p for p in parts if p is not None])
             if update is not None:
                 updates.append(update)

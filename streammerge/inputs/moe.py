@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..io.header import TensorInfo
+from .kinds import expert_factors
 from .lora import PEFT_PREFIX, resolve_target
 from .peft_config import LoraSettings
 
@@ -80,13 +81,6 @@ class ExpertLora:
     transposed: bool
     shape: tuple[int, int, int]
     targets: tuple[ExpertTarget, ...]
-
-
-def expert_factors(a: torch.Tensor, b: torch.Tensor, num_experts: int,
-                   expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A_e [r, d_in], B_e [d_out, r])`` of expert ``expert`` from the saved ``lora_A`` / ``lora_B``."""
-    r = a.shape[0] // num_experts
-    return a[expert * r:(expert + 1) * r], b[:, expert::num_experts]
 
 
 def expert_update_factors(lora: ExpertLora, a: torch.Tensor, b: torch.Tensor, expert: int,

@@ -70,10 +70,10 @@ def rows_per_block(shape: tuple[int, ...]) -> int:
 
 
 def streams_dense_rows(job: TensorJob, method: MergeMethod) -> bool:
-    """Whether the engine merges ``job``'s whole-tensor inputs (full fine-tunes, replaced tensors)
-    one row block at a time: the method is elementwise and no input is stored transposed."""
+    """Whether the engine merges ``job``'s inputs that need the base values (full fine-tunes, replaced
+    tensors, DoRA) one row block at a time: the method is elementwise and no input is stored transposed."""
     return (method.elementwise and bool(job.shape) and not any(c.transposed for c in job.contributions)
-            and any(KINDS[c.kind].whole_tensor for c in job.contributions))
+            and any(KINDS[c.kind].needs_base_values for c in job.contributions))
 
 
 def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
@@ -89,7 +89,7 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     reasons = ["row blocks"]
     if streams_dense_rows(job, method):
         # Row block by row block: the base rows, one delta per input, the merged rows.
-        dense_inputs = {c.input_index for c in job.contributions if KINDS[c.kind].whole_tensor}
+        dense_inputs = {c.input_index for c in job.contributions if not KINDS[c.kind].low_rank}
         need += (len(dense_inputs) + 2) * 4 * block
         reasons.append(f"{len(dense_inputs)} dense input block(s)")
         return need, " + ".join(reasons)

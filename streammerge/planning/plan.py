@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..inputs.kinds import FULL, KINDS, LORA
+from ..inputs.kinds import DORA, EXPERT_LORA, FULL, KINDS, LORA
+from ..inputs.moe import parse_expert_loras
+from ..inputs.peft_config import DORA_FEATURE, TARGET_PARAMETERS_FEATURE
 from ..inputs.lora import LoraAdapter, load_lora_adapter
 from .budget import budget_problems, estimate_memory
 from ..errors import InputError, PlanError, StreamMergeError
@@ -54,6 +56,8 @@ class Contribution:
     transposed: bool = False
     weight: float = 1.0
     rank: int = 0
+    part: tuple[int, ...] = ()
+    """Kind-specific integers (``expert_lora``: expert, experts, first and end row of the fused d_out)."""
 
 
 @dataclass(frozen=True)
@@ -255,9 +259,18 @@ class _Planner:
                     f"{where}: module {m.module!r} gives an update of shape {list(expected)} but base tensor "
                     f"{m.target!r} has shape {list(self.base_shape(m.target))}")
                 continue
+            if m.magnitude_key is not None and header.tensors[m.magnitude_key].shape != (canonical[0],):
+                self.problems.append(f"{where}: DoRA magnitude {m.magnitude_key!r} has shape "
+                                     f"{list(header.tensors[m.magnitude_key].shape)}, expected [{canonical[0]}]")
+                continue
             ranks.append(m.rank)
-            self.add(m.target, Contribution(index, LORA.name, file, (m.a_key, m.b_key), m.scale, m.transposed,
-                                                  rank=m.rank))
+            if m.magnitude_key is None:
+                self.add(m.target, Contribution(index, LORA.name, file, (m.a_key, m.b_key), m.scale, m.transposed,
+                                                rank=m.rank))
+            else:
+                self.add(m.target, Contribution(index, DORA.name, file, (m.a_key, m.b_key, m.magnitude_key), m.scale,
+                                                m.transposed, rank=m.rank))
+        ranks += self.add_expert_loras(index, adapter, where, file)
         for t in adapter.tensors:
             info = header.tensors[t.key]
             if info.shape != self.base_shape(t.target):
@@ -266,6 +279,28 @@ class _Planner:
                 continue
             self.add(t.target, Contribution(index, t.kind, file, (t.key,), t.scale))
         return tuple(sorted(set(ranks)))
+
+    def add_expert_loras(self, index: int, adapter: LoraAdapter, where: str, file: str) -> list[int]:
+        """PEFT ``target_parameters`` LoRAs on fused expert parameters, one contribution per expert matrix."""
+        if not adapter.settings.target_parameters:
+            return []
+        base_infos = {n: self.base.info(n) for n in self.base.shard_of}
+        loras = parse_expert_loras(adapter.header.tensors, adapter.settings, base_infos,
+                                   self.base_config.get("model_type"), where, self.problems)
+        ranks = []
+        for lora in loras:
+            for target in lora.targets:
+                if target.expert is None:
+                    self.problems.append(
+                        f"{where}: {lora.module}.{lora.param} is stored fused ({target.name!r}, one [experts, …] "
+                        "tensor, as gpt-oss ships it); merging LoRA into fused expert tensors is not supported yet "
+                        "(checkpoints with one tensor per expert, e.g. Qwen3-MoE and Mixtral, are)")
+                    continue
+                ranks.append(lora.rank)
+                self.add(target.name, Contribution(index, EXPERT_LORA.name, file, (lora.a_key, lora.b_key), lora.scale,
+                                                   rank=lora.rank,
+                                                   part=(target.expert, lora.num_experts, *target.rows)))
+        return ranks
 
     def add_model(self, index: int, model: CheckpointLayout) -> int:
         where = f"model {str(model.root)!r}"
@@ -372,7 +407,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         try:
             if spec.kind == "adapter":
                 adapter = load_lora_adapter(source.local_path, planner.names, planner.problems, allow_pickle,
-                                            recipe.skip_missing)
+                                            recipe.skip_missing, accept=(DORA_FEATURE, TARGET_PARAMETERS_FEATURE))
                 ranks = planner.add_adapter(index, adapter)
                 layout = adapter.weights
                 mapping = adapter.key_mapping.describe()

@@ -60,7 +60,7 @@ def _module_names(jobs: list[TensorJob]) -> dict[str, str]:
     names = {}
     for job in jobs:
         for c in job.contributions:
-            if KINDS[c.kind].low_rank:
+            if KINDS[c.kind].peft_factors:
                 names[split_name(job.name)[0]] = c.keys[0].removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
                 break
     return names
@@ -87,7 +87,7 @@ def adapter_targets(plan: MergePlan, base_config: dict[str, Any]) -> tuple[list[
     for job in merged:
         prefix, leaf = split_name(job.name)
         module = modules.get(prefix, prefix)
-        lora = [c for c in job.contributions if KINDS[c.kind].low_rank]
+        lora = [c for c in job.contributions if KINDS[c.kind].peft_factors]
         if len(job.shape) == 2:
             embedding = any("lora_embedding_" in c.keys[0] for c in lora) or job.name.endswith(EMBEDDING_SUFFIXES)
             if conv1d and not embedding and not lora:
