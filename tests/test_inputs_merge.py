@@ -103,3 +103,42 @@ def test_fused_expert_parameters_are_refused_clearly(tmp_path: Path) -> None:
     base, adapter, _ = build("gpt_oss", tmp_path, r=2, lora_alpha=4, target_parameters=TARGETS)
     with pytest.raises(PlanError, match="stored fused.*not supported yet"):
         _merge(base, [adapter], tmp_path / "out")
+
+
+def test_fp8_base_merges_into_a_bf16_model(tmp_path: Path) -> None:
+    """Block-scaled FP8 base + LoRA → bf16 output == dequantize (whole tensor) + s·B·A, cast; the config loses
+    quantization_config and transformers loads the result."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from streammerge.io.fp8 import dequantize_rows, read_fp8_format
+    from tests.helpers import save_peft_adapter
+    from tests.test_fp8 import save_fp8_llama
+    base = save_fp8_llama(tmp_path / "fp8")
+    bf16 = tmp_path / "bf16"  # the same architecture in bf16, only to train an adapter shape-compatible with it
+    AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16).save_pretrained(bf16)
+    adapter = save_peft_adapter(bf16, tmp_path / "lora", torch.float32, seed=3, r=4, lora_alpha=8,
+                                target_modules=["q_proj", "down_proj"])
+    out = tmp_path / "out"
+    ours = _merge(base, [adapter], out)
+    stored = load_file(str(base / "model.safetensors"))
+    fmt = read_fp8_format(json.loads((base / "config.json").read_text()), "base")
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    assert not [n for n in ours if n.endswith("weight_scale_inv")]
+    for name, tensor in ours.items():
+        if name + "_scale_inv" not in stored and name.replace(".weight", ".weight_scale_inv") not in stored:
+            assert torch.equal(tensor, stored[name]), name  # bf16 tensors the FP8 format left alone
+            continue
+        w = dequantize_rows(stored[name], stored[name.replace(".weight", ".weight_scale_inv")], 0, fmt)
+        key = "base_model.model." + name.removesuffix(".weight")
+        if key + ".lora_A.weight" in factors:
+            w = w + scale * factors[key + ".lora_B.weight"].float() @ factors[key + ".lora_A.weight"].float()
+        assert tensor.dtype == torch.bfloat16
+        torch.testing.assert_close(tensor.float(), w.to(torch.bfloat16).float(), rtol=0, atol=0, msg=name)
+    written = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in written and written["torch_dtype"] == "bfloat16"
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)

@@ -19,6 +19,7 @@ import torch
 from ..errors import AdapterError, OutputError
 from ..inputs.kinds import KINDS, TaskPart
 from ..io.dtypes import DTYPES
+from ..io.fp8 import dequantize_rows
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..planning.budget import rows_per_block, streams_dense_rows, tensor_working_set
@@ -45,13 +46,14 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
-    """Row ranges of a tensor whose fp32 blocks stay near ``budget.BLOCK_BYTES`` (at least one row)."""
+def row_blocks(shape: tuple[int, ...], align: int = 1) -> Iterator[tuple[int, int]]:
+    """Row ranges of a tensor whose fp32 blocks stay near ``budget.BLOCK_BYTES`` (at least one row), each
+    starting on a multiple of ``align`` rows (an FP8 weight's scale blocks)."""
     if not shape:
         yield 0, 1
         return
     rows = shape[0]
-    step = rows_per_block(shape)
+    step = max(align, rows_per_block(shape) // align * align)
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
     if rows == 0:
@@ -149,8 +151,24 @@ class TensorMerger:
         """The base in canonical orientation: real values, or a zero-stride placeholder of the right shape."""
         if not needs_values:
             return torch.zeros((), device=self.device).expand(canonical_shape)
-        base = self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device)
+        base = self._base_rows(job, 0, job.shape[0]) if job.scale else (
+            self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device))
         return base.T if transposed else base
+
+    def _base_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the base tensor in fp32 (an FP8 weight dequantized with its block scales)."""
+        rows = self._load_rows(job.source_file, job.source, start, stop)
+        fmt = self.plan.fp8
+        if not job.scale or fmt is None:
+            return rows
+        scale = self.readers.get(job.scale_file).read_rows(job.scale, start // fmt.block_rows,
+                                                           -(-stop // fmt.block_rows)).to(self.device)
+        return dequantize_rows(rows, scale, start, fmt)
+
+    def _row_blocks(self, job: TensorJob) -> Iterator[tuple[int, int]]:
+        """The job's row blocks; an FP8 weight's start on its scale blocks' grid."""
+        fmt = self.plan.fp8
+        return row_blocks(job.shape, fmt.block_rows if job.scale and fmt is not None else 1)
 
     def merged_blocks(self, job: TensorJob) -> tuple[Iterator[torch.Tensor], dict[str, float]]:
         """The merged tensor as row blocks (stored orientation, output dtype, CPU), and method stats.
@@ -182,8 +200,8 @@ class TensorMerger:
                      if KINDS[c.kind].preload is not None}
         weights = tuple(contribs[0].weight for contribs in by_input.values())
         generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
-        for start, stop in row_blocks(job.shape):
-            base = self._load_rows(job.source_file, job.source, start, stop)
+        for start, stop in self._row_blocks(job):
+            base = self._base_rows(job, start, stop)
             updates = []
             for contribs in by_input.values():
                 parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c)))
@@ -253,11 +271,11 @@ class TensorMerger:
         elif isinstance(update, DenseUpdate):
             delta = update.delta.T if transposed else update.delta
         stored = None if base is None else (base.T if transposed else base)
-        for start, stop in row_blocks(job.shape):
+        for start, stop in self._row_blocks(job):
             if stored is not None:
                 block = stored[start:stop].clone() if job.shape else stored.clone()
             else:
-                block = self._load_rows(job.source_file, job.source, start, stop)
+                block = self._base_rows(job, start, stop)
             if isinstance(update, LowRankUpdate):
                 if update.rank:
                     block.addmm_(left[start:stop], right)

@@ -113,6 +113,7 @@ def _plan_digest(plan: MergePlan, units: list[tuple[str, list[str]]]) -> str:
     for job in plan.tensors:
         doc = asdict(job)
         doc.pop("source_file")
+        doc.pop("scale_file")
         for c in doc["contributions"]:
             c.pop("file")
         tensors.append(doc)

@@ -19,6 +19,7 @@ from typing import Any
 from ..inputs.kinds import DORA, EXPERT_LORA, FULL, KINDS, LORA
 from ..inputs.moe import parse_expert_loras
 from ..inputs.peft_config import DORA_FEATURE, TARGET_PARAMETERS_FEATURE
+from ..io.fp8 import QUANTIZATION_CONFIG_KEY, Fp8Format, fp8_weight_scales, read_fp8_format
 from ..inputs.lora import LoraAdapter, load_lora_adapter
 from .budget import budget_problems, estimate_memory
 from ..errors import InputError, PlanError, StreamMergeError
@@ -30,6 +31,8 @@ from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMB
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
+# The output dtype of an FP8 base's weights unless --dtype says otherwise.
+FP8_DEFAULT_OUTPUT = "BF16"
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class TensorJob:
     out_dtype: str
     shape: tuple[int, ...]
     contributions: tuple[Contribution, ...] = ()
+    scale: str = ""
+    """An FP8 base weight's ``weight_scale_inv`` tensor (the worker dequantizes ``source`` with it)."""
+    scale_file: str = ""
 
     @property
     def is_copy(self) -> bool:
@@ -114,6 +120,10 @@ class MergePlan:
     """The base has a ``model.safetensors.index.json``."""
     config_updates: tuple[tuple[str, Any], ...]
     estimated_peak_bytes: int
+    config_drops: tuple[str, ...] = ()
+    """``config.json`` keys the output leaves out (an FP8 base's ``quantization_config`` for a bf16 output)."""
+    fp8: Fp8Format | None = None
+    """The base's block-scaled FP8 format, when it is an FP8 checkpoint."""
     sources: tuple[Source, ...] = ()
     """Where the base (first) and each input were read from: local paths and Hub snapshots."""
 
@@ -208,6 +218,8 @@ class _Planner:
         self.names = set(base.shard_of) | set(self.virtual_sources)
         self.base_family = _family((base_config.get("architectures") or [None])[0])
         self.num_layers = count_layers(base_config, self.names)
+        self.fp8_scales: dict[str, str] = {}
+        """An FP8 base's ``{weight: weight_scale_inv}``."""
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         return self.base.info(self.virtual_sources.get(name, name)).shape
@@ -306,6 +318,10 @@ class _Planner:
         where = f"model {str(model.root)!r}"
         config = read_config(model.root)
         self.check_family(where, (config.get("architectures") or [None])[0])
+        if self.fp8_scales:
+            self.problems.append(f"{where}: full fine-tunes cannot be merged into an FP8 base yet (its task vector "
+                                 "would be taken against quantized weights); merge adapters, or use a bf16 base")
+            return 0
         missing = sorted(set(self.base.shard_of) - set(model.shard_of))
         extra = sorted(set(model.shard_of) - set(self.base.shard_of))
         if missing:
@@ -399,7 +415,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise PlanError([*problems, f"base model: {e}"]) from e
 
     base_config = read_config(base.root)
+    fp8, fp8_scales = _fp8_layout(base, base_config, out_dtype, problems)
     planner = _Planner(recipe, base, base_config)
+    planner.fp8_scales = fp8_scales
     summaries = []
     for index, (spec, source) in enumerate(zip(recipe.inputs, sources[1:])):
         if not source.local_path:
@@ -440,9 +458,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
-    if out_dtype is not None:
+    if out_dtype is not None or fp8 is not None:
         # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
-        name = str(DTYPES[out_dtype].torch_dtype).removeprefix("torch.")
+        name = str(DTYPES[out_dtype or FP8_DEFAULT_OUTPUT].torch_dtype).removeprefix("torch.")
         config_updates["torch_dtype"] = name
         if "dtype" in base_config:
             config_updates["dtype"] = name
@@ -461,17 +479,41 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_updates=tuple(sorted(config_updates.items())),
         estimated_peak_bytes=memory.host_bytes,
         sources=sources,
+        config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None else (),
+        fp8=fp8,
     )
     return plan
 
 
+def _fp8_layout(base: CheckpointLayout, config: dict[str, Any], out_dtype: str | None,
+                problems: list[str]) -> tuple[Fp8Format | None, dict[str, str]]:
+    """A block-scaled FP8 base's format and ``{weight: weight_scale_inv}`` (empty for other bases)."""
+    where = f"base model {str(base.root)!r}"
+    try:
+        fmt = read_fp8_format(config, where)
+        if fmt is None:
+            return None, {}
+        scales = fp8_weight_scales({n: base.info(n) for n in base.shard_of}, fmt, where)
+    except InputError as e:
+        problems.append(str(e))
+        return None, {}
+    return fmt, scales
+
+
 def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | None) -> dict[str, TensorJob]:
     jobs: dict[str, TensorJob] = {}
-    names = list(base.shard_of) + [v for v in planner.virtual_sources if v in planner.contributions]
+    scales = planner.fp8_scales
+    skipped = set(scales.values())  # an FP8 weight's scales are read with it, not written (bf16 output)
+    names = [n for n in base.shard_of if n not in skipped]
+    names += [v for v in planner.virtual_sources if v in planner.contributions]
     for name in names:
         source = planner.virtual_sources.get(name, name)
         info = base.info(source)
         cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES else info.dtype
+        scale = scales.get(source, "")
+        if scale:
+            cast_to = out_dtype or FP8_DEFAULT_OUTPUT
         contribs = tuple(sorted(planner.contributions.get(name, ()), key=lambda c: (c.input_index, c.kind)))
-        jobs[name] = TensorJob(name, source, str(base.shard_of[source]), info.dtype, cast_to, info.shape, contribs)
+        jobs[name] = TensorJob(name, source, str(base.shard_of[source]), info.dtype, cast_to, info.shape, contribs,
+                               scale, str(base.shard_of[scale]) if scale else "")
     return jobs

@@ -127,9 +127,11 @@ class HfModelSink(Sink):
         """Copy config, tokenizer and generation files (applying the plan's config updates); write the index."""
         names = []
         for path in model_files(self.plan):
-            if path.name == CONFIG_NAME and self.plan.config_updates:
+            if path.name == CONFIG_NAME and (self.plan.config_updates or self.plan.config_drops):
                 config = json.loads(path.read_text(encoding="utf-8"))
                 config.update(dict(self.plan.config_updates))
+                for key in self.plan.config_drops:
+                    config.pop(key, None)
                 write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
             else:
                 copy_file_atomic(path, out_dir / path.name)
