@@ -7,6 +7,7 @@ them to messages and exit codes (2: bad input, 3: output problem, 1: anything el
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from .osrm.commands import add_osrm_commands
 from .planning.describe import describe_plan
 from .execution.engine import build_plan
 from .sinks import sink_for
+from .io.reader import open_checkpoint
+from .names import EMBEDDING_SUFFIXES
 from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
                      parse_size)
 
@@ -47,6 +50,13 @@ EPILOG_PLAN = """examples:
   streammerge plan --base ./Llama-3-8B --adapter ./lora_math --method do_merging --out ./merged
 prints what will be read, merged, copied and written, with memory, disk and time estimates,
 or every problem found (exit code 2), without writing anything.
+"""
+EPILOG_EXTRACT = """examples:
+  streammerge extract --base ./Llama-3-8B --model ./Llama-3-8B-chat --rank 64 --out ./chat-lora
+every changed matrix becomes lora_B @ lora_A = its best rank-K approximation (exact SVD, or a seeded
+randomized SVD for matrices wider than 1024 on both sides), with truncation_error per module in the
+summary and the model card; changed norms and biases go to modules_to_save. The same as
+`streammerge merge --base B --model FT --output-format adapter --rank K` without the embeddings.
 """
 EPILOG_INSPECT = """examples:
   streammerge inspect ./Llama-3-8B
@@ -130,14 +140,19 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    if not recipe.out:
+        raise InputError("no output directory: pass --out DIR (or set `out:` in the recipe file)")
+    return _run(recipe, args)
+
+
+def _run(recipe: Recipe, args: argparse.Namespace) -> int:
+    """Plan ``recipe``, echo it, run it with a progress bar and print the JSON summary."""
     from tqdm import tqdm
 
     from .execution.engine import run_plan
 
-    recipe = recipe_from_args(args)
-    if not recipe.out:
-        raise InputError("no output directory: pass --out DIR (or set `out:` in the recipe file)")
-    plan = build_plan(recipe, allow_pickle=args.allow_pickle)
+    plan = build_plan(recipe, allow_pickle=getattr(args, "allow_pickle", False))
     sink = sink_for(plan)
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
     print(describe_plan(plan, sink.describe(), sink.output_bytes()), file=sys.stderr)
@@ -151,7 +166,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{done[0]}/{plan.tensor_count} tensors", refresh=False)
 
     try:
-        report = run_plan(plan, Path(recipe.out), progress, restart=args.restart, check_finite=args.check_finite)
+        report = run_plan(plan, Path(str(recipe.out)), progress, restart=args.restart,
+                          check_finite=getattr(args, "check_finite", True))
     finally:
         bar.close()
     for note in report.notes:
@@ -176,6 +192,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
         summary["method_stats"] = stats_summary(report.stats)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# Tensors `extract` leaves out unless --embed-lora: token / position embeddings and the output head.
+_EXTRACT_EXCLUDED = tuple("*" + suffix for suffix in EMBEDDING_SUFFIXES) + ("lm_head.weight",)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """A full fine-tune → a PEFT LoRA adapter: the rank-K truncated SVD of every task vector, streamed."""
+    exclude: tuple[str, ...] = ()
+    if not args.embed_lora and Path(args.base).is_dir():
+        names = open_checkpoint(args.base).shard_of
+        exclude = tuple(p for p in _EXTRACT_EXCLUDED if any(fnmatch.fnmatchcase(n, p) for n in names))
+    recipe = Recipe(base=args.base, inputs=(InputSpec(args.model, kind="model", exclude=exclude),),
+                    method="task_arithmetic", output_format="adapter", rank=args.rank, dtype=args.dtype,
+                    device=args.device, seed=args.seed, out=args.out)
+    return _run(recipe, args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -259,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Exit code 0 when every file checks out, 1 when anything is wrong.")
     verify.add_argument("out", metavar="OUT", help="a directory written by `streammerge merge`")
     verify.set_defaults(handler=cmd_verify)
+
+    extract = sub.add_parser("extract", help="extract a LoRA adapter from a full fine-tune (rank-K SVD of FT - base)",
+                             epilog=EPILOG_EXTRACT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    extract.add_argument("--base", required=True, metavar="DIR_OR_REPO", help="the base model")
+    extract.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="the full fine-tune of the base")
+    extract.add_argument("--rank", required=True, type=int, metavar="K", help="rank of every extracted module")
+    extract.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (new or empty)")
+    extract.add_argument("--embed-lora", action="store_true",
+                         help="also extract the embeddings and lm_head (default: left out)")
+    extract.add_argument("--dtype", default=None, help="dtype of the written factors (default float32)")
+    extract.add_argument("--device", default="auto", choices=DEVICES, help="worker device")
+    extract.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD sketches")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    extract.add_argument("--restart", action="store_true", help="discard a job found in --out and start over")
+    extract.set_defaults(handler=cmd_extract)
 
     methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
     methods.set_defaults(handler=cmd_methods)

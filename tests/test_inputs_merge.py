@@ -142,3 +142,40 @@ def test_fp8_base_merges_into_a_bf16_model(tmp_path: Path) -> None:
     written = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in written and written["torch_dtype"] == "bfloat16"
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+
+
+def test_extract_command_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
+    """`streammerge extract`: each changed matrix becomes the rank-K truncated SVD of FT − base (an exact SVD as
+    the oracle), embeddings and lm_head are left out, and the output verifies (PEFT loading an extracted adapter:
+    tests/test_extraction.py)."""
+    import json
+
+    from tests.helpers import run_cli
+    from tools.synthetic import PRESETS, write_finetune, write_model
+    base = write_model(tmp_path / "base", PRESETS["tiny"], "F32", seed=0)
+    tune = write_finetune(base, tmp_path / "ft", seed=3, std=0.01)
+    out = tmp_path / "lora"
+    proc = run_cli("extract", "--base", str(base), "--model", str(tune), "--rank", "4", "--out", str(out),
+                   "--device", "cpu", "--no-progress")
+    summary = json.loads(proc.stdout)
+    assert summary["format"] == "adapter" and summary["method_stats"]["truncation_error"]["max"] > 0
+    w0, ft = read_model(base), read_model(tune)
+    config = json.loads((out / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+    factors = load_file(str(out / "adapter_model.safetensors"))
+    assert not any("embed_tokens" in k or "lm_head" in k for k in factors)
+    checked = 0
+    for key, a in factors.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight") + ".weight"
+        module = name.removesuffix(".weight")
+        r = config["rank_pattern"].get(module.replace(".", "\\."), config["r"])
+        scale = config["alpha_pattern"].get(module.replace(".", "\\."), config["lora_alpha"]) / r
+        ours = scale * factors[key.replace("lora_A", "lora_B")] @ a
+        u, s, vh = torch.linalg.svd(ft[name] - w0[name], full_matrices=False)
+        best = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        torch.testing.assert_close(ours, best, rtol=1e-4, atol=1e-5)
+        checked += 1
+    assert checked >= 7
+    assert run_cli("verify", str(out)).returncode == 0

@@ -8,7 +8,6 @@ blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -23,7 +22,7 @@ from ..io.fp8 import dequantize_rows
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..planning.budget import rows_per_block, streams_dense_rows, tensor_working_set
-from ..planning.plan import Contribution, MergePlan, TensorJob
+from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
 
@@ -38,12 +37,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise OutputError("--device cuda was requested but torch sees no CUDA device; use --device auto or cpu")
     return torch.device(name)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """The per-tensor random seed: a resumed or re-run job draws the same numbers."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def row_blocks(shape: tuple[int, ...], align: int = 1) -> Iterator[tuple[int, int]]:

@@ -158,6 +158,12 @@ class MergePlan:
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor random seed: a resumed or re-run job draws the same numbers."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def resolve_dtype(name: str | None) -> str | None:
     """Map a user dtype spelling to a safetensors dtype name (None keeps base dtypes)."""
     if name is None:

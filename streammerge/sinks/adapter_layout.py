@@ -22,6 +22,7 @@ from ..inputs.kinds import KINDS, REPLACEMENT
 from ..inputs.lora import PEFT_PREFIX
 from ..errors import OutputError
 from ..methods import DenseUpdate, LowRankUpdate, TaskUpdate, get_method
+from ..methods.extraction import extract_low_rank
 from ..methods.lowrank import product_svd
 from ..names import EMBEDDING_SUFFIXES
 from ..planning.plan import Contribution, MergePlan, TensorJob
@@ -31,6 +32,8 @@ __all__ = ["AdapterTarget", "adapter_targets", "canonical_for", "factorize", "sp
 # Model types whose Linear-like layers are transformers' Conv1D (weight stored [d_in, d_out]).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
 _BASE_LAYER_KEY = ".base_layer."
+# Dense updates wider than this on both sides are truncated by a randomized SVD.
+RANDOMIZED_SVD_MIN_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,14 @@ def adapter_targets(plan: MergePlan, base_config: dict[str, Any]) -> tuple[list[
     return targets, problems
 
 
-def factorize(update: TaskUpdate, rank: int | None) -> tuple[LowRankUpdate, float]:
+def factorize(update: TaskUpdate, rank: int | None, seed: int = 0) -> tuple[LowRankUpdate, float]:
     """LoRA factors of a 2-D update, and the relative Frobenius error of the truncation.
 
     A low-rank update within ``rank`` (or with ``rank`` None) is returned as it is (exact, error 0);
-    otherwise the best rank-``rank`` approximation, σ split evenly between the factors.
+    otherwise the best rank-``rank`` approximation, σ split evenly between the factors.  A dense
+    update whose smaller side exceeds ``RANDOMIZED_SVD_MIN_SIDE`` is truncated by a seeded
+    randomized SVD (``methods.extraction``: 40–170× faster than the full SVD at 4096–14336 wide,
+    error within 1 % of it); ``seed`` makes the sketch, so a re-run or resumed job writes the same bytes.
 
     Raises:
         OutputError: a dense update with no ``rank`` to truncate to.
@@ -139,7 +145,10 @@ def factorize(update: TaskUpdate, rank: int | None) -> tuple[LowRankUpdate, floa
         if rank is None:
             raise OutputError("a merged update is dense (e.g. a saved embedding layer differs from the base), and an "
                               "adapter stores dense updates as a truncated SVD: pass --rank K, or use --output-format model")
-        u, s, vh = torch.linalg.svd(update.delta, full_matrices=False)
+        randomized = min(update.delta.shape) > RANDOMIZED_SVD_MIN_SIDE
+        generator = torch.Generator(device=update.delta.device).manual_seed(seed) if randomized else None
+        found = extract_low_rank(update.delta, rank, randomized=randomized, generator=generator)
+        return LowRankUpdate(up=found.up, down=found.down), found.relative_error
     k = min(rank, s.numel())
     energy = s.double().square()
     total = float(energy.sum())

@@ -36,7 +36,7 @@ from ..io.writer import ShardWriter, layout_shard, tensor_bytes
 from ..jobs.faults import kill_point
 from ..methods import TaskUpdate
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PART_TEMPLATE, ADAPTER_WEIGHTS_NAME, SPOOL_SUFFIX
-from ..planning.plan import MergePlan, TensorJob, read_config, resolve_dtype
+from ..planning.plan import MergePlan, TensorJob, read_config, resolve_dtype, tensor_seed
 from .adapter_layout import AdapterTarget, adapter_targets, canonical_for, factorize, split_name
 from .base import CardFacts, OutputUnit, ProgressCallback, Sink, TensorSource, UnitResult, UnitTally
 
@@ -88,12 +88,12 @@ def _whole(blocks: Any) -> torch.Tensor:
 
 
 def _write_target(spool: _Spool, target: AdapterTarget, update: TaskUpdate, stats: dict[str, float],
-                  transposed: bool, rank: int | None, dtype: torch.dtype) -> dict[str, float]:
+                  transposed: bool, rank: int | None, dtype: torch.dtype, seed: int) -> dict[str, float]:
     key = f"{PEFT_PREFIX}{target.module}"
     if target.kind == "bias":
         spool.add(f"{key}.lora_B.bias", update.dense().to(dtype))
         return dict(stats)
-    factors, error = factorize(canonical_for(target, update, transposed), rank)
+    factors, error = factorize(canonical_for(target, update, transposed), rank, seed)
     if factors.rank == 0:  # nothing to add (e.g. KnOTS kept no direction): PEFT has no rank-0 LoRA
         return {**stats, "adapter_rank": 0.0, "truncation_error": error}
     if target.kind == "embedding":
@@ -169,7 +169,8 @@ class PeftAdapterSink(Sink):
                     result, _, transposed = source.merge_update(job)
                     if result is not None:  # None: every input equals the base here
                         stats = _write_target(spool, target, result.update, result.stats, transposed,
-                                              self.plan.recipe.rank, self.dtype)
+                                              self.plan.recipe.rank, self.dtype,
+                                              tensor_seed(self.plan.recipe.seed, job.name))
                         tally.stats[job.name] = stats
                         tally.tensors_merged += 1
                         if target.kind == "bias":
