@@ -117,8 +117,21 @@ class TensorMerger:
                 return torch.device("cpu")
         return self.main_device
 
+    def _fetch_rows(self, file: str, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """fp32 rows (or the whole tensor) on the worker device.
+
+        On the CPU the reader converts straight from the memory map (one copy).  On a GPU the stored
+        bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) are copied and converted on the device.
+        """
+        reader = self.readers.get(file)
+        if self.device.type == "cpu":
+            return reader.read(key, torch.float32) if start is None else reader.read_rows(key, start, stop or 0,
+                                                                                           torch.float32)
+        stored = reader.read(key) if start is None else reader.read_rows(key, start, stop or 0)
+        return stored.to(self.device, non_blocking=True).float()
+
     def _load(self, file: str, key: str) -> torch.Tensor:
-        tensor = self.readers.get(file).read(key, torch.float32).to(self.device)
+        tensor = self._fetch_rows(file, key)
         if self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
@@ -137,15 +150,14 @@ class TensorMerger:
         return self._load_shared if KINDS[kind].shared_tensors else self._load
 
     def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.readers.get(file).read_rows(key, start, stop, torch.float32).to(self.device)
+        return self._fetch_rows(file, key, start, stop)
 
     def _base(self, job: TensorJob, canonical_shape: tuple[int, ...], transposed: bool,
               needs_values: bool) -> torch.Tensor:
         """The base in canonical orientation: real values, or a zero-stride placeholder of the right shape."""
         if not needs_values:
             return torch.zeros((), device=self.device).expand(canonical_shape)
-        base = self._base_rows(job, 0, job.shape[0]) if job.scale else (
-            self.readers.get(job.source_file).read(job.source, torch.float32).to(self.device))
+        base = self._base_rows(job, 0, job.shape[0]) if job.scale else self._fetch_rows(job.source_file, job.source)
         return base.T if transposed else base
 
     def _base_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
