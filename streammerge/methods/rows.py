@@ -1,0 +1,221 @@
+"""The row-block (two-pass) form of the generalized sparsify + consensus merge.
+
+Pass 1 (``TensorStatistics``): only the magnitude trim needs a whole-tensor statistic, each
+input's exact top-``k`` threshold, selected over row blocks (``selection.TopKSelect``, two or
+three passes); DARE needs only its per-input seeds, Breadcrumbs' bands are per row.  Pass 2
+(``merge_rows``): each grid step of rows (about 1 MiB per input, cache-sized) is built from
+the inputs' rows — one small GEMM for a LoRA input —, sparsified, elected and averaged, scaled
+by λ and added into the base rows.  Every step is elementwise or per row once the thresholds
+are known and uses the ops of the whole-tensor ``generalized.merge`` in the same order, so the
+result is bit-identical to it and independent of the blocking.
+
+``ModelTrim`` is pass 1 of ``scope: global``: one selection per input over every tensor it
+touches; ``ModelThresholds`` is its result, small enough to journal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MethodParameterError
+from .base import LowRankUpdate, RowBlock
+from .common import block_rows, row_count, row_grid
+from .selection import Threshold, TopKSelect, keep_rows
+from .sparsify import Band, RandomDrop, keep_count
+
+__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds"]
+
+
+def _steps(block: RowBlock) -> list[tuple[int, int]]:
+    """The grid steps ``(lo, hi)`` of ``block``, relative to its first row."""
+    step = row_grid(block.shape)
+    assert block.start % step == 0, f"row block of {block.name!r} starts at {block.start}, off the {step}-row grid"
+    return [(lo, min(lo + step, block.rows)) for lo in range(0, block.rows, step)]
+
+
+def _columns(shape: tuple[int, ...]) -> int:
+    return shape[-1] if shape else 1
+
+
+def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
+    """Feed ``|w_i ΔW_i|`` of every grid step of ``block`` to the selections that still need a pass."""
+    wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
+    columns = _columns(block.shape)
+    for lo, hi in _steps(block):
+        for i in wanted:
+            rows = block_rows(block.updates[i], lo, hi, block.weights[i]).view(hi - lo, columns).abs_()
+            selects[i].observe(keys[i], block.start + lo, rows)  # type: ignore[union-attr]
+
+
+class TensorStatistics:
+    """Pass-1 statistics of one tensor for a generalized variant (``BlockStatistics``).
+
+    Args:
+        sparsify: the variant's sparsifier kind (``none``, ``magnitude``, ``random``, ``band``).
+        name: tensor name.
+        shape: canonical shape.
+        count: number of inputs of this tensor.
+        generator: the tensor's seeded generator (DARE draws its per-input seeds from it, as
+            ``merge`` does).
+        params: resolved method parameters.
+        given: per-input thresholds of ``scope: global`` (``ModelThresholds.for_tensor``), or None.
+    """
+
+    def __init__(self, sparsify: str, name: str, shape: tuple[int, ...], count: int, generator: torch.Generator,
+                 params: Mapping[str, Any], given: Sequence[Threshold] | None = None) -> None:
+        self.sparsify = sparsify
+        self.name = name
+        self.shape = shape
+        self.density = params.get("density", 1.0)
+        self.gamma = params.get("gamma", 0.0)
+        self.drop = RandomDrop(self.density, generator, count) if sparsify == "random" else None
+        self.given = tuple(given) if given is not None else None
+        self.selects: list[TopKSelect | None] = [None] * count
+        if sparsify == "magnitude" and self.given is None:
+            if params.get("scope", "tensor") != "tensor":
+                raise MethodParameterError(
+                    f"tensor {name!r}: scope {params['scope']!r} needs the whole-model thresholds "
+                    f"(ModelTrim) of a first pass over every tensor; none were given")
+            k = keep_count(self.density, row_count(shape) * _columns(shape))
+            self.selects = [TopKSelect(k, {name: row_count(shape)}) for _ in range(count)]
+
+    def needs_pass(self) -> bool:
+        return any(s is not None and s.needs_pass() for s in self.selects)
+
+    def observe(self, block: RowBlock) -> None:
+        _observe_trims(block, self.selects, [self.name] * len(self.selects))
+
+    def end_pass(self) -> None:
+        for select in self.selects:
+            if select is not None and select.needs_pass():
+                select.end_pass()
+
+    def thresholds(self) -> tuple[Threshold, ...]:
+        """Each input's magnitude threshold (after the last pass)."""
+        if self.given is not None:
+            return self.given
+        return tuple(s.threshold(self.name) for s in self.selects if s is not None)
+
+
+def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], rows: torch.Tensor, index: int,
+                   first_row: int) -> torch.Tensor:
+    """Input ``index``'s rows after its sparsifier, in place (the ops of ``sparsify``'s classes)."""
+    if stats.sparsify == "magnitude":
+        return rows.mul_(keep_rows(rows.abs(), first_row, thresholds[index]))
+    if stats.sparsify == "random":
+        assert stats.drop is not None
+        flat = first_row * rows.shape[-1]
+        mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
+        return rows.mul_(mask).div_(stats.density)
+    if stats.sparsify == "band":
+        low, high = Band(stats.density, stats.gamma).bounds(rows)
+        magnitude = rows.abs()
+        return rows.mul_((magnitude >= low) & (magnitude <= high))
+    return rows
+
+
+def _combine_rows(terms: list[torch.Tensor], elect: bool) -> torch.Tensor:
+    """``consensus.combine`` on rows held at once: the same ops, in the same order."""
+    if not elect:
+        total = terms[0]
+        for term in terms[1:]:
+            total.add_(term)
+        return total
+    votes = terms[0].clone()
+    for term in terms[1:]:
+        votes.add_(term)
+    positive = votes >= 0
+    del votes
+    total: torch.Tensor | None = None
+    agreeing: torch.Tensor | None = None
+    for term in terms:
+        agree = (term != 0) & ((term > 0) == positive)
+        kept = term.mul_(agree)
+        total = kept if total is None else total.add_(kept)
+        agreeing = agree.float() if agreeing is None else agreeing.add_(agree)
+    assert total is not None and agreeing is not None
+    return total.div_(agreeing.clamp_min_(1))
+
+
+def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,
+               elect: bool) -> torch.Tensor:
+    """Pass 2: the merged update of ``block``'s rows (``[rows, d_in]``), added into ``out`` when given."""
+    columns = _columns(block.shape)
+    thresholds = stats.thresholds() if stats.sparsify == "magnitude" else ()
+    scale = params["lambda"]
+    first = block.updates[0]
+    device = first.up.device if isinstance(first, LowRankUpdate) else first.delta.device
+    result = out if out is not None else torch.empty(block.rows, columns, device=device)
+    target = result.view(block.rows, columns)
+    for lo, hi in _steps(block):
+        terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
+                                block.start + lo)
+                 for i, (u, w) in enumerate(zip(block.updates, block.weights))]
+        merged = _combine_rows(terms, elect).mul_(scale)
+        if out is not None:
+            target[lo:hi].add_(merged)
+        else:
+            target[lo:hi] = merged
+        del terms, merged
+    return result
+
+
+def supports_rows(params: Mapping[str, Any]) -> bool:
+    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms."""
+    return not params.get("orthogonalize", False) and not params.get("decouple", False)
+
+
+@dataclass(frozen=True)
+class ModelThresholds:
+    """Per input, the threshold of every tensor it touches (``scope: global``'s pass-1 result).
+
+    ``record()`` is plain JSON-able data for the journal; ``from_record`` reads it back.
+    """
+
+    inputs: tuple[Mapping[str, Threshold], ...]
+
+    def for_tensor(self, name: str, inputs: Sequence[int]) -> tuple[Threshold, ...]:
+        """The thresholds of tensor ``name`` for its inputs ``inputs`` (model-wide indices), in order."""
+        return tuple(self.inputs[i][name] for i in inputs)
+
+    def record(self) -> list[dict[str, list[float]]]:
+        return [{name: [t.value, t.tie_row, t.tie_quota] for name, t in per.items()} for per in self.inputs]
+
+    @classmethod
+    def from_record(cls, record: Sequence[Mapping[str, Sequence[float]]]) -> ModelThresholds:
+        return cls(tuple({name: Threshold(float(v[0]), int(v[1]), int(v[2])) for name, v in per.items()}
+                         for per in record))
+
+
+class ModelTrim:
+    """Pass 1 of ``scope: global``: each input keeps its top ``density`` over every tensor it touches.
+
+    Args:
+        density: fraction kept per input over the whole model.
+        tensors: per input (model-wide order), its tensors in tie-breaking order (the plan's),
+            name → canonical shape.
+    """
+
+    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
+        self.selects = [TopKSelect(keep_count(density, sum(row_count(s) * _columns(s) for s in per.values())),
+                                   {name: row_count(s) for name, s in per.items()}) for per in tensors]
+
+    def needs_pass(self) -> bool:
+        return any(s.needs_pass() for s in self.selects)
+
+    def observe(self, block: RowBlock) -> None:
+        """Feed one row block of one tensor (``block.inputs``: model-wide input indices)."""
+        ids = block.inputs if block.inputs is not None else tuple(range(len(block.updates)))
+        _observe_trims(block, [self.selects[i] for i in ids], [block.name] * len(ids))
+
+    def end_pass(self) -> None:
+        for select in self.selects:
+            if select.needs_pass():
+                select.end_pass()
+
+    def result(self) -> ModelThresholds:
+        return ModelThresholds(tuple({name: s.threshold(name) for name in s.rows} for s in self.selects))
