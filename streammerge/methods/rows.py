@@ -15,19 +15,19 @@ touches; ``ModelThresholds`` is its result, small enough to journal.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..errors import MethodParameterError
-from .base import LowRankUpdate, RowBlock
+from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
 from .common import block_rows, row_count, row_grid
 from .selection import Threshold, TopKSelect, keep_rows
 from .sparsify import Band, RandomDrop, keep_count
 
-__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds"]
+__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
 
 
 def _steps(block: RowBlock) -> list[tuple[int, int]]:
@@ -219,3 +219,42 @@ class ModelTrim:
 
     def result(self) -> ModelThresholds:
         return ModelThresholds(tuple({name: s.threshold(name) for name in s.rows} for s in self.selects))
+
+
+def _block_of(update: TaskUpdate, start: int, stop: int, columns: int) -> TaskUpdate:
+    if isinstance(update, LowRankUpdate):
+        return LowRankUpdate(up=update.up[start:stop], down=update.down)
+    return DenseUpdate(update.delta.reshape(-1, columns)[start:stop])
+
+
+def merge_by_blocks(form: RowMerge, inputs: MergeInputs, params: Mapping[str, Any], block_rows: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-pass protocol over in-memory updates, ``block_rows`` rows at a time (a multiple of the grid).
+
+    This is what the engine does with rows read from files: pass 1 until the statistics need
+    no further pass, then pass 2 block by block.  Returns the merged update as ``[rows, d_in]``
+    (added into ``out``, the base rows, when given).
+    """
+    shape = tuple(inputs.base.shape)
+    total, columns = row_count(shape), _columns(shape)
+    assert block_rows % form.grid(shape) == 0, "blocks must be a multiple of the grid"
+
+    def blocks() -> Iterator[RowBlock]:
+        for start in range(0, total, block_rows):
+            stop = min(start + block_rows, total)
+            updates = tuple(_block_of(u, start, stop, columns) for u in inputs.updates)
+            yield RowBlock(inputs.name, shape, start, updates, inputs.weights)
+
+    stats = form.statistics(inputs.name, shape, len(inputs.updates), inputs.generator, params, inputs.statistics)
+    while stats.needs_pass():
+        for block in blocks():
+            stats.observe(block)
+        stats.end_pass()
+    target = out.view(total, columns) if out is not None else torch.empty(total, columns, device=inputs.base.device)
+    for block in blocks():
+        rows = target[block.start:block.start + block.rows]
+        if out is not None:
+            form.merge_rows(block, stats, params, rows)
+        else:
+            rows.copy_(form.merge_rows(block, stats, params, None))
+    return target
