@@ -24,7 +24,8 @@ import torch
 from ..errors import MethodParameterError
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
 from .common import block_rows, row_count, row_grid
-from .selection import Threshold, TopKSelect, keep_rows
+from .consensus import agreeing_mean
+from .selection import Threshold, TopKSelect, trim_rows
 from .sparsify import Band, RandomDrop, keep_count
 
 __all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
@@ -105,7 +106,7 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
                    first_row: int) -> torch.Tensor:
     """Input ``index``'s rows after its sparsifier, in place (the ops of ``sparsify``'s classes)."""
     if stats.sparsify == "magnitude":
-        return rows.mul_(keep_rows(rows.abs(), first_row, thresholds[index]))
+        return trim_rows(rows, first_row, thresholds[index])
     if stats.sparsify == "random":
         assert stats.drop is not None
         flat = first_row * rows.shape[-1]
@@ -120,25 +121,13 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
 
 def _combine_rows(terms: list[torch.Tensor], elect: bool) -> torch.Tensor:
     """``consensus.combine`` on rows held at once: the same ops, in the same order."""
-    if not elect:
-        total = terms[0]
-        for term in terms[1:]:
-            total.add_(term)
-        return total
-    votes = terms[0].clone()
+    total = terms[0] if not elect else terms[0].clone()
     for term in terms[1:]:
-        votes.add_(term)
-    positive = votes >= 0
-    del votes
-    total: torch.Tensor | None = None
-    agreeing: torch.Tensor | None = None
-    for term in terms:
-        agree = (term != 0) & ((term > 0) == positive)
-        kept = term.mul_(agree)
-        total = kept if total is None else total.add_(kept)
-        agreeing = agree.float() if agreeing is None else agreeing.add_(agree)
-    assert total is not None and agreeing is not None
-    return total.div_(agreeing.clamp_min_(1))
+        total.add_(term)
+    if not elect:
+        return total
+    sign = torch.copysign(torch.ones((), device=total.device), total, out=total)
+    return agreeing_mean(terms, sign)
 
 
 def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,

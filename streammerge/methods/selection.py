@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows"]
+__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows", "trim_rows"]
 
 HIGH_BINS = 1 << 15
 """Bins of pass 1: bit patterns of non-negative fp32 values have 15 significant top bits."""
@@ -188,3 +188,33 @@ def keep_rows(magnitude: torch.Tensor, start: int, threshold: Threshold) -> torc
         ties = torch.nonzero(magnitude[before] == threshold.value).flatten()[:threshold.tie_quota]
         mask[before, ties] = True
     return mask
+
+
+def _below(value: float) -> float:
+    """The largest fp32 below the positive fp32 ``value``: ``|x| > below(t)`` is ``|x| >= t``."""
+    return _float_of(struct.unpack("<i", struct.pack("<f", value))[0] - 1)
+
+
+def trim_rows(rows: torch.Tensor, start: int, threshold: Threshold) -> torch.Tensor:
+    """Rows ``start:start + len(rows)`` (2-D fp32) with the entries ``threshold`` drops set to 0 (a new tensor).
+
+    ``hardshrink`` keeps ``|x| > λ`` in one vectorised pass; a bool mask and a multiply cost
+    about six times as much on CPU.
+    """
+    value = threshold.value
+    if value < 0:
+        return rows.clone()
+    if value == float("inf"):
+        return torch.zeros_like(rows)
+    with_ties = _below(value) if value > 0 else -1.0
+    before = threshold.tie_row - start  # rows of this block whose ties are all kept
+    if before >= rows.shape[0]:
+        return rows.clone() if with_ties < 0 else torch.nn.functional.hardshrink(rows, with_ties)
+    out = torch.nn.functional.hardshrink(rows, value)
+    if before > 0:
+        out[:before] = rows[:before] if with_ties < 0 else torch.nn.functional.hardshrink(rows[:before], with_ties)
+    if 0 <= before and threshold.tie_quota:
+        row = rows[before]
+        ties = torch.nonzero(row.abs() == value).flatten()[:threshold.tie_quota]
+        out[before, ties] = row[ties]
+    return out

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .selection import KEEP_ALL, KEEP_NONE, Threshold, keep_rows
+from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold", "chunk_seed",
            "MagnitudeTrim", "RandomDrop", "Band", "identity", "build_sparsifier"]
@@ -114,10 +114,7 @@ class MagnitudeTrim:
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._thresholds:
             self._thresholds[index] = self.threshold(delta)
-        delta = delta.contiguous()  # a transposed (Conv1D) task vector arrives strided
-        rows = as_rows(delta)
-        rows.mul_(keep_rows(rows.abs(), 0, self._thresholds[index]))
-        return delta
+        return trim_rows(as_rows(delta), 0, self._thresholds[index]).view(delta.shape)
 
 
 MASK_CHUNK = 1 << 16
@@ -154,12 +151,13 @@ class RandomDrop:
             return last[1]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(chunk_seed(self.seeds[index], chunk))
-        mask = torch.rand(MASK_CHUNK, generator=generator, device=self.device) < self.density
+        mask = (torch.rand(MASK_CHUNK, generator=generator, device=self.device) < self.density).float()
         self._last[index] = (chunk, mask)
         return mask
 
     def mask_range(self, index: int, start: int, stop: int) -> torch.Tensor:
-        """The keep mask of flat entries ``start:stop`` of input ``index`` (1-D bool)."""
+        """The keep mask of flat entries ``start:stop`` of input ``index`` (1-D fp32 ones and zeros:
+        multiplying by it is ~3x faster than by a bool mask on CPU)."""
         first, last = start // MASK_CHUNK, (stop - 1) // MASK_CHUNK
         chunks = [self._chunk(index, c) for c in range(first, last + 1)]
         joined = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -169,7 +167,7 @@ class RandomDrop:
     def mask(self, shape: torch.Size, index: int) -> torch.Tensor:
         """The keep mask of input ``index`` over a whole tensor of ``shape``."""
         if shape.numel() == 0:
-            return torch.ones(shape, dtype=torch.bool, device=self.device)
+            return torch.ones(shape, device=self.device)
         return self.mask_range(index, 0, shape.numel()).view(shape)
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
