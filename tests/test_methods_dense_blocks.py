@@ -133,8 +133,9 @@ def test_components_are_whole_tensor_only() -> None:
 
 # ---- exact k: the selection and PEFT as the oracle ------------------------------------------------------
 
+@pytest.mark.parametrize("limit", [0, 1 << 22])
 @pytest.mark.parametrize("density", [0.0, 0.01, 0.2, 0.5, 0.9, 1.0])
-def test_trims_keep_exactly_k_in_index_order(density: float) -> None:
+def test_trims_keep_exactly_k_in_index_order(density: float, limit: int) -> None:
     base = bf16_base((96, 700))
     delta = bf16_task_vector(base, 11)
     magnitude = delta.abs()
@@ -142,7 +143,7 @@ def test_trims_keep_exactly_k_in_index_order(density: float) -> None:
     expected = torch.zeros(delta.numel(), dtype=torch.bool)
     expected[stable_top_k(magnitude.flatten(), k)] = True
     whole_mask = keep_rows(as_rows(magnitude), 0, MagnitudeTrim(density).threshold(delta))
-    select = TopKSelect(k, {"w": 96})
+    select = TopKSelect(k, {"w": 96}, delta.numel(), candidate_limit=limit)
     passes = 0
     while select.needs_pass():
         for start in (64, 0, 32):  # any order
@@ -153,20 +154,21 @@ def test_trims_keep_exactly_k_in_index_order(density: float) -> None:
     assert int(whole_mask.sum()) == k
     assert torch.equal(whole_mask.flatten(), expected)
     assert torch.equal(block_mask.flatten(), expected)
-    assert passes <= 3
+    assert passes <= (3 if limit == 0 else 1)
 
 
-def test_selection_passes() -> None:
+@pytest.mark.parametrize("one_pass", [False, True])
+def test_selection_passes(one_pass: bool) -> None:
     values = torch.arange(1, 1001, dtype=torch.float32).reshape(10, 100)  # distinct: two passes
     ties = torch.full((10, 100), 0.5)  # one value in the bin: still two passes
     mixed = torch.cat([torch.full((5, 100), 0.5), torch.full((5, 100), 0.5000001)])  # one bin, two values
     for rows, k, passes in ((values, 10, 2), (ties, 10, 2), (mixed, 700, 3), (values, 0, 1), (values, 1000, 1)):
-        select, count = TopKSelect(k, {"t": 10}), 0
+        select, count = TopKSelect(k, {"t": 10}, 1000, candidate_limit=1000 if one_pass else 0), 0
         while select.needs_pass():
             select.observe("t", 0, rows)
             select.end_pass()
             count += 1
-        assert count == passes and int(keep_rows(rows, 0, select.threshold("t")).sum()) == k
+        assert count == (1 if one_pass else passes) and int(keep_rows(rows, 0, select.threshold("t")).sum()) == k
 
 
 def _tied_at_threshold(delta: torch.Tensor, density: float) -> torch.Tensor:

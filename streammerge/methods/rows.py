@@ -31,6 +31,10 @@ from .sparsify import Band, RandomDrop, keep_count
 __all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
 
 
+SAMPLE_ROWS = 128
+"""Rows of a tensor in the first look of its magnitude selections (``TensorStatistics.hint``)."""
+
+
 def _steps(block: RowBlock) -> list[tuple[int, int]]:
     """The grid steps ``(lo, hi)`` of ``block``, relative to its first row."""
     step = row_grid(block.shape)
@@ -81,8 +85,25 @@ class TensorStatistics:
                 raise MethodParameterError(
                     f"tensor {name!r}: scope {params['scope']!r} needs the whole-model thresholds "
                     f"(ModelTrim) of a first pass over every tensor; none were given")
-            k = keep_count(self.density, row_count(shape) * _columns(shape))
-            self.selects = [TopKSelect(k, {name: row_count(shape)}) for _ in range(count)]
+            size = row_count(shape) * _columns(shape)
+            self.selects = [TopKSelect(keep_count(self.density, size), {name: row_count(shape)}, size)
+                            for _ in range(count)]
+
+    def sample_rows(self) -> list[int]:
+        """Rows whose values would make a good first look (``hint``): spread over the tensor; empty
+        when no selection is needed."""
+        if not any(self.selects):
+            return []
+        total = row_count(self.shape)
+        return list(range(total)) if total <= SAMPLE_ROWS else [i * total // SAMPLE_ROWS for i in range(SAMPLE_ROWS)]
+
+    def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None:
+        """A first look at the rows ``sample_rows()`` of every input (``DenseUpdate`` of those rows or
+        ``LowRankUpdate(up[rows], down)``): only how many passes pass 1 takes depends on it."""
+        for select, update, weight in zip(self.selects, updates, weights):
+            if select is not None:
+                dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
+                select.hint((dense * weight).abs())
 
     def needs_pass(self) -> bool:
         return any(s is not None and s.needs_pass() for s in self.selects)
@@ -190,8 +211,9 @@ class ModelTrim:
     """
 
     def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
-        self.selects = [TopKSelect(keep_count(density, sum(row_count(s) * _columns(s) for s in per.values())),
-                                   {name: row_count(s) for name, s in per.items()}) for per in tensors]
+        sizes = [sum(row_count(s) * _columns(s) for s in per.values()) for per in tensors]
+        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size)
+                        for per, size in zip(tensors, sizes)]
 
     def needs_pass(self) -> bool:
         return any(s.needs_pass() for s in self.selects)
@@ -235,6 +257,11 @@ def merge_by_blocks(form: RowMerge, inputs: MergeInputs, params: Mapping[str, An
             yield RowBlock(inputs.name, shape, start, updates, inputs.weights)
 
     stats = form.statistics(inputs.name, shape, len(inputs.updates), inputs.generator, params, inputs.statistics)
+    sample = stats.sample_rows()
+    if sample:
+        index = torch.tensor(sample, device=inputs.base.device)
+        stats.hint(tuple(LowRankUpdate(up=u.up[index], down=u.down) if isinstance(u, LowRankUpdate)
+                         else DenseUpdate(u.delta.reshape(-1, columns)[index]) for u in inputs.updates), inputs.weights)
     while stats.needs_pass():
         for block in blocks():
             stats.observe(block)

@@ -6,6 +6,9 @@ low 16 bits of the entries in that bin, which gives the exact threshold ``t``.  
 integers, so they add up over blocks (and over tensors, for ``scope: global``) in any order
 and the answer does not depend on the blocking.
 
+Usually one pass suffices: pass 1 also keeps the few entries in the bins where the first block
+predicts the answer, and finishes from them when the prediction holds (``TopKSelect``).
+
 Exactly ``k`` entries are kept: every ``|δ| > t`` and the first ties ``|δ| == t`` in flat index
 order (row-major over a tensor, then over the segments in the order given).  Which ties those
 are is a :class:`Threshold` per segment: ties in rows before ``tie_row`` are kept, in row
@@ -16,6 +19,7 @@ models), otherwise from a third pass; none is needed when every tie is kept.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,21 +73,37 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
     return index, int(above[index])
 
 
+WINDOW_MARGIN = 0.01
+"""Pass 1 also keeps the entries whose top-16-bit bin lies within this share of ranks (or 4σ)
+around the answer's rank as the first block predicts it, plus one bin either side."""
+CANDIDATE_LIMIT = 1 << 22
+"""At most this many kept entries (8 bytes each) per selection; beyond it the window is dropped."""
+
+
 class TopKSelect:
     """Exact selection of the ``k`` largest ``|x|`` over the row blocks of ordered segments.
 
     Feed every row block of every segment once per pass (``observe``), in any order, then call
     ``end_pass``; repeat while ``needs_pass()``.  ``threshold(name)`` then says what to keep.
 
+    Pass 1 also keeps the entries (bits and row) in the bins where a first look (the first block
+    observed, or ``hint``) expects the answer (``WINDOW_MARGIN``): when the answer's bin is
+    among them, the selection finishes after one pass; otherwise the exact passes follow.  The
+    result is the same either way; only the number of passes depends on the data and order.
+
     Args:
         k: how many entries to keep over all segments (``0 <= k <= Σ numel``).
         segments: segment name → number of rows, in tie-breaking order; the columns per row
             are the last axis of the rows observed.
+        size: total entries over all segments (for the first look).
+        candidate_limit: most entries kept for the one-pass finish.
     """
 
-    def __init__(self, k: int, segments: Mapping[str, int]) -> None:
+    def __init__(self, k: int, segments: Mapping[str, int], size: int,
+                 candidate_limit: int = CANDIDATE_LIMIT) -> None:
         self.k = k
         self.rows = dict(segments)
+        self.size = size
         self.total = 0
         self._pass = 0
         self._high = torch.zeros(HIGH_BINS, dtype=torch.int64)
@@ -94,47 +114,104 @@ class TopKSelect:
         self._need = 0
         self._row_counts: dict[str, torch.Tensor] = {}
         self._thresholds: dict[str, Threshold] | None = None
-        self._sized = False
+        self._window: tuple[int, int] | None = None
+        self._collecting = 0 < k < size
+        self._room = candidate_limit
+        self._candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def needs_pass(self) -> bool:
         """True while another pass over the row blocks is needed."""
         return self._thresholds is None
 
+    def hint(self, magnitude: torch.Tensor) -> None:
+        """Predict the answer's bin from a sample of ``|x|`` (before the first ``observe``)."""
+        if not self._collecting:
+            return
+        high = torch.bincount((_bit_rows(magnitude.flatten()) >> 16), minlength=HIGH_BINS).cpu()
+        self._predict(high, magnitude.numel())
+
+    def _predict(self, high: torch.Tensor, n: int) -> None:
+        q = self.k / self.size
+        margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n))  # ≥ 4 sampling σ of the sample's quantile
+        top = _locate(high, max(1, min(n, round((q - margin) * n))))[0]
+        bottom = _locate(high, max(1, min(n, round((q + margin) * n))))[0]
+        self._window = (bottom - 1, top + 1)
+
     def observe(self, name: str, start: int, magnitude: torch.Tensor) -> None:
         """Count the rows ``start:start + len(magnitude)`` of segment ``name`` (fp32 ``|x|``, 2-D)."""
         bits = _bit_rows(magnitude)
         if self._pass == 0:
-            if not self._sized:
-                self.total += bits.numel()
-            self._high += torch.bincount((bits >> 16).flatten(), minlength=HIGH_BINS).cpu()
+            self.total += bits.numel()
+            top = bits >> 16
+            high = torch.bincount(top.flatten(), minlength=HIGH_BINS).cpu()
+            self._high += high
+            if self._window is None and self._collecting:
+                self._predict(high, bits.numel())
+            if self._collecting:
+                self._collect(name, start, bits, top)
             return
         if self._pass == 1:
             in_bin = (bits >> 16) == self._bin
             low = bits[in_bin] & _LOW_MASK
             self._low += torch.bincount(low, minlength=LOW_BINS).cpu()
-            counts = in_bin.sum(dim=1)
+            counts = in_bin.view(torch.uint8).sum(dim=1, dtype=torch.int64)
         else:
-            counts = (bits == self._bits).sum(dim=1)
+            counts = (bits == self._bits).view(torch.uint8).sum(dim=1, dtype=torch.int64)
         rows = self._row_counts.setdefault(name, torch.zeros(self.rows[name], dtype=torch.int64))
         rows[start:start + counts.numel()] = counts.cpu()
+
+    def _collect(self, name: str, start: int, bits: torch.Tensor, top: torch.Tensor) -> None:
+        assert self._window is not None
+        low, high = self._window
+        flat = torch.nonzero(((top >= low) & (top <= high)).flatten()).flatten()
+        if flat.numel() > self._room:  # too many to keep: the exact passes will follow
+            self._collecting, self._candidates = False, {}
+            return
+        self._room -= flat.numel()
+        if flat.numel():
+            rows = (flat // bits.shape[-1] + start).to(torch.int32).cpu()
+            self._candidates.setdefault(name, []).append((rows, bits.flatten()[flat].cpu()))
+
+    def _finish_from_candidates(self) -> bool:
+        """Finish pass 1 from the kept entries when the answer's bin is among them."""
+        if not self._collecting or self._window is None or not self._window[0] <= self._bin <= self._window[1]:
+            self._candidates = {}
+            return False
+        per = {name: (torch.cat([r for r, _ in parts]), torch.cat([b for _, b in parts]))
+               for name, parts in self._candidates.items()}
+        self._candidates = {}
+        in_bin = [bits[(bits >> 16) == self._bin] for _, bits in per.values()]
+        low = torch.cat(in_bin) & _LOW_MASK if in_bin else torch.zeros(0, dtype=torch.int32)
+        self._low = torch.bincount(low, minlength=LOW_BINS)
+        if self._settle():
+            return True
+        for name, (rows, bits) in per.items():
+            self._row_counts[name] = torch.bincount(rows[bits == self._bits].long(), minlength=self.rows[name])
+        self._split_ties()
+        return True
+
+    def _settle(self) -> bool:
+        """From the low histogram of the answer's bin: the threshold; True when every tie is kept."""
+        low, above_low = _locate(self._low, self.k - self._above)
+        self._bits = (self._bin << 16) | low
+        self._need = self.k - self._above - above_low  # 1 <= need <= ties
+        if self._need == int(self._low[low]):
+            self._finish(Threshold(_float_of(self._bits), KEEP_ALL.tie_row))
+            return True
+        return False
 
     def end_pass(self) -> None:
         """Close the current pass; decides whether another one is needed."""
         if self._pass == 0:
-            self._sized = True
             if self.k == 0 or self.k >= self.total:
                 self._finish(KEEP_NONE if self.k == 0 else KEEP_ALL)
                 return
             self._bin, self._above = _locate(self._high, self.k)
-            self._pass = 1
+            if not self._finish_from_candidates():
+                self._pass = 1
             return
         if self._pass == 1:
-            low, above_low = _locate(self._low, self.k - self._above)
-            self._bits = (self._bin << 16) | low
-            ties = int(self._low[low])
-            self._need = self.k - self._above - above_low  # 1 <= need <= ties
-            if self._need == ties:
-                self._finish(Threshold(_float_of(self._bits), KEEP_ALL.tie_row))
+            if self._settle():
                 return
             if int((self._low != 0).sum()) == 1:
                 self._split_ties()  # the bin holds only t: in-bin counts are tie counts
