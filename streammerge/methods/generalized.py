@@ -21,7 +21,8 @@ import torch
 
 from ..errors import MethodParameterError
 from . import decouple, orthogonalize, rows
-from .base import BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, RowBlock, RowMerge, TaskUpdate
+from .base import (BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, RowBlock, RowMerge,
+                   TaskUpdate)
 from .common import as_dense, fold_weights, is_matrix, row_grid
 from .consensus import combine
 from .rows import TensorStatistics

@@ -52,8 +52,12 @@ def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: 
     columns = _columns(block.shape)
     for lo, hi in _steps(block):
         for i in wanted:
-            rows = block_rows(block.updates[i], lo, hi, block.weights[i]).view(hi - lo, columns).abs_()
-            selects[i].observe(keys[i], block.start + lo, rows)  # type: ignore[union-attr]
+            update, weight = block.updates[i], block.weights[i]
+            if isinstance(update, DenseUpdate) and weight == 1.0:
+                rows = update.delta[lo:hi].abs()  # no copy to overwrite first
+            else:
+                rows = block_rows(update, lo, hi, weight).abs_()
+            selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
 
 
 class TensorStatistics:

@@ -27,8 +27,8 @@ import torch
 
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
-__all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold", "chunk_seed",
-           "MagnitudeTrim", "RandomDrop", "Band", "identity", "build_sparsifier"]
+__all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
+           "chunk_seed", "MagnitudeTrim", "RandomDrop", "Band", "identity", "build_sparsifier"]
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
 
