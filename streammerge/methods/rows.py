@@ -11,6 +11,18 @@ result is bit-identical to it and independent of the blocking.
 
 ``ModelTrim`` is pass 1 of ``scope: global``: one selection per input over every tensor it
 touches; ``ModelThresholds`` is its result, small enough to journal.
+
+How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updates)::
+
+    form = method.rows                                   # None: whole-tensor merge only
+    stats = form.statistics(name, shape, T, generator, params, given)
+    if rows := stats.sample_rows():                      # optional first look
+        stats.hint(updates restricted to those rows, weights)
+    while stats.needs_pass():                            # 0 passes (DARE, Breadcrumbs), usually 1
+        for each block (start a multiple of form.grid(shape)):
+            stats.observe(RowBlock(name, shape, start, updates of the block's rows, weights))
+        stats.end_pass()
+    for each block:  form.merge_rows(RowBlock(...), stats, params, out=base_rows)  # W0 + ΔW rows
 """
 
 from __future__ import annotations
