@@ -232,11 +232,13 @@ def test_dare_mask_of_any_range_is_the_slice_of_the_whole_mask() -> None:
 
 # ---- scope: global ---------------------------------------------------------------------------------------
 
-def test_global_scope_equals_a_whole_model_reference() -> None:
+@pytest.mark.parametrize("hinted", [False, True])
+def test_global_scope_equals_a_whole_model_reference(hinted: bool) -> None:
     shapes = {"a.weight": (64, 300), "b.weight": (40, 512), "c.bias": (300,)}
     bases = {name: bf16_base(shape, i) for i, (name, shape) in enumerate(shapes.items())}
-    deltas = [{name: bf16_task_vector(b, 40 + i) for i, (name, b) in enumerate(bases.items())},  # all three
-              {name: bf16_task_vector(b, 50 + i) for i, (name, b) in enumerate(list(bases.items())[:2])}]  # not c.bias
+    scales = {"a.weight": 0.01, "b.weight": 0.02, "c.bias": 0.2}  # tensors unlike each other
+    deltas = [{name: bf16_task_vector(b, 40 + i, scales[name]) for i, (name, b) in enumerate(bases.items())},  # all
+              {name: bf16_task_vector(b, 50 + i, scales[name]) for i, (name, b) in enumerate(list(bases.items())[:2])}]
     weights, density = [1.0, 2.0], 0.15
     params = {**get_method("ties").resolve_params({"density": density}), "scope": "global"}
     # reference: each input's top k over its concatenated, flattened (weighted) task vector
@@ -248,7 +250,14 @@ def test_global_scope_equals_a_whole_model_reference() -> None:
         kept[index] = flat[index]
         trimmed.append(dict(zip(per, kept.split([d.numel() for d in per.values()]))))
     trim = ModelTrim(density, [{name: shapes[name] for name in per} for per in deltas])
+    if hinted:  # a few rows of every tensor: the selection then finishes in one pass
+        for name in shapes:
+            ids = tuple(i for i, per in enumerate(deltas) if name in per)
+            sample = [DenseUpdate(deltas[i][name].reshape(-1, shapes[name][-1])[::5]) for i in ids]
+            trim.hint(name, shapes[name], sample, [weights[i] for i in ids], ids)
+    passes = 0
     while trim.needs_pass():
+        passes += 1
         for name in reversed(shapes):  # any order of tensors and blocks
             ids = tuple(i for i, per in enumerate(deltas) if name in per)
             base = bases[name]
@@ -258,6 +267,7 @@ def test_global_scope_equals_a_whole_model_reference() -> None:
                 updates = tuple(DenseUpdate(deltas[i][name].reshape(rows.shape)[start:start + step]) for i in ids)
                 trim.observe(RowBlock(name, shapes[name], start, updates, tuple(weights[i] for i in ids), ids))
         trim.end_pass()
+    assert passes == (1 if hinted else 3)  # the first tensor seen (c.bias) predicts the threshold badly
     result = ModelThresholds.from_record(trim.result().record())
     for name, base in bases.items():
         ids = [i for i, per in enumerate(deltas) if name in per]

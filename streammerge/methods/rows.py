@@ -234,6 +234,15 @@ class ModelTrim:
     def needs_pass(self) -> bool:
         return any(s.needs_pass() for s in self.selects)
 
+    def hint(self, name: str, shape: tuple[int, ...], updates: Sequence[TaskUpdate], weights: Sequence[float],
+             inputs: Sequence[int]) -> None:
+        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_rows``) for its
+        inputs ``inputs``; call it for every tensor before pass 1, so that pass 1 usually suffices."""
+        size = row_count(shape) * _columns(shape)
+        for i, update, weight in zip(inputs, updates, weights):
+            dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
+            self.selects[i].hint((dense * weight).abs(), represents=size)
+
     def observe(self, block: RowBlock) -> None:
         """Feed one row block of one tensor (``block.inputs``: model-wide input indices)."""
         ids = block.inputs if block.inputs is not None else tuple(range(len(block.updates)))

@@ -115,6 +115,8 @@ class TopKSelect:
         self._row_counts: dict[str, torch.Tensor] = {}
         self._thresholds: dict[str, Threshold] | None = None
         self._window: tuple[int, int] | None = None
+        self._hinted: torch.Tensor | None = None
+        self._sampled = 0
         self._collecting = 0 < k < size
         self._room = candidate_limit
         self._candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -123,18 +125,24 @@ class TopKSelect:
         """True while another pass over the row blocks is needed."""
         return self._thresholds is None
 
-    def hint(self, magnitude: torch.Tensor) -> None:
-        """Predict the answer's bin from a sample of ``|x|`` (before the first ``observe``)."""
-        if not self._collecting:
+    def hint(self, magnitude: torch.Tensor, represents: int | None = None) -> None:
+        """A first look: a sample of ``|x|`` standing for ``represents`` entries (default: itself).
+
+        Call it before the first ``observe``, once or once per segment (a few rows of each
+        tensor, each standing for its tensor's size); the answer's bin is predicted from them all.
+        """
+        if not self._collecting or magnitude.numel() == 0:
             return
-        high = torch.bincount((_bit_rows(magnitude.flatten()) >> 16), minlength=HIGH_BINS).cpu()
-        self._predict(high, magnitude.numel())
+        high = torch.bincount((_bit_rows(magnitude.flatten()) >> 16), minlength=HIGH_BINS).cpu().double()
+        high *= (represents or magnitude.numel()) / magnitude.numel()
+        self._hinted = high if self._hinted is None else self._hinted.add_(high)
+        self._sampled += magnitude.numel()
 
     def _predict(self, high: torch.Tensor, n: int) -> None:
-        q = self.k / self.size
+        q, total = self.k / self.size, max(1, int(high.sum()))
         margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n))  # ≥ 4 sampling σ of the sample's quantile
-        top = _locate(high, max(1, min(n, round((q - margin) * n))))[0]
-        bottom = _locate(high, max(1, min(n, round((q + margin) * n))))[0]
+        top = _locate(high, max(1, min(total, round((q - margin) * total))))[0]
+        bottom = _locate(high, max(1, min(total, round((q + margin) * total))))[0]
         self._window = (bottom - 1, top + 1)
 
     def observe(self, name: str, start: int, magnitude: torch.Tensor) -> None:
@@ -146,7 +154,10 @@ class TopKSelect:
             high = torch.bincount(top.flatten(), minlength=HIGH_BINS).cpu()
             self._high += high
             if self._window is None and self._collecting:
-                self._predict(high, bits.numel())
+                if self._hinted is not None and float(self._hinted.sum()) >= 1:
+                    self._predict(self._hinted.round().long(), self._sampled)
+                else:
+                    self._predict(high, bits.numel())
             if self._collecting:
                 self._collect(name, start, bits, top)
             return
