@@ -6,13 +6,18 @@ of ``nn.Linear`` (the engine transposes GPT-2 ``Conv1D`` / ``fan_in_fan_out`` we
 embeddings before the call and back after it), with each adapter's scaling ``s_i`` folded
 into ``up``.  The method returns the merged *update*; the engine adds it to the base
 (``W0 + up @ down`` in one GEMM for low-rank results), casts once and writes.
+
+Methods that need dense deltas may also offer a **row-block form** (``MergeMethod.rows``):
+pass 1 feeds row blocks to a statistics object until it needs no further pass, pass 2 merges
+one row block at a time from those statistics; the result equals ``merge`` bit for bit and
+does not depend on the blocking (see ``RowMerge``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -59,6 +64,8 @@ class MergeInputs:
         updates: one task update per input that touches this tensor, in input order.
         weights: the user weight ``w_i`` of each of those inputs.
         generator: random generator seeded from (recipe seed, tensor name), on ``base.device``.
+        statistics: whole-model statistics for this tensor, aligned with ``updates`` (e.g. the
+            per-input thresholds of TIES ``scope: global``); None for per-tensor methods.
     """
 
     name: str
@@ -66,6 +73,79 @@ class MergeInputs:
     updates: tuple[TaskUpdate, ...]
     weights: tuple[float, ...]
     generator: torch.Generator
+    statistics: Any = None
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows ``start:start + rows`` of one tensor, for a method's row-block form.
+
+    Attributes:
+        name: tensor name.
+        shape: canonical shape of the whole tensor (rows along the last axis: a 2-D tensor's
+            rows, a 1-D tensor is one row).
+        start: first row of the block; a multiple of ``RowMerge.grid(shape)``.
+        updates: per input, this block's rows: ``DenseUpdate(rows)`` (``[rows, d_in]`` fp32) or
+            ``LowRankUpdate(up[start:stop], down)`` (scale folded into ``up``), input order.
+        weights: the user weight ``w_i`` of each input.
+        inputs: the model-wide index of each input (needed by whole-model statistics only);
+            None means ``0 … len(updates) - 1``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    start: int
+    updates: tuple[TaskUpdate, ...]
+    weights: tuple[float, ...]
+    inputs: tuple[int, ...] | None = None
+
+    @property
+    def rows(self) -> int:
+        first = self.updates[0]
+        return first.up.shape[0] if isinstance(first, LowRankUpdate) else first.delta.shape[0]
+
+
+class BlockStatistics(Protocol):
+    """What pass 1 accumulates: feed every row block once per pass, then ``end_pass``; repeat
+    while ``needs_pass()``.  Blocks may come in any order.
+
+    Before pass 1, ``hint`` may get a first look at the rows ``sample_rows()`` (each input's
+    update restricted to those rows); it only changes how many passes are needed, never the
+    result (a magnitude selection then usually needs one pass instead of two or three).
+    """
+
+    def sample_rows(self) -> list[int]: ...
+
+    def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None: ...
+
+    def needs_pass(self) -> bool: ...
+
+    def observe(self, block: RowBlock) -> None: ...
+
+    def end_pass(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RowMerge:
+    """The row-block (two-pass) form of a method.
+
+    Attributes:
+        supports: ``supports(params)``: whether these parameters can run as row blocks (else the
+            engine calls ``merge`` on the whole tensor).
+        grid: ``grid(shape)``: rows per grid step; every block starts on a multiple of it (and
+            ends on one, or at the last row), which keeps low-rank GEMMs bit-identical.
+        statistics: ``statistics(name, shape, count, generator, params, given)`` → the pass-1
+            accumulator for a tensor with ``count`` inputs; ``given`` carries whole-model
+            statistics (``MergeInputs.statistics``) or None.
+        merge_rows: ``merge_rows(block, stats, params, out)`` → the merged update's rows
+            (fp32 ``[rows, d_in]``); with ``out`` (the base rows) the update is added into it
+            in place and ``out`` is returned.
+    """
+
+    supports: Callable[[Mapping[str, Any]], bool]
+    grid: Callable[[tuple[int, ...]], int]
+    statistics: Callable[[str, tuple[int, ...], int, torch.Generator, Mapping[str, Any], Any], BlockStatistics]
+    merge_rows: Callable[[RowBlock, BlockStatistics, Mapping[str, Any], torch.Tensor | None], torch.Tensor]
 
 
 @dataclass
@@ -160,6 +240,8 @@ class MergeMethod:
             and of the updates (no per-tensor statistics, no randomness) and an input whose
             update is zero changes nothing.  The engine then merges dense inputs (full
             fine-tunes, replaced tensors) one row block at a time instead of whole tensors.
+        rows: the row-block (two-pass) form, for methods that need whole-tensor statistics
+            of dense deltas; None if the method has none.
     """
 
     name: str
@@ -171,6 +253,7 @@ class MergeMethod:
     validate: Callable[[Mapping[str, Any]], None] | None = None
     reads_base: bool = False
     elementwise: bool = False
+    rows: RowMerge | None = None
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, every value validated.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -9,7 +10,11 @@ import torch
 from ..errors import MethodParameterError
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, weighted_sum
 
-__all__ = ["fold_weights", "is_matrix", "weighted_average", "accumulate", "as_dense"]
+__all__ = ["fold_weights", "is_matrix", "weighted_average", "accumulate", "as_dense", "GRID_ELEMENTS", "row_count",
+           "row_grid", "gridded_dense", "block_rows"]
+
+GRID_ELEMENTS = 1 << 18
+"""About this many entries (1 MiB of fp32) per grid step of the row-block form: cache-sized."""
 
 
 def fold_weights(inputs: MergeInputs) -> list[TaskUpdate]:
@@ -62,7 +67,51 @@ def accumulate(terms: Iterable[Callable[[], torch.Tensor]]) -> torch.Tensor:
 
 
 def as_dense(update: TaskUpdate) -> torch.Tensor:
-    """A fresh dense fp32 tensor for ``update`` that the caller may modify in place."""
+    """A fresh dense fp32 tensor for ``update`` that the caller may modify in place.
+
+    A low-rank product is computed on the row grid (``gridded_dense``), so it is bit-identical
+    to the row blocks of the two-pass form.
+    """
     if isinstance(update, LowRankUpdate):
-        return update.dense()
+        return gridded_dense(update)
     return update.delta.clone(memory_format=torch.contiguous_format)
+
+
+def row_count(shape: tuple[int, ...]) -> int:
+    """Rows of a tensor along its last axis (a 1-D tensor is one row, a scalar one entry)."""
+    if not shape:
+        return 1
+    return math.prod(shape[:-1])
+
+
+def row_grid(shape: tuple[int, ...]) -> int:
+    """Rows per grid step for ``shape``: about ``GRID_ELEMENTS`` entries, a multiple of 8 rows.
+
+    Only the shape decides it: the BLAS picks its kernels by the number of rows, and an odd
+    remainder takes another kernel whose sums round differently (measured on CPU).  Every GEMM
+    of the row-block form and of ``as_dense`` runs on this grid, so both give the same bits.
+    """
+    columns = shape[-1] if shape else 1
+    rows = max(1, GRID_ELEMENTS // max(columns, 1))
+    return rows - rows % 8 if rows >= 8 else rows
+
+
+def gridded_dense(update: LowRankUpdate) -> torch.Tensor:
+    """``up @ down`` computed one grid step of rows at a time (see ``row_grid``)."""
+    out = update.up.new_empty(update.up.shape[0], update.down.shape[1])
+    step = row_grid(tuple(out.shape))
+    for lo in range(0, out.shape[0], step):
+        torch.mm(update.up[lo:lo + step], update.down, out=out[lo:lo + step])
+    return out
+
+
+def block_rows(update: TaskUpdate, lo: int, hi: int, weight: float) -> torch.Tensor:
+    """Fresh fp32 rows ``lo:hi`` (of a row block) of ``weight · ΔW``, as ``fold_weights`` + ``as_dense`` give them.
+
+    A low-rank update is ``(w · up[lo:hi]) @ down``: ``lo:hi`` must be one grid step.
+    """
+    if isinstance(update, LowRankUpdate):
+        up = update.up[lo:hi]
+        return (up if weight == 1.0 else up * weight) @ update.down
+    rows = update.delta[lo:hi]
+    return rows.clone(memory_format=torch.contiguous_format) if weight == 1.0 else rows * weight

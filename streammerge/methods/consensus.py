@@ -8,37 +8,48 @@ two passes over the inputs; the sparsifiers make the second pass see the same en
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .common import accumulate
 from .sparsify import Sparsifier
 
-__all__ = ["Term", "elect_sign", "disjoint_mean", "combine"]
+__all__ = ["Term", "elect_sign", "agreeing_mean", "disjoint_mean", "combine"]
 
 Term = Callable[[int], torch.Tensor]
 
 
 def elect_sign(count: int, term: Term, sparsify: Sparsifier) -> torch.Tensor:
-    """TIES election: True where ``Σ_i sparsify(ΔW_i) >= 0`` (a zero sum elects +)."""
+    """TIES election: ``+1`` where ``Σ_i sparsify(ΔW_i) >= 0`` (a zero sum elects +), else ``-1``.
+
+    ``copysign`` gives -1 only for a negative sum or ``-0``, and a sum is ``-0`` only when every
+    term is a zero, where no input agrees whatever the sign.
+    """
     total = accumulate(lambda i=i: sparsify(term(i), i) for i in range(count))
-    return total >= 0
+    return torch.copysign(torch.ones((), device=total.device), total, out=total)
 
 
-def disjoint_mean(count: int, term: Term, sparsify: Sparsifier, positive: torch.Tensor) -> torch.Tensor:
-    """Mean over the inputs whose entry is non-zero and has the elected sign (0 where none does)."""
+def agreeing_mean(terms: Iterable[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
+    """Mean of the non-zero entries that have the elected ``sign`` (0 where none does); overwrites the terms.
+
+    In float arithmetic, no bool masks: ``relu(δ·γ)`` is ``|δ|`` where δ agrees with γ, else 0;
+    its ``sign`` counts the agreeing inputs; ``γ · Σ / count`` restores the sign.
+    """
     total: torch.Tensor | None = None
     agreeing: torch.Tensor | None = None
-    for i in range(count):
-        delta = sparsify(term(i), i)
-        agree = (delta != 0) & ((delta > 0) == positive)
-        kept = delta.mul_(agree)  # term() hands out a fresh tensor
+    for delta in terms:
+        kept = delta.mul_(sign).relu_()
+        agreeing = kept.sign() if agreeing is None else agreeing.add_(kept.sign())
         total = kept if total is None else total.add_(kept)
-        agreeing = agree.float() if agreeing is None else agreeing.add_(agree)
-        del delta, agree, kept
-    assert total is not None and agreeing is not None, "disjoint_mean() needs at least one input"
-    return total.div_(agreeing.clamp_min_(1))
+        del delta, kept
+    assert total is not None and agreeing is not None, "agreeing_mean() needs at least one input"
+    return total.mul_(sign).div_(agreeing.clamp_min_(1))
+
+
+def disjoint_mean(count: int, term: Term, sparsify: Sparsifier, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over the inputs whose entry is non-zero and has the elected ``sign`` (0 where none does)."""
+    return agreeing_mean((sparsify(term(i), i) for i in range(count)), sign)
 
 
 def combine(count: int, term: Term, sparsify: Sparsifier, elect: bool) -> torch.Tensor:
@@ -52,5 +63,5 @@ def combine(count: int, term: Term, sparsify: Sparsifier, elect: bool) -> torch.
     """
     if not elect:
         return accumulate(lambda i=i: sparsify(term(i), i) for i in range(count))
-    positive = elect_sign(count, term, sparsify)
-    return disjoint_mean(count, term, sparsify, positive)
+    sign = elect_sign(count, term, sparsify)
+    return disjoint_mean(count, term, sparsify, sign)

@@ -6,7 +6,8 @@ election + disjoint mean.  Composable variants also take DO-Merging's components
 the factors first, and/or run sparsify + combine on the unit directions ``D_i`` and recombine
 with the mean magnitude ``m̄``.  Those two apply to 2-D tensors only; other tensors (biases)
 are sparsified and combined element-wise like everything else.
-Dense deltas are built one input at a time in fp32 (``dense_inputs=True``).
+Dense deltas are built one input at a time in fp32 (``dense_inputs=True``).  Every variant
+also has a row-block form (``MergeMethod.rows``, in ``rows.py``) that gives the same bits.
 """
 
 from __future__ import annotations
@@ -16,14 +17,19 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from ..errors import MethodParameterError
-from . import decouple, orthogonalize
-from .base import DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, TaskUpdate
-from .common import as_dense, fold_weights, is_matrix
-from .consensus import combine
-from .sparsify import build_sparsifier
+import torch
 
-__all__ = ["Variant", "density_param", "GAMMA", "SCOPE", "make_method", "merge"]
+from ..errors import MethodParameterError
+from . import decouple, orthogonalize, rows
+from .base import (BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, RowBlock, RowMerge,
+                   TaskUpdate)
+from .common import as_dense, fold_weights, is_matrix, row_grid
+from .consensus import combine
+from .rows import TensorStatistics
+from .selection import Threshold
+from .sparsify import MagnitudeTrim, Sparsifier, build_sparsifier
+
+__all__ = ["Variant", "density_param", "GAMMA", "SCOPE", "make_method", "merge", "row_merge"]
 
 GAMMA = Param("gamma", float, 0.01, "fraction of each row's largest |values| dropped as outliers",
               minimum=0.0, maximum=1.0)
@@ -72,7 +78,10 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
     if components and params["orthogonalize"]:
         settings = orthogonalize.OrthoSettings.from_params(params)
         updates, stats = orthogonalize.orthogonalize_updates(updates, settings, inputs.name)
-    sparsify = build_sparsifier(variant.sparsify, params, inputs.generator, count)
+    if variant.sparsify == "magnitude" and (inputs.statistics is not None or params.get("scope", "tensor") != "tensor"):
+        sparsify: Sparsifier = MagnitudeTrim(params["density"], _given_thresholds(inputs, params))
+    else:
+        sparsify = build_sparsifier(variant.sparsify, params, inputs.generator, count)
     if components and params["decouple"]:
         axis, eps = params["norm_axis"], params["eps"]
         mags, mbar = decouple.mean_magnitude(updates, axis)
@@ -82,6 +91,32 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
     else:
         merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign)
     return MergeResult(DenseUpdate(merged.mul_(params["lambda"])), stats)
+
+
+def _given_thresholds(inputs: MergeInputs, params: Mapping[str, Any]) -> tuple[Threshold, ...]:
+    """The whole-model thresholds of ``scope: global`` handed in ``inputs.statistics``."""
+    if inputs.statistics is None:
+        raise MethodParameterError(
+            f"tensor {inputs.name!r}: scope {params['scope']!r} needs the whole-model thresholds of a first pass "
+            f"over every tensor (rows.ModelTrim); none were given")
+    return tuple(inputs.statistics)
+
+
+def _statistics(variant: Variant, name: str, shape: tuple[int, ...], count: int, generator: torch.Generator,
+                params: Mapping[str, Any], given: Any) -> TensorStatistics:
+    return TensorStatistics(variant.sparsify, name, shape, count, generator, params, given)
+
+
+def _merge_rows(variant: Variant, block: RowBlock, stats: BlockStatistics, params: Mapping[str, Any],
+                out: torch.Tensor | None) -> torch.Tensor:
+    assert isinstance(stats, TensorStatistics)
+    return rows.merge_rows(block, stats, params, out, variant.elect_sign)
+
+
+def row_merge(variant: Variant) -> RowMerge:
+    """The two-pass row-block form of ``variant`` (bit-identical to ``merge``)."""
+    return RowMerge(supports=rows.supports_rows, grid=row_grid, statistics=partial(_statistics, variant),
+                    merge_rows=partial(_merge_rows, variant))
 
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:
@@ -97,4 +132,5 @@ def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, 
         dense_inputs=True,
         uses_random=variant.sparsify == "random",
         validate=partial(_validate, name, variant),
+        rows=row_merge(variant),
     )

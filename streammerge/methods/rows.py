@@ -1,0 +1,301 @@
+"""The row-block (two-pass) form of the generalized sparsify + consensus merge.
+
+Pass 1 (``TensorStatistics``): only the magnitude trim needs a whole-tensor statistic, each
+input's exact top-``k`` threshold, selected over row blocks (``selection.TopKSelect``, two or
+three passes); DARE needs only its per-input seeds, Breadcrumbs' bands are per row.  Pass 2
+(``merge_rows``): each grid step of rows (about 1 MiB per input, cache-sized) is built from
+the inputs' rows — one small GEMM for a LoRA input —, sparsified, elected and averaged, scaled
+by λ and added into the base rows.  Every step is elementwise or per row once the thresholds
+are known and uses the ops of the whole-tensor ``generalized.merge`` in the same order, so the
+result is bit-identical to it and independent of the blocking.
+
+``ModelTrim`` is pass 1 of ``scope: global``: one selection per input over every tensor it
+touches; ``ModelThresholds`` is its result, small enough to journal.
+
+How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updates)::
+
+    form = method.rows                                   # None: whole-tensor merge only
+    stats = form.statistics(name, shape, T, generator, params, given)
+    if rows := stats.sample_rows():                      # optional first look
+        stats.hint(updates restricted to those rows, weights)
+    while stats.needs_pass():                            # 0 passes (DARE, Breadcrumbs), usually 1
+        for each block (start a multiple of form.grid(shape)):
+            stats.observe(RowBlock(name, shape, start, updates of the block's rows, weights))
+        stats.end_pass()
+    for each block:  form.merge_rows(RowBlock(...), stats, params, out=base_rows)  # W0 + ΔW rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import MethodParameterError
+from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
+from .common import block_rows, row_count, row_grid
+from .consensus import agreeing_mean
+from .selection import Threshold, TopKSelect, trim_rows
+from .sparsify import Band, RandomDrop, keep_count
+
+__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
+
+
+SAMPLE_ROWS = 128
+"""Rows of a tensor in the first look of its magnitude selections (``TensorStatistics.hint``)."""
+
+
+def _steps(block: RowBlock) -> list[tuple[int, int]]:
+    """The grid steps ``(lo, hi)`` of ``block``, relative to its first row."""
+    step = row_grid(block.shape)
+    assert block.start % step == 0, f"row block of {block.name!r} starts at {block.start}, off the {step}-row grid"
+    return [(lo, min(lo + step, block.rows)) for lo in range(0, block.rows, step)]
+
+
+def _columns(shape: tuple[int, ...]) -> int:
+    return shape[-1] if shape else 1
+
+
+def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
+    """Feed ``|w_i ΔW_i|`` of every grid step of ``block`` to the selections that still need a pass."""
+    wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
+    columns = _columns(block.shape)
+    for lo, hi in _steps(block):
+        for i in wanted:
+            update, weight = block.updates[i], block.weights[i]
+            if isinstance(update, DenseUpdate) and weight == 1.0:
+                rows = update.delta[lo:hi].abs()  # no copy to overwrite first
+            else:
+                rows = block_rows(update, lo, hi, weight).abs_()
+            selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
+
+
+class TensorStatistics:
+    """Pass-1 statistics of one tensor for a generalized variant (``BlockStatistics``).
+
+    Args:
+        sparsify: the variant's sparsifier kind (``none``, ``magnitude``, ``random``, ``band``).
+        name: tensor name.
+        shape: canonical shape.
+        count: number of inputs of this tensor.
+        generator: the tensor's seeded generator (DARE draws its per-input seeds from it, as
+            ``merge`` does).
+        params: resolved method parameters.
+        given: per-input thresholds of ``scope: global`` (``ModelThresholds.for_tensor``), or None.
+    """
+
+    def __init__(self, sparsify: str, name: str, shape: tuple[int, ...], count: int, generator: torch.Generator,
+                 params: Mapping[str, Any], given: Sequence[Threshold] | None = None) -> None:
+        self.sparsify = sparsify
+        self.name = name
+        self.shape = shape
+        self.density = params.get("density", 1.0)
+        self.gamma = params.get("gamma", 0.0)
+        self.drop = RandomDrop(self.density, generator, count) if sparsify == "random" else None
+        self.given = tuple(given) if given is not None else None
+        self.selects: list[TopKSelect | None] = [None] * count
+        if sparsify == "magnitude" and self.given is None:
+            if params.get("scope", "tensor") != "tensor":
+                raise MethodParameterError(
+                    f"tensor {name!r}: scope {params['scope']!r} needs the whole-model thresholds "
+                    f"(ModelTrim) of a first pass over every tensor; none were given")
+            size = row_count(shape) * _columns(shape)
+            self.selects = [TopKSelect(keep_count(self.density, size), {name: row_count(shape)}, size)
+                            for _ in range(count)]
+
+    def sample_rows(self) -> list[int]:
+        """Rows whose values would make a good first look (``hint``): spread over the tensor; empty
+        when no selection is needed."""
+        if not any(self.selects):
+            return []
+        total = row_count(self.shape)
+        return list(range(total)) if total <= SAMPLE_ROWS else [i * total // SAMPLE_ROWS for i in range(SAMPLE_ROWS)]
+
+    def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None:
+        """A first look at the rows ``sample_rows()`` of every input (``DenseUpdate`` of those rows or
+        ``LowRankUpdate(up[rows], down)``): only how many passes pass 1 takes depends on it."""
+        for select, update, weight in zip(self.selects, updates, weights):
+            if select is not None:
+                dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
+                select.hint((dense * weight).abs())
+
+    def needs_pass(self) -> bool:
+        return any(s is not None and s.needs_pass() for s in self.selects)
+
+    def observe(self, block: RowBlock) -> None:
+        _observe_trims(block, self.selects, [self.name] * len(self.selects))
+
+    def end_pass(self) -> None:
+        for select in self.selects:
+            if select is not None and select.needs_pass():
+                select.end_pass()
+
+    def thresholds(self) -> tuple[Threshold, ...]:
+        """Each input's magnitude threshold (after the last pass)."""
+        if self.given is not None:
+            return self.given
+        return tuple(s.threshold(self.name) for s in self.selects if s is not None)
+
+
+def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], rows: torch.Tensor, index: int,
+                   first_row: int) -> torch.Tensor:
+    """Input ``index``'s rows after its sparsifier, in place (the ops of ``sparsify``'s classes)."""
+    if stats.sparsify == "magnitude":
+        return trim_rows(rows, first_row, thresholds[index])
+    if stats.sparsify == "random":
+        assert stats.drop is not None
+        flat = first_row * rows.shape[-1]
+        mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
+        return rows.mul_(mask).div_(stats.density)
+    if stats.sparsify == "band":
+        low, high = Band(stats.density, stats.gamma).bounds(rows)
+        magnitude = rows.abs()
+        return rows.mul_((magnitude >= low) & (magnitude <= high))
+    return rows
+
+
+def _combine_rows(terms: list[torch.Tensor], elect: bool) -> torch.Tensor:
+    """``consensus.combine`` on rows held at once: the same ops, in the same order."""
+    total = terms[0] if not elect else terms[0].clone()
+    for term in terms[1:]:
+        total.add_(term)
+    if not elect:
+        return total
+    sign = torch.copysign(torch.ones((), device=total.device), total, out=total)
+    return agreeing_mean(terms, sign)
+
+
+def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,
+               elect: bool) -> torch.Tensor:
+    """Pass 2: the merged update of ``block``'s rows (``[rows, d_in]``), added into ``out`` when given."""
+    columns = _columns(block.shape)
+    thresholds = stats.thresholds() if stats.sparsify == "magnitude" else ()
+    scale = params["lambda"]
+    first = block.updates[0]
+    device = first.up.device if isinstance(first, LowRankUpdate) else first.delta.device
+    result = out if out is not None else torch.empty(block.rows, columns, device=device)
+    target = result.view(block.rows, columns)
+    for lo, hi in _steps(block):
+        terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
+                                block.start + lo)
+                 for i, (u, w) in enumerate(zip(block.updates, block.weights))]
+        merged = _combine_rows(terms, elect).mul_(scale)
+        if out is not None:
+            target[lo:hi].add_(merged)
+        else:
+            target[lo:hi] = merged
+        del terms, merged
+    return result
+
+
+def supports_rows(params: Mapping[str, Any]) -> bool:
+    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms."""
+    return not params.get("orthogonalize", False) and not params.get("decouple", False)
+
+
+@dataclass(frozen=True)
+class ModelThresholds:
+    """Per input, the threshold of every tensor it touches (``scope: global``'s pass-1 result).
+
+    ``record()`` is plain JSON-able data for the journal; ``from_record`` reads it back.
+    """
+
+    inputs: tuple[Mapping[str, Threshold], ...]
+
+    def for_tensor(self, name: str, inputs: Sequence[int]) -> tuple[Threshold, ...]:
+        """The thresholds of tensor ``name`` for its inputs ``inputs`` (model-wide indices), in order."""
+        return tuple(self.inputs[i][name] for i in inputs)
+
+    def record(self) -> list[dict[str, list[float]]]:
+        return [{name: [t.value, t.tie_row, t.tie_quota] for name, t in per.items()} for per in self.inputs]
+
+    @classmethod
+    def from_record(cls, record: Sequence[Mapping[str, Sequence[float]]]) -> ModelThresholds:
+        return cls(tuple({name: Threshold(float(v[0]), int(v[1]), int(v[2])) for name, v in per.items()}
+                         for per in record))
+
+
+class ModelTrim:
+    """Pass 1 of ``scope: global``: each input keeps its top ``density`` over every tensor it touches.
+
+    Args:
+        density: fraction kept per input over the whole model.
+        tensors: per input (model-wide order), its tensors in tie-breaking order (the plan's),
+            name → canonical shape.
+    """
+
+    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
+        sizes = [sum(row_count(s) * _columns(s) for s in per.values()) for per in tensors]
+        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size)
+                        for per, size in zip(tensors, sizes)]
+
+    def needs_pass(self) -> bool:
+        return any(s.needs_pass() for s in self.selects)
+
+    def hint(self, name: str, shape: tuple[int, ...], updates: Sequence[TaskUpdate], weights: Sequence[float],
+             inputs: Sequence[int]) -> None:
+        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_rows``) for its
+        inputs ``inputs``; call it for every tensor before pass 1, so that pass 1 usually suffices."""
+        size = row_count(shape) * _columns(shape)
+        for i, update, weight in zip(inputs, updates, weights):
+            dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
+            self.selects[i].hint((dense * weight).abs(), represents=size)
+
+    def observe(self, block: RowBlock) -> None:
+        """Feed one row block of one tensor (``block.inputs``: model-wide input indices)."""
+        ids = block.inputs if block.inputs is not None else tuple(range(len(block.updates)))
+        _observe_trims(block, [self.selects[i] for i in ids], [block.name] * len(ids))
+
+    def end_pass(self) -> None:
+        for select in self.selects:
+            if select.needs_pass():
+                select.end_pass()
+
+    def result(self) -> ModelThresholds:
+        return ModelThresholds(tuple({name: s.threshold(name) for name in s.rows} for s in self.selects))
+
+
+def _block_of(update: TaskUpdate, start: int, stop: int, columns: int) -> TaskUpdate:
+    if isinstance(update, LowRankUpdate):
+        return LowRankUpdate(up=update.up[start:stop], down=update.down)
+    return DenseUpdate(update.delta.reshape(-1, columns)[start:stop])
+
+
+def merge_by_blocks(form: RowMerge, inputs: MergeInputs, params: Mapping[str, Any], block_rows: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """The two-pass protocol over in-memory updates, ``block_rows`` rows at a time (a multiple of the grid).
+
+    This is what the engine does with rows read from files: pass 1 until the statistics need
+    no further pass, then pass 2 block by block.  Returns the merged update as ``[rows, d_in]``
+    (added into ``out``, the base rows, when given).
+    """
+    shape = tuple(inputs.base.shape)
+    total, columns = row_count(shape), _columns(shape)
+    assert block_rows % form.grid(shape) == 0, "blocks must be a multiple of the grid"
+
+    def blocks() -> Iterator[RowBlock]:
+        for start in range(0, total, block_rows):
+            stop = min(start + block_rows, total)
+            updates = tuple(_block_of(u, start, stop, columns) for u in inputs.updates)
+            yield RowBlock(inputs.name, shape, start, updates, inputs.weights)
+
+    stats = form.statistics(inputs.name, shape, len(inputs.updates), inputs.generator, params, inputs.statistics)
+    sample = stats.sample_rows()
+    if sample:
+        index = torch.tensor(sample, device=inputs.base.device)
+        stats.hint(tuple(LowRankUpdate(up=u.up[index], down=u.down) if isinstance(u, LowRankUpdate)
+                         else DenseUpdate(u.delta.reshape(-1, columns)[index]) for u in inputs.updates), inputs.weights)
+    while stats.needs_pass():
+        for block in blocks():
+            stats.observe(block)
+        stats.end_pass()
+    target = out.view(total, columns) if out is not None else torch.empty(total, columns, device=inputs.base.device)
+    for block in blocks():
+        rows = target[block.start:block.start + block.rows]
+        if out is not None:
+            form.merge_rows(block, stats, params, rows)
+        else:
+            rows.copy_(form.merge_rows(block, stats, params, None))
+    return target
