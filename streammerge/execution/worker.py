@@ -12,16 +12,19 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import torch
 
 from ..errors import AdapterError, OutputError
-from ..inputs.kinds import KINDS, TaskPart
+from ..inputs.kinds import KINDS, REPLACEMENT, TaskPart
 from ..io.dtypes import DTYPES
 from ..io.fp8 import dequantize_rows
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
-from ..planning.budget import rows_per_block, streams_dense_rows, tensor_working_set
+from ..methods.base import RowBlock
+from ..methods.common import gridded_dense
+from ..planning.budget import rows_per_block, streams_dense_rows, streams_method_rows, tensor_working_set
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
@@ -113,7 +116,7 @@ class TensorMerger:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
         limit = self.plan.recipe.max_gpu_memory
         if self.main_device.type != "cpu" and limit is not None:
-            if tensor_working_set(job, self.method)[0] > limit:
+            if tensor_working_set(job, self.method, self.params)[0] > limit:
                 return torch.device("cpu")
         return self.main_device
 
@@ -184,6 +187,8 @@ class TensorMerger:
         """
         if streams_dense_rows(job, self.method):
             return self._elementwise_blocks(job), {}
+        if streams_method_rows(job, self.method, self.params):
+            return self._two_pass_blocks(job), {}
         result, base, transposed = self.merge_update(job)
         update = result.update if result is not None else None
         stats = result.stats if result is not None else {}
@@ -225,6 +230,76 @@ class TensorMerger:
                 base.add_(update.delta)
             yield base.to(out_dtype).contiguous().cpu()
             del base, updates, result, update
+
+    def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
+                       base: torch.Tensor, start: int, stop: int) -> tuple[TaskUpdate, ...]:
+        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta)."""
+        updates = []
+        for contribs in by_input.values():
+            parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c))) for c in contribs]
+            dense = [p.delta for p in parts if p.delta is not None]
+            low = [LowRankUpdate(up=p.up, down=p.down) for p in parts if p.up is not None and p.down is not None]
+            if not dense:
+                updates.append(low[0] if low else DenseUpdate(torch.zeros_like(base)))
+                continue
+            total = dense[0]
+            for d in dense[1:]:
+                total = total.add_(d)
+            for update in low:  # a dense and a low-rank part of one input: the GEMM on the method's row grid
+                total = total.add_(gridded_dense(update))
+            updates.append(DenseUpdate(total))
+        return tuple(updates)
+
+    def _two_pass_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
+        """A dense method (TIES, DARE, Breadcrumbs, magnitude prune) over row blocks, never whole fp32 tensors.
+
+        Pass 1 feeds every block to the method's statistics (each input's exact top-k threshold; none
+        for DARE and Breadcrumbs) until they are final; pass 2 merges each block into the base rows.
+        Blocks start on the method's row grid, so the bytes equal the whole-tensor merge's whatever
+        the block size.  An input whose saved tensor equals the base (PEFT saves unchanged embedding
+        layers) is left out first, as the whole-tensor path does.
+        """
+        self.device = self.device_for(job)
+        form = self.method.rows
+        assert form is not None
+        out_dtype = DTYPES[job.out_dtype].torch_dtype
+        by_input = {i: cs for i, cs in contributions_by_input(job).items() if not self._equals_base(job, cs)}
+        if not by_input:
+            yield from self._blocks(job, None, False, None)
+            return
+        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
+                     for cs in by_input.values() for c in cs if KINDS[c.kind].preload is not None}
+        weights = tuple(cs[0].weight for cs in by_input.values())
+        needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
+        stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params, None)
+        fmt = self.plan.fp8
+        align = math.lcm(form.grid(job.shape), fmt.block_rows if job.scale and fmt is not None else 1)
+        blocks = list(row_blocks(job.shape, align))
+        zeros = torch.zeros((), device=self.device)
+        while stats.needs_pass():
+            for start, stop in blocks:
+                base = (self._base_rows(job, start, stop) if needs_base
+                        else zeros.expand(stop - start, *job.shape[1:]))
+                updates = self._block_updates(job, by_input, preloaded, base, start, stop)
+                stats.observe(RowBlock(job.name, job.shape, start, updates, weights))
+            stats.end_pass()
+        for start, stop in blocks:
+            base = self._base_rows(job, start, stop)
+            updates = self._block_updates(job, by_input, preloaded, base, start, stop)
+            merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, weights), stats, self.params, base)
+            if self.check_finite and not math.isfinite(float(merged.sum())):
+                self._refuse_non_finite_rows(job, start, stop)
+            yield merged.to(out_dtype).contiguous().cpu()
+            del base, updates, merged
+
+    def _equals_base(self, job: TensorJob, contribs: list[Contribution]) -> bool:
+        """An input made only of replacement tensors byte-identical to the base changes nothing."""
+        if not all(c.kind == REPLACEMENT.name for c in contribs):
+            return False
+        base = self.readers.get(job.source_file).read(job.source)
+        return all(torch.equal(self.readers.get(c.file).read(c.keys[0]), base) for c in contribs)
 
     def _refuse_non_finite_rows(self, job: TensorJob, start: int, stop: int) -> None:
         """The merged delta of rows ``start:stop`` is not finite: name the whole-tensor input that is NaN / Inf.

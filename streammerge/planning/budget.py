@@ -9,9 +9,9 @@ need dense deltas (TIES, DARE, Breadcrumbs, …) or dense inputs (full fine-tune
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..io.dtypes import DTYPES
 from ..io.reader import BLOCK_BYTES, COPY_CHUNK_BYTES
@@ -34,6 +34,10 @@ PROCESS_BASELINE_BYTES = 320 * MiB
 # 8192×2048 = 64 MiB fp32): TIES peaked at 978 MiB, i.e. ~7 copies over the baseline and blocks;
 # Breadcrumbs holds ~1 copy more than TIES inside the method, DARE-TIES ~1 less.
 DENSE_METHOD_COPIES = 7
+# The row-block form of a dense method, per input: top-k candidates kept in pass 1 (capped), and the
+# histograms plus grid-step temporaries (measured 2026-12-01 with benchmarks/bench_dense_methods.py).
+ROW_FORM_CANDIDATE_CAP = 32 * MiB
+ROW_FORM_INPUT_BYTES = 5 * MiB
 
 
 @dataclass(frozen=True)
@@ -76,8 +80,17 @@ def streams_dense_rows(job: TensorJob, method: MergeMethod) -> bool:
             and any(KINDS[c.kind].needs_base_values for c in job.contributions))
 
 
-def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
-    """Bytes the worker device holds to merge ``job``, and why."""
+def streams_method_rows(job: TensorJob, method: MergeMethod, params: Mapping[str, Any]) -> bool:
+    """Whether the engine runs a dense method's two-pass row-block form on ``job`` (``MergeMethod.rows``):
+    the method has one for these parameters, the tensor is a matrix, and no input is stored transposed."""
+    form = method.rows
+    return (form is not None and form.supports(params) and len(job.shape) == 2 and bool(job.contributions)
+            and not any(c.transposed for c in job.contributions))
+
+
+def tensor_working_set(job: TensorJob, method: MergeMethod,
+                       params: Mapping[str, Any] | None = None) -> tuple[int, str]:
+    """Bytes the worker device holds to merge ``job``, and why (``params``: the method's, for its row form)."""
     n = _numel(job.shape)
     out_size = DTYPES[job.out_dtype].bits // 8 or 1
     block = block_numel(job.shape)
@@ -93,6 +106,16 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
         need += (len(dense_inputs) + 2) * 4 * block
         reasons.append(f"{len(dense_inputs)} dense input block(s)")
         return need, " + ".join(reasons)
+    if params is not None and streams_method_rows(job, method, params):
+        # Two passes over row blocks: base rows, one delta block per dense input, the merged rows; per
+        # input the method's histograms, top-k candidates (~2.5 % of the entries at 8 B, capped) and
+        # grid-step temporaries (methods/rows.py).
+        inputs = {c.input_index for c in job.contributions}
+        dense_inputs = {c.input_index for c in job.contributions if not KINDS[c.kind].low_rank}
+        need += (len(dense_inputs) + 2) * 4 * block
+        need += len(inputs) * (min(ROW_FORM_CANDIDATE_CAP, n // 5) + ROW_FORM_INPUT_BYTES)
+        reasons.append(f"two passes over row blocks ({len(dense_inputs)} dense input block(s))")
+        return need, " + ".join(reasons)
     if method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions):
         need += 4 * n
         reasons.append("the whole fp32 base")
@@ -102,14 +125,15 @@ def tensor_working_set(job: TensorJob, method: MergeMethod) -> tuple[int, str]:
     return need, " + ".join(reasons)
 
 
-def estimate_memory(jobs: Iterable[TensorJob], method: MergeMethod) -> MemoryEstimate:
+def estimate_memory(jobs: Iterable[TensorJob], method: MergeMethod,
+                    params: Mapping[str, Any] | None = None) -> MemoryEstimate:
     """The predicted peak of a job: baseline + the largest working set + the writer queue."""
     worst, worst_name, worst_reason = 0, "", "byte copies"
     queue = WRITE_QUEUE_DEPTH * COPY_CHUNK_BYTES
     for job in jobs:
         if not job.contributions and job.dtype == job.out_dtype:
             continue
-        need, reason = tensor_working_set(job, method)
+        need, reason = tensor_working_set(job, method, params)
         queue = max(queue, WRITE_QUEUE_DEPTH * block_numel(job.shape) * (DTYPES[job.out_dtype].bits // 8 or 1))
         if need > worst:
             worst, worst_name, worst_reason = need, f"{job.name} {list(job.shape)}", reason

@@ -470,7 +470,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_updates["torch_dtype"] = name
         if "dtype" in base_config:
             config_updates["dtype"] = name
-    memory = estimate_memory(jobs.values(), method)
+    memory = estimate_memory(jobs.values(), method, method_params)
     problems = budget_problems(memory, recipe.max_memory)
     if problems:
         raise PlanError(problems)
