@@ -7,6 +7,7 @@ single-process run of the same recipe into the same directory path (the card rec
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,8 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from streammerge import InputSpec, Recipe, build_plan, run_plan
+from streammerge import InputSpec, Recipe, build_plan, cli, run_plan
 from streammerge.execution.distributed import TIMEOUT_ENV, describe_split, detect_ranks, split_units
 from streammerge.jobs import faults
 from streammerge.jobs.journal import is_rank_journal, read_journal
@@ -64,7 +66,8 @@ def reference(world: dict, method: str, output_format: str = "model") -> Path:
     key = (method, output_format)
     if key not in world["references"]:
         shutil.rmtree(world["out"], ignore_errors=True)
-        run_plan(build_plan(_recipe(world, method, world["out"], output_format=output_format)), world["out"])
+        # Through the CLI, as the torchrun jobs get it (a Recipe built here could type a parameter differently).
+        assert cli.main(_args(_recipe(world, method, world["out"], output_format=output_format))) == 0
         world["references"][key] = world["out"].rename(world["root"] / f"ref-{method}-{output_format}")
     return world["references"][key]
 
@@ -157,14 +160,16 @@ TOPOLOGIES = [pytest.param("dare_linear", 1, id="dare_linear-2ranks"),
 
 
 @pytest.mark.parametrize("method,nodes", TOPOLOGIES)
-def test_distributed_output_is_byte_identical(world, out, method, nodes):
+def test_distributed_output_is_byte_identical(world, out, method, nodes, capsys):
     expected = reference(world, method)
     results = torchrun(_args(_recipe(world, method, out)), nodes=nodes)
     _ok(results)
     assert_same_output(expected, out)
     assert not any(is_rank_journal(p.name) for p in out.iterdir()), "rank journals are folded in"
     assert verify_output(out).ok
-    assert run_plan(build_plan(_recipe(world, method, out)), out).already_complete, "a second run is a no-op"
+    capsys.readouterr()
+    assert cli.main(_args(_recipe(world, method, out))) == 0
+    assert json.loads(capsys.readouterr().out)["already_complete"], "a second (single-process) run is a no-op"
 
 
 def test_distributed_adapter_output_is_byte_identical(world, out):
@@ -205,3 +210,15 @@ def test_a_failing_rank_stops_every_rank(world, out, failing_rank, nodes):
     if nodes == 2:  # the other node was not killed by its launcher: it stopped on the posted error
         other = results[1 - int(failing_rank)]
         assert f"rank {failing_rank}: InjectedFault" in other.stderr, other.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_two_ranks_match_one_cuda_process(world, out, tmp_path):
+    """One rank per GPU (LOCAL_RANK picks it), NCCL: the weights of a single-process CUDA run."""
+    args = [a if a != "cpu" else "cuda" for a in _args(_recipe(world, "task_arithmetic", out))]
+    assert cli.main(args) == 0
+    single = out.rename(tmp_path / "single")
+    _ok(torchrun(args))
+    for shard in sorted(single.glob("*.safetensors")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
