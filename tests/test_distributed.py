@@ -194,8 +194,26 @@ def test_killed_distributed_job_is_finished_by_one_process(world, out):
     assert any(is_rank_journal(p.name) for p in out.iterdir()), "rank 1 journaled a unit before it died"
     report = run_plan(build_plan(recipe), out)  # world size 1
     assert report.resumed_units >= 1 and not report.already_complete
+    assert not any(is_rank_journal(p.name) for p in out.iterdir()), "the resumed job folded rank 1's journal in"
     assert_same_output(expected, out)
     assert verify_output(out).ok
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_another_node_is_noticed(world, out):
+    """No launcher kills rank 0 for us here: its wait notices rank 1's heartbeat stopped."""
+    env = _env(**{faults.KILL_ENV: "record:1", faults.KILL_RANK_ENV: "1", TIMEOUT_ENV: "8"})
+    started = time.monotonic()
+    results = torchrun(_args(_recipe(world, "task_arithmetic", out)), nodes=2, env=env, timeout=90)
+    assert time.monotonic() - started < 60
+    assert all(r.returncode != 0 for r in results), [r.returncode for r in results]
+
+
+def test_lock_probe_tells_whether_rank_0_still_holds_the_directory(tmp_path):
+    from streammerge.jobs.lock import OutputLock, is_locked
+    with OutputLock(tmp_path):
+        assert is_locked(tmp_path)
+    assert not is_locked(tmp_path)
 
 
 @pytest.mark.parametrize("failing_rank,nodes", [pytest.param("1", 2, id="rank1-2nodes"),
