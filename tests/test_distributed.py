@@ -25,6 +25,7 @@ from streammerge.execution.distributed import TIMEOUT_ENV, describe_split, detec
 from streammerge.jobs import faults
 from streammerge.jobs.journal import is_rank_journal, read_journal
 from streammerge.jobs.verify import verify_output
+from streammerge.names import JOURNAL_NAME, MODEL_CARD_NAME, RANK_JOURNAL_TEMPLATE
 from streammerge.sinks import sink_for
 from tests.helpers import REPO, run_cli
 from tests.test_resume import assert_same_output
@@ -197,6 +198,24 @@ def test_killed_distributed_job_is_finished_by_one_process(world, out):
     assert not any(is_rank_journal(p.name) for p in out.iterdir()), "the resumed job folded rank 1's journal in"
     assert_same_output(expected, out)
     assert verify_output(out).ok
+
+
+def test_rank_journals_are_read_and_folded_in_on_resume(world, out):
+    """A job whose rank 1 journaled two units (its file torn by a kill mid-append) resumes in one process."""
+    expected = reference(world, "dare_linear")
+    shutil.copytree(expected, out)
+    journal = out / JOURNAL_NAME
+    lines = journal.read_bytes().splitlines(keepends=True)  # job, 4 units, complete
+    assert len(lines) == 6
+    journal.write_bytes(b"".join(lines[:3]))
+    (out / RANK_JOURNAL_TEMPLATE.format(rank=1)).write_bytes(b"".join(lines[3:5]) + b'{"record":"un')
+    (out / MODEL_CARD_NAME).unlink()
+    state = read_journal(out)
+    assert len(state.units) == 4 and state.complete is None
+    report = run_plan(build_plan(_recipe(world, "dare_linear", out)), out)
+    assert report.resumed_units == 4 and not report.already_complete
+    assert not any(is_rank_journal(p.name) for p in out.iterdir())
+    assert_same_output(expected, out)
 
 
 @pytest.mark.slow

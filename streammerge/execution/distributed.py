@@ -173,7 +173,7 @@ class Cohort:
             except RuntimeError:
                 pass  # the store is gone too: the other ranks notice the silence
         self._stop.set()
-        if dist.is_initialized():
+        if exc is None and dist.is_initialized():  # after a failure the process exits: no collective teardown
             dist.destroy_process_group()
 
     def _heartbeat(self, store: Any) -> None:

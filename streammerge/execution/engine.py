@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,9 +34,11 @@ from ..planning.plan import MergePlan, plan_merge
 from ..recipe import Recipe
 from ..sinks import Sink, UnitTally, sink_for
 from ..sinks.base import OutputUnit, ProgressCallback
-from .distributed import Cohort
 from .memory import PeakMemoryMonitor
 from .worker import Readers, TensorMerger, resolve_device
+
+if TYPE_CHECKING:  # torch.distributed is imported only by distributed jobs (cli.cmd_merge under torchrun)
+    from .distributed import Cohort
 
 __all__ = ["build_plan", "run_plan", "recipe_record", "output_layout"]
 
@@ -228,7 +231,12 @@ def _execute(plan: MergePlan, sink: Sink, job: JobStart, journal: Journal, devic
                         progress(t.name, t.out_bytes)
             if cohort is not None:  # the other ranks' units, from their journals
                 cohort.wait_for_ranks()
-                done.update((e.file, e) for e in journal.absorb_rank_journals())
+                by_name = {u.file_name: u for u in sink.units()}
+                for entry in journal.absorb_rank_journals():
+                    if entry.file in by_name:
+                        done[entry.file] = entry
+                        for t in by_name[entry.file].tensors if progress is not None else ():
+                            progress(t.name, t.out_bytes)
                 missing = [u.file_name for u in sink.units() if u.file_name not in done]
                 if missing:
                     raise DistributedError(f"every rank reported its units done, but the journals in {str(out_dir)!r} "
