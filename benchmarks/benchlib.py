@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
-MAIN_PY = REPO / ".venv" / "bin" / "python"
+MAIN_PY = Path(os.environ.get("STREAMMERGE_BENCH_PYTHON", REPO / ".venv" / "bin" / "python"))
 PEERS_BIN = REPO / "benchmarks" / ".venv-peers" / "bin"
 BENCH_OUT = REPO / "bench-out"
 DATA = Path(os.environ.get("STREAMMERGE_BENCH_DATA", "/tmp/bench"))

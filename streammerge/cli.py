@@ -150,14 +150,21 @@ def _run(recipe: Recipe, args: argparse.Namespace) -> int:
     """Plan ``recipe``, echo it, run it with a progress bar and print the JSON summary."""
     from tqdm import tqdm
 
+    from .execution.distributed import Cohort, describe_split, detect_ranks
     from .execution.engine import run_plan
+    from .execution.worker import resolve_device
 
+    ranks = detect_ranks()
     plan = build_plan(recipe, allow_pickle=getattr(args, "allow_pickle", False))
     sink = sink_for(plan)
-    print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
-    print(describe_plan(plan, sink.describe(), sink.output_bytes()), file=sys.stderr)
+    lead = ranks is None or ranks.rank == 0
+    if lead:
+        print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()), file=sys.stderr)
+        print(describe_plan(plan, sink.describe(), sink.output_bytes()), file=sys.stderr)
+        if ranks is not None:
+            print(describe_split(sink.units(), ranks.world_size), file=sys.stderr)
     bar = tqdm(total=sum(t.out_bytes for t in plan.tensors), unit="B", unit_scale=True, unit_divisor=1024,
-               desc="merging", disable=args.no_progress or None, file=sys.stderr)
+               desc="merging", disable=args.no_progress or not lead or None, file=sys.stderr)
     done = [0]
 
     def progress(name: str, nbytes: int) -> None:
@@ -166,10 +173,19 @@ def _run(recipe: Recipe, args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{done[0]}/{plan.tensor_count} tensors", refresh=False)
 
     try:
-        report = run_plan(plan, Path(str(recipe.out)), progress, restart=args.restart,
-                          check_finite=getattr(args, "check_finite", True))
+        check_finite = getattr(args, "check_finite", True)
+        if ranks is None:
+            report = run_plan(plan, Path(str(recipe.out)), progress, restart=args.restart, check_finite=check_finite)
+        else:
+            with Cohort(ranks, resolve_device(plan.recipe.device)) as cohort:
+                report = run_plan(plan, Path(str(recipe.out)), progress, restart=args.restart,
+                                  check_finite=check_finite, cohort=cohort)
     finally:
         bar.close()
+    if not lead:
+        print(f"streammerge: rank {ranks.rank}: wrote {report.units} unit(s), {report.bytes_written:,} bytes, "
+              f"in {report.seconds:.1f} s", file=sys.stderr)
+        return 0
     for note in report.notes:
         print(f"streammerge: {note}", file=sys.stderr)
     if report.already_complete:
@@ -211,10 +227,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .execution.distributed import describe_split, detect_ranks
+
     plan = build_plan(recipe_from_args(args), allow_pickle=args.allow_pickle)
     sink = sink_for(plan)
+    ranks = detect_ranks()
+    world = args.world_size or (ranks.world_size if ranks is not None else 1)
+    if ranks is not None and ranks.rank > 0:
+        return 0  # rank 0 prints the plan
     print("resolved recipe:\n" + dump_recipe_yaml(plan.resolved_recipe()))
     print(describe_plan(plan, sink.describe(), sink.output_bytes()))
+    if world > 1:
+        print(describe_split(sink.units(), world))
     return 0
 
 
@@ -249,6 +273,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streammerge",
@@ -275,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_recipe_arguments(plan)
     plan.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    plan.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
+                      help="also show how N ranks (torchrun processes) would split the output units "
+                           "(default: WORLD_SIZE under torchrun)")
     plan.set_defaults(handler=cmd_plan)
 
     inspect = sub.add_parser("inspect", help="describe a model or adapter, and whether it fits a base",

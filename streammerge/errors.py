@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "StreamMergeError",
+    "DistributedError",
     "InputError",
     "SafetensorsFormatError",
     "AdapterError",
@@ -83,6 +84,10 @@ class DiskSpaceError(OutputError):
 
 class OutputLockedError(OutputError):
     """Another process is writing a job into the same output directory."""
+
+
+class DistributedError(StreamMergeError):
+    """A rank of a distributed job failed or stopped answering, or the ranks disagree about the job."""
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -12,6 +12,9 @@ CONFIG_NAME = "config.json"
 MODEL_CARD_NAME = "README.md"
 RECIPE_NAME = "streammerge_recipe.json"
 JOURNAL_NAME = "streammerge_journal.jsonl"
+# A distributed job's rank r > 0 journals its units here; rank 0 folds them into JOURNAL_NAME (jobs/journal.py).
+RANK_JOURNAL_TEMPLATE = "streammerge_journal.rank-{rank}.jsonl"
+RANK_JOURNAL_PATTERN = r"streammerge_journal\.rank-(\d+)\.jsonl"
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"

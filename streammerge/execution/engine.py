@@ -5,6 +5,9 @@ the job starts there (new, resumed, finished, refused), run the pre-flight check
 output unit the sink writes it from the worker's merged tensors and the journal records it; at
 the end the sink writes what needs every unit, the recipe and model card follow, and the
 journal's ``complete`` record closes the job.  The engine never knows which format it writes.
+
+Under ``torchrun`` (``cohort``, see ``distributed.py``) rank 0 runs this lifecycle and writes
+its share of the units; the other ranks write and journal theirs (``_follow``).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import PlanError
+from ..errors import DistributedError, PlanError
 from ..io.atomic import file_sha256, fsync_dir, write_bytes_atomic
 from ..jobs.faults import kill_point
 from ..jobs.journal import FileEntry, Journal, UnitEntry
@@ -32,6 +36,9 @@ from ..sinks import Sink, UnitTally, sink_for
 from ..sinks.base import OutputUnit, ProgressCallback
 from .memory import PeakMemoryMonitor
 from .worker import Readers, TensorMerger, resolve_device
+
+if TYPE_CHECKING:  # torch.distributed is imported only by distributed jobs (cli.cmd_merge under torchrun)
+    from .distributed import Cohort
 
 __all__ = ["build_plan", "run_plan", "recipe_record", "output_layout"]
 
@@ -89,7 +96,7 @@ def _remove_scratch_units(job: JobStart, sink: Sink) -> None:
 
 
 def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | None = None, *,
-             restart: bool = False, check_finite: bool = True) -> MergeReport:
+             restart: bool = False, check_finite: bool = True, cohort: Cohort | None = None) -> MergeReport:
     """Execute ``plan`` into ``out_dir``; resume there if it holds an interrupted run of the same job.
 
     Args:
@@ -100,6 +107,7 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
         restart: discard a job of ours found in ``out_dir`` (never files we did not write).
         check_finite: refuse adapters holding NaN / Inf before writing (and any input tensor
             the worker reads).
+        cohort: the ranks of a distributed job (None: this process does the whole job).
 
     Raises:
         PlanError: the output format cannot hold this plan.
@@ -114,12 +122,17 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
     if problems:
         raise PlanError(problems)
     device = resolve_device(plan.recipe.device)
+    if cohort is not None and cohort.rank > 0:
+        return _follow(plan, sink, out_dir, device, cohort, progress, check_finite)
     layout = output_layout(sink)
     with OutputLock(out_dir):
         job = open_job(out_dir, plan, layout, restart)
         report = MergeReport(output_dir=out_dir, device=str(device), output_format=plan.recipe.output_format,
                              notes=list(job.notes))
         if job.complete:
+            if cohort is not None:
+                cohort.announce({"complete": True, "plan": plan.fingerprint()})
+                cohort.finished()
             report.already_complete = True
             for unit in sink.units():
                 report.add_unit(job.done[unit.file_name], sink.keeps_units)
@@ -131,8 +144,47 @@ def run_plan(plan: MergePlan, out_dir: str | Path, progress: ProgressCallback | 
             check_finite_inputs(plan)
         check_free_space(out_dir, _bytes_to_write(sink, job))
         journal = job.begin()
-        _execute(plan, sink, job, journal, device, report, progress, check_finite)
+        if cohort is not None:
+            cohort.announce({"complete": False, "plan": plan.fingerprint(), "done": sorted(job.done),
+                             "journal_inode": journal.path.stat().st_ino})
+        _execute(plan, sink, job, journal, device, report, progress, check_finite, cohort)
         _remove_scratch_units(job, sink)
+        if cohort is not None:
+            cohort.finished()
+    return report
+
+
+def _follow(plan: MergePlan, sink: Sink, out_dir: Path, device: torch.device, cohort: Cohort,
+            progress: ProgressCallback | None, check_finite: bool) -> MergeReport:
+    """Rank r > 0: once rank 0 has opened the job, write and journal this rank's units that are not done."""
+    start = cohort.receive()
+    if start["plan"] != plan.fingerprint():
+        raise PlanError([f"rank {cohort.rank} planned a different job than rank 0 (plan fingerprint "
+                         f"{plan.fingerprint()!r}, rank 0: {start['plan']!r}); give every rank the same recipe and "
+                         "the same input files"])
+    report = MergeReport(output_dir=out_dir, device=str(device), output_format=plan.recipe.output_format,
+                         already_complete=start["complete"])
+    if start["complete"]:
+        return report
+    journal = Journal.for_rank(out_dir, cohort.rank)
+    mine, done = cohort.mine(sink.units()), set(start["done"])
+    readers = Readers()
+    started = time.perf_counter()
+    try:
+        with PeakMemoryMonitor() as monitor, torch.inference_mode():
+            merger = TensorMerger(plan, device, readers, check_finite=check_finite)
+            for unit in sink.units():
+                if unit.file_name in mine and unit.file_name not in done:
+                    cohort.check_job(out_dir, start["journal_inode"])
+                    report.add_unit(_write_and_record(unit, out_dir, sink, merger, journal, progress),
+                                    sink.keeps_units)
+        report.seconds = time.perf_counter() - started
+        report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
+        if device.type == "cuda":
+            report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    finally:
+        readers.close()
+    cohort.done_then_wait()
     return report
 
 
@@ -156,24 +208,42 @@ def _add_final_files(report: MergeReport, job: JobStart, sink: Sink) -> None:
 
 
 def _execute(plan: MergePlan, sink: Sink, job: JobStart, journal: Journal, device: torch.device,
-             report: MergeReport, progress: ProgressCallback | None, check_finite: bool) -> None:
+             report: MergeReport, progress: ProgressCallback | None, check_finite: bool,
+             cohort: Cohort | None = None) -> None:
     out_dir = job.out_dir
     readers = Readers()
     start = time.perf_counter()
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
             merger = TensorMerger(plan, device, readers, check_finite=check_finite)
-            entries = []
+            mine = cohort.mine(sink.units()) if cohort is not None else None
+            done: dict[str, UnitEntry] = {}
             for unit in sink.units():
                 entry = job.done.get(unit.file_name)
-                if entry is None:
-                    entry = _write_and_record(unit, out_dir, sink, merger, journal, progress)
-                else:
+                if entry is None and (mine is None or unit.file_name in mine):
+                    if cohort is not None:
+                        cohort.check()
+                    done[unit.file_name] = _write_and_record(unit, out_dir, sink, merger, journal, progress)
+                elif entry is not None:
+                    done[unit.file_name] = entry
                     report.resumed_units += 1
                     for t in unit.tensors if progress is not None else ():
                         progress(t.name, t.out_bytes)
+            if cohort is not None:  # the other ranks' units, from their journals
+                cohort.wait_for_ranks()
+                by_name = {u.file_name: u for u in sink.units()}
+                for entry in journal.absorb_rank_journals():
+                    if entry.file in by_name:
+                        done[entry.file] = entry
+                        for t in by_name[entry.file].tensors if progress is not None else ():
+                            progress(t.name, t.out_bytes)
+                missing = [u.file_name for u in sink.units() if u.file_name not in done]
+                if missing:
+                    raise DistributedError(f"every rank reported its units done, but the journals in {str(out_dir)!r} "
+                                           f"lack {missing[:3]}; re-run the same command to write them")
+            entries = [done[unit.file_name] for unit in sink.units()]
+            for entry in entries:
                 report.add_unit(entry, sink.keeps_units)
-                entries.append(entry)
             written = sink.finish(out_dir, [e.extra for e in entries])
             if not sink.keeps_units:
                 for name in written:

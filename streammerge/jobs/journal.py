@@ -15,6 +15,13 @@ goes on:
 
 A process killed while appending leaves a torn last line; it is ignored, and cut off before
 the next append.  Anything else unreadable means the directory was tampered with.
+
+A distributed job (``execution.distributed``) has one writer per file: rank 0 appends to the
+journal, rank r > 0 appends ``unit`` records to its own ``streammerge_journal.rank-<r>.jsonl``
+(no two processes ever append to one file, so no record can tear another, on NFS too).
+``read_journal`` merges them (a rank file's records are newer than the journal's: rank 0 folds
+every rank file into the journal and deletes it when a job (re)opens and before ``complete``),
+so a finished job's directory holds the one journal a single-process run leaves.
 """
 
 from __future__ import annotations
@@ -22,23 +29,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, OutputError, ResumeError
 from .faults import kill_point
-from ..io.atomic import file_sha256, write_bytes_atomic
+from ..io.atomic import file_sha256, fsync_dir, write_bytes_atomic
 from ..version import __version__
 from ..names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JOURNAL_COPIED_KEY, JOURNAL_FILE_KEY,
                     JOURNAL_FILES_KEY, JOURNAL_FINGERPRINT_KEY, JOURNAL_FORMAT, JOURNAL_FORMAT_KEY, JOURNAL_INPUTS_KEY,
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
                     JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY,
                     JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_UNIT, JOURNAL_UNITS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
-                    JOURNAL_VERSION_KEY, JOURNAL_EXTRA_KEY, JOURNAL_OUTPUT_FORMAT_KEY)
+                    JOURNAL_VERSION_KEY, JOURNAL_EXTRA_KEY, JOURNAL_OUTPUT_FORMAT_KEY, RANK_JOURNAL_PATTERN,
+                    RANK_JOURNAL_TEMPLATE)
 from ..planning.plan import MergePlan
 
-__all__ = ["UnitEntry", "FileEntry", "JournalState", "Journal", "job_record", "job_differences", "read_journal"]
+__all__ = ["UnitEntry", "FileEntry", "JournalState", "Journal", "job_record", "job_differences", "read_journal",
+           "rank_journals", "is_rank_journal"]
 
 @dataclass(frozen=True)
 class UnitEntry:
@@ -255,21 +265,31 @@ def _corrupt(path: Path, line: int, why: str) -> ResumeError:
                        "interrupted streammerge job as it is. Pass --restart to discard the job and start over.")
 
 
-def read_journal(out_dir: Path) -> JournalState | None:
-    """The journal in ``out_dir``, or None when there is none.
+def is_rank_journal(name: str) -> bool:
+    """``name`` is a rank's journal file (``streammerge_journal.rank-<r>.jsonl``)."""
+    return re.fullmatch(RANK_JOURNAL_PATTERN, name) is not None
+
+
+def rank_journals(out_dir: Path) -> list[Path]:
+    """The rank journal files in ``out_dir``, by rank."""
+    try:
+        names = [p.name for p in out_dir.iterdir() if is_rank_journal(p.name)]
+    except OSError:
+        return []
+    return [out_dir / n for n in sorted(names, key=lambda n: int(re.fullmatch(RANK_JOURNAL_PATTERN, n)[1]))]
+
+
+def _read_lines(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """A journal file's records and the length without a torn last line.
 
     Raises:
-        ResumeError: the journal is damaged (not just a torn last line).
+        ResumeError: a line other than the last is not a JSON object.
     """
-    path = out_dir / JOURNAL_NAME
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
-        return None
     except OSError as e:
         raise OutputError(f"cannot read the job journal {str(path)!r}: {e.strerror or e}") from e
-    lines = data.split(b"\n")
-    complete_lines = lines[:-1]  # the part after the last newline is torn (or empty)
+    complete_lines = data.split(b"\n")[:-1]  # the part after the last newline is torn (or empty)
     records: list[dict[str, Any]] = []
     intact = 0
     for number, raw in enumerate(complete_lines, start=1):
@@ -283,6 +303,32 @@ def read_journal(out_dir: Path) -> JournalState | None:
             raise _corrupt(path, number, str(e)) from e
         records.append(rec)
         intact += len(raw) + 1
+    return records, intact
+
+
+def _rank_units(path: Path) -> list[UnitEntry]:
+    records, _ = _read_lines(path)
+    entries = []
+    for number, rec in enumerate(records, start=1):
+        try:
+            if rec.get(JOURNAL_RECORD_KEY) != JOURNAL_UNIT:
+                raise ValueError(f"a rank journal holds only unit records, not {rec.get(JOURNAL_RECORD_KEY)!r}")
+            entries.append(UnitEntry.from_record(rec))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise _corrupt(path, number, str(e)) from e
+    return entries
+
+
+def read_journal(out_dir: Path) -> JournalState | None:
+    """The journal in ``out_dir``, or None when there is none.
+
+    Raises:
+        ResumeError: the journal is damaged (not just a torn last line).
+    """
+    path = out_dir / JOURNAL_NAME
+    if not path.exists():
+        return None
+    records, intact = _read_lines(path)
     if not records or not _is_job(records[0]):
         raise _corrupt(path, 1, "the first record is not a job record")
     units: dict[str, UnitEntry] = {}
@@ -301,6 +347,8 @@ def read_journal(out_dir: Path) -> JournalState | None:
                 raise ValueError(f"unknown record type {kind!r}")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _corrupt(path, number, str(e)) from e
+    for side in rank_journals(out_dir):  # newer than the journal's records; never reset ``complete``
+        units.update((e.file, e) for e in _rank_units(side))
     return JournalState(path, records[0], units, complete, intact)
 
 
@@ -331,13 +379,44 @@ class Journal:
                 os.truncate(state.path, state.intact_bytes)
         except OSError as e:
             raise OutputError(f"cannot repair the job journal {str(state.path)!r}: {e.strerror or e}") from e
-        return cls(state.path)
+        journal = cls(state.path)
+        journal.absorb_rank_journals()
+        return journal
+
+    @classmethod
+    def for_rank(cls, out_dir: Path, rank: int) -> Journal:
+        """Rank ``rank`` (> 0) of a distributed job: its own journal file, created empty if missing."""
+        path = out_dir / RANK_JOURNAL_TEMPLATE.format(rank=rank)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+            records, intact = _read_lines(path)
+            if path.stat().st_size != intact:
+                os.truncate(path, intact)
+        except OSError as e:
+            raise OutputError(f"cannot create the rank journal {str(path)!r}: {e.strerror or e}") from e
+        fsync_dir(out_dir)
+        return cls(path)
+
+    def absorb_rank_journals(self) -> list[UnitEntry]:
+        """Fold every rank journal into this one (one fsynced append), then delete them; returns their units."""
+        sides = rank_journals(self.path.parent)
+        entries = [e for side in sides for e in _rank_units(side)]
+        if entries:
+            self._append_bytes(b"".join(_line(e.record()) for e in entries))
+        for side in sides:
+            side.unlink(missing_ok=True)
+        if sides:
+            fsync_dir(self.path.parent)
+        return entries
 
     def append(self, record: dict[str, Any]) -> None:
+        self._append_bytes(_line(record))
+        kill_point("record")
+
+    def _append_bytes(self, data: bytes) -> None:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             try:
-                data = _line(record)
                 if os.write(fd, data) != len(data):
                     raise OSError(f"short write to {str(self.path)!r}")
                 os.fsync(fd)
@@ -346,7 +425,6 @@ class Journal:
         except OSError as e:
             raise OutputError(f"cannot append to the job journal {str(self.path)!r}: {e.strerror or e}; "
                               "re-run the same command to resume once the problem is fixed") from e
-        kill_point("record")
 
     def add_unit(self, entry: UnitEntry) -> None:
         self.append(entry.record())

@@ -17,7 +17,7 @@ from types import TracebackType
 
 from ..errors import OutputError, OutputLockedError
 
-__all__ = ["OutputLock"]
+__all__ = ["OutputLock", "is_locked"]
 
 _PROC_LOCKS = Path("/proc/locks")
 
@@ -40,6 +40,27 @@ def _holder_pid(directory_fd: int) -> int | None:
             except ValueError:
                 continue
     return None
+
+
+def is_locked(out_dir: Path) -> bool:
+    """Whether some process holds ``out_dir``'s lock (a shared lock is tried and dropped at once).
+
+    The other ranks of a distributed job ask this before each unit: rank 0 holds the lock for the
+    whole job, so a free lock means rank 0 is gone and the rank must stop writing.
+    """
+    try:
+        fd = os.open(out_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 class OutputLock:

@@ -14,7 +14,8 @@ from typing import Any
 
 from ..errors import OutputError, ResumeError
 from ..io.atomic import fsync_dir
-from .journal import Journal, JournalState, UnitEntry, job_differences, job_record, read_journal
+from .journal import (Journal, JournalState, UnitEntry, is_rank_journal, job_differences, job_record,
+                      read_journal)
 from ..names import JOURNAL_NAME, PARTIAL_SUFFIX, SPOOL_SUFFIX
 from ..planning.plan import MergePlan
 
@@ -104,6 +105,8 @@ def open_job(out_dir: Path, plan: MergePlan, output: OutputLayout, restart: bool
         mine = _ours(unit_names | set(files))
     else:  # no job here: only leftovers of one that died before its journal existed
         mine = {n for n in present if n.endswith(PARTIAL_SUFFIX)}
+    if JOURNAL_NAME in present:  # the ranks' journals of a distributed job
+        mine |= {n for n in present if is_rank_journal(n)}
     foreign = [n for n in present if n not in mine]
     if foreign:
         raise OutputError(
@@ -135,6 +138,7 @@ def open_job(out_dir: Path, plan: MergePlan, output: OutputLayout, restart: bool
     planned = {name: size for name, size, _ in output.units}
     if state.complete is not None and _looks_complete(out_dir, state, planned, output.keeps_units):
         leftovers = [] if output.keeps_units else [out_dir / n for n in present if n in planned]
+        leftovers += [out_dir / n for n in present if is_rank_journal(n)]  # folded in before ``complete``
         return JobStart(out_dir, job, state, dict(state.units), complete=True, stale=leftovers)
     done: dict[str, UnitEntry] = {}
     notes: list[str] = []
