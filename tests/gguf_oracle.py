@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
 import tarfile
@@ -110,3 +111,54 @@ def run_converter(jobs: list[list[str]]) -> None:
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(tree), json.dumps(jobs)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _skip_value(buf: bytes, pos: int, vtype: int) -> int:
+    if vtype in _SCALAR:
+        return pos + struct.calcsize("<" + _SCALAR[vtype])
+    if vtype == _STRING:
+        return pos + 8 + struct.unpack_from("<Q", buf, pos)[0]
+    assert vtype == _ARRAY, vtype
+    etype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if etype in _SCALAR:
+        return pos + count * struct.calcsize("<" + _SCALAR[etype])
+    for _ in range(count):
+        pos = _skip_value(buf, pos, etype)
+    return pos
+
+
+def gguf_sections(path: Path) -> tuple[dict[str, tuple[int, bytes]], list[tuple], bytes]:
+    """A GGUF v3 file taken apart by the spec, independently of gguf-py (and much faster):
+    key -> (value type, raw value bytes), tensor infos (name, dims, type, offset), and the data section."""
+    buf = Path(path).read_bytes()
+    magic, version, n_tensors, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    assert magic == b"GGUF" and version == 3
+    pos = 24
+    kv: dict[str, tuple[int, bytes]] = {}
+    for _ in range(n_kv):
+        (klen,) = struct.unpack_from("<Q", buf, pos)
+        key = buf[pos + 8:pos + 8 + klen].decode()
+        pos += 8 + klen
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        end = _skip_value(buf, pos + 4, vtype)
+        kv[key] = (vtype, buf[pos + 4:end])
+        pos = end
+    infos = []
+    for _ in range(n_tensors):
+        (nlen,) = struct.unpack_from("<Q", buf, pos)
+        name = buf[pos + 8:pos + 8 + nlen].decode()
+        pos += 8 + nlen
+        (ndim,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{ndim}Q", buf, pos + 4)
+        pos += 4 + 8 * ndim
+        ttype, offset = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        infos.append((name, dims, ttype, offset))
+    alignment = struct.unpack("<I", kv["general.alignment"][1])[0] if "general.alignment" in kv else 32
+    start = pos + (-pos % alignment)
+    return kv, infos, buf[start:]

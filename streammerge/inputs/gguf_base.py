@@ -136,7 +136,8 @@ class GGUFBase:
     def hf_names(self) -> list[str]:
         return list(self.tensors)
 
-    def _heads(self, hf_name: str) -> int:
+    def permute_heads(self, hf_name: str) -> int:
+        """Heads of the converter's Q/K permutation stored for ``hf_name`` (0: not permuted)."""
         if self.arch not in PERMUTED_ARCHS:
             return 0
         if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -163,7 +164,7 @@ class GGUFBase:
             shape = ref.shape
         values = np.ascontiguousarray(gguf.quants.dequantize(np.asarray(data), qtype), dtype=np.float32)
         out = torch.from_numpy(values.reshape(shape).copy())
-        heads = self._heads(hf_name)
+        heads = self.permute_heads(hf_name)
         if heads:
             period = ref.shape[0] // heads
             if start % period or (stop - start) % period:

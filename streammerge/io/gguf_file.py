@@ -162,10 +162,9 @@ class GGUFFileWriter:
 
     def commit(self) -> tuple[int, str]:
         """Finish the file: verify completeness, pad, fsync, rename. Returns ``(size, sha256)``."""
-        done = self._index == len(self.tensors) - 1 and self._filled == self.tensors[-1].nbytes \
-            if self.tensors else True
-        if not done:
-            missing = self.tensors[self._index].name
+        pending = self._index + (self._filled == self.tensors[self._index].nbytes) if self.tensors else 0
+        if pending < len(self.tensors):
+            missing = self.tensors[pending].name
             raise OutputError(f"internal error: {str(self.path)!r} is missing data of tensor {missing!r}")
         self._pad()
         try:

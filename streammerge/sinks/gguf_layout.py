@@ -26,7 +26,8 @@ from ..io.gguf_file import permute_rows, unpermute_rows
 from .gguf_vocab import add_vocab
 
 __all__ = ["GGUF_TYPES", "ARCHITECTURES", "GGUFLayout", "GGUFTensor", "MetaEntry", "build_layout",
-           "default_gguf_type", "split_tensors", "permute_rows", "unpermute_rows"]
+           "default_gguf_type", "file_type_of", "split_tensors", "tensor_nbytes", "tensor_type", "permute_rows",
+           "unpermute_rows"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -78,6 +79,7 @@ class GGUFTensor:
         nbytes: bytes of its data in the file.
         permute_heads: for the Llama Q/K permutation, the number of heads; 0 for none.
         values: the data of a generated tensor.
+        copy_from_base: copied byte for byte from the GGUF base (same name, type and bytes).
     """
 
     hf_name: str | None
@@ -87,6 +89,7 @@ class GGUFTensor:
     nbytes: int
     permute_heads: int = 0
     values: tuple[float, ...] | None = None
+    copy_from_base: bool = False
 
     @property
     def row_period(self) -> int:
@@ -238,6 +241,12 @@ def tensor_type(gguf_name: str, ndim: int, gguf_type: str) -> str:
     return gguf_type.upper()
 
 
+def file_type_of(gguf_type: str) -> int:
+    """``general.file_type`` (llama.cpp's ``LlamaFileType``) of a --gguf-type."""
+    names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+    return int(getattr(_gguf().LlamaFileType, names[gguf_type]))
+
+
 def tensor_nbytes(ggml_type: str, shape: Sequence[int]) -> int:
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[ggml_type]
@@ -290,9 +299,7 @@ def build_layout(model_dir: str | Path, tensors: Iterable[tuple[str, str, tuple[
     collector = gguf.GGUFWriter(None, spec.gguf_arch)
     collector.add_type(gguf.GGUFType.MODEL)
     collector.add_name(name or model_dir.name)
-    file_type = getattr(gguf.LlamaFileType, {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16",
-                                             "q8_0": "MOSTLY_Q8_0"}[gguf_type])
-    _add_arch_keys(collector, config, spec, file_type, gguf)
+    _add_arch_keys(collector, config, spec, file_type_of(gguf_type), gguf)
     collector.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(collector, model_dir, config.get("vocab_size"), llama_family=spec.gguf_arch == "llama")
     metadata = tuple(MetaEntry(k, v.value, int(v.type), None if v.sub_type is None else int(v.sub_type))
