@@ -250,3 +250,33 @@ def test_gguf_base_to_gguf_reencoded_equals_converter_and_untouched_is_copied(co
     q8 = root / "smollm2-q8_0.ref.gguf"
     [(copy, _, _)] = write_gguf_from_base(q8, tmp_path / "copy.gguf", "f16")
     assert copy.read_bytes() == q8.read_bytes()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_gguf_base_dequantizes_legacy_quants(tmp_path, qtype):
+    """A llama GGUF with a tensor in each legacy quant type (quantized by gguf-py): read back equals
+    gguf-py's dequantization, un-permuted for Q; the exact planned size equals the written size."""
+    from streammerge.inputs.gguf_base import GGUFBase
+    from streammerge.io.gguf_file import GGUFFileWriter, TensorEntry, file_size, permute_rows, unpermute_rows
+    qt = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_block_count(1)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_custom_alignment(64)
+    meta = [(k, v.value, int(v.type), None if v.sub_type is None else int(v.sub_type)) for k, v in w.kv_data[0].items()]
+    q = torch.randn(32, 64)
+    stored = gguf.quants.quantize(permute_rows(q, 2).numpy(), qt)
+    entries = [TensorEntry("blk.0.attn_q.weight", (32, 64), qtype, stored.nbytes),
+               TensorEntry("blk.0.attn_norm.weight", (64,), "F32", 256)]
+    path = tmp_path / "q.gguf"
+    with GGUFFileWriter(path, "llama", meta, entries) as writer:
+        writer.write_bytes(entries[0].name, stored.tobytes())
+        writer.write_bytes(entries[1].name, np.ones(64, np.float32).tobytes())
+        size, _ = writer.commit()
+    assert size == path.stat().st_size == file_size(meta, entries)
+    base = GGUFBase(path)
+    got = base.read("model.layers.0.self_attn.q_proj.weight")
+    assert torch.equal(got, unpermute_rows(torch.from_numpy(gguf.quants.dequantize(stored, qt)), 2))
+    assert float((got - q).abs().max()) < 0.5  # and it is the original, to 4/5/8-bit rounding
+    assert torch.equal(base.read("model.layers.0.input_layernorm.weight"), torch.ones(64))

@@ -28,6 +28,8 @@ from ..jobs.faults import kill_point
 from .atomic import fsync_dir, partial_path, write_error
 
 SPLIT_NAME_TEMPLATE = "{stem}-{index:05d}-of-{count:05d}.gguf"
+ALIGNMENT_KEY = "general.alignment"
+DEFAULT_ALIGNMENT = 32
 HASH_CHUNK = 8 << 20
 
 
@@ -78,6 +80,38 @@ def unpermute_rows(rows: Any, n_head: int) -> Any:
     return rows.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+SPLIT_KEYS = (("split.no", 2), ("split.count", 2), ("split.tensors.count", 4))
+
+
+def _value_bytes(value: Any, vtype: int, sub_type: int | None) -> int:
+    if vtype in _SCALAR_BYTES:
+        return _SCALAR_BYTES[vtype]
+    if vtype == _STRING:
+        return 8 + len(value.encode("utf-8") if isinstance(value, str) else value)
+    assert vtype == _ARRAY and sub_type is not None
+    return 12 + sum(_value_bytes(v, sub_type, None) for v in value)
+
+
+def alignment_of(metadata: Sequence[tuple[str, Any, int, int | None]]) -> int:
+    """The data alignment: ``general.alignment`` when the metadata sets it, else GGUF's default 32."""
+    return int(next((v for k, v, *_ in metadata if k == ALIGNMENT_KEY), DEFAULT_ALIGNMENT))
+
+
+def file_size(metadata: Sequence[tuple[str, Any, int, int | None]], tensors: Sequence[TensorEntry],
+              split: bool = False) -> int:
+    """The exact size of the GGUF file ``GGUFFileWriter`` writes for this metadata and these tensors."""
+    alignment = alignment_of(metadata)
+    size = 24  # magic, version, tensor count, kv count
+    size += sum(8 + len(k.encode()) + 4 + _value_bytes(v, t, sub) for k, v, t, sub in metadata)
+    if split:
+        size += sum(8 + len(k) + 4 + n for k, n in SPLIT_KEYS)
+    size += sum(8 + len(t.name.encode()) + 4 + 8 * len(t.shape) + 4 + 8 for t in tensors)
+    size += -size % alignment
+    return size + sum(t.nbytes + (-t.nbytes % alignment) for t in tensors)
+
+
 class GGUFFileWriter:
     """Writes one GGUF file (or one split) in tensor-info order; use as a context manager.
 
@@ -93,7 +127,9 @@ class GGUFFileWriter:
         self.tensors = list(tensors)
         self._tmp = partial_path(self.path)
         self._committed = False
+        metadata = list(metadata)
         writer = gguf.GGUFWriter(None, arch)
+        writer.data_alignment = alignment_of(metadata)
         writer.kv_data = [{key: gguf.gguf_writer.GGUFValue(value, gguf.GGUFValueType(vtype),
                                                           None if sub is None else gguf.GGUFValueType(sub))
                            for key, value, vtype, sub in metadata}]

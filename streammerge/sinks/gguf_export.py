@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.gguf_file import GGUFFileWriter, TensorEntry, encode_rows, split_paths
+from ..io.gguf_file import GGUFFileWriter, TensorEntry, encode_rows, file_size, split_paths
 from ..io.reader import CheckpointReader, open_checkpoint
 from .gguf_layout import GGUFLayout, GGUFTensor, build_layout, default_gguf_type, permute_rows, split_tensors
 
@@ -76,12 +76,22 @@ def plan_files(layout: GGUFLayout, out_path: Path, max_shard_size: int | None = 
             for i, (p, ts) in enumerate(zip(paths, splits))]
 
 
-def open_file(layout: GGUFLayout, plan: GGUFFilePlan) -> GGUFFileWriter:
-    """A writer for one planned file; metadata goes into the first file only."""
+def _file_parts(layout: GGUFLayout, plan: GGUFFilePlan) -> tuple[list[tuple], list[TensorEntry]]:
     first = plan.split is None or plan.split[0] == 0
     metadata = [(m.key, m.value, m.type, m.sub_type) for m in layout.metadata] if first else []
-    entries = [TensorEntry(t.name, t.shape, t.ggml_type, t.nbytes) for t in plan.tensors]
+    return metadata, [TensorEntry(t.name, t.shape, t.ggml_type, t.nbytes) for t in plan.tensors]
+
+
+def open_file(layout: GGUFLayout, plan: GGUFFilePlan) -> GGUFFileWriter:
+    """A writer for one planned file; metadata goes into the first file only."""
+    metadata, entries = _file_parts(layout, plan)
     return GGUFFileWriter(plan.path, layout.arch, metadata, entries, plan.split)
+
+
+def planned_size(layout: GGUFLayout, plan: GGUFFilePlan) -> int:
+    """The exact size of a planned file, before anything is written (the sink's ``OutputUnit.size``)."""
+    metadata, entries = _file_parts(layout, plan)
+    return file_size(metadata, entries, split=plan.split is not None)
 
 
 def _row_blocks(reader: CheckpointReader, name: str, block_rows: int) -> Iterator[torch.Tensor]:
@@ -127,5 +137,6 @@ def write_gguf(hf_dir: str | Path, out_path: str | Path, gguf_type: str | None =
                         writer.write_bytes(tensor.name, encoder.feed(rows))
                     encoder.finish()
                 size, sha = writer.commit()
+            assert size == planned_size(layout, plan), plan.path
             written.append((plan.path, size, sha))
     return written

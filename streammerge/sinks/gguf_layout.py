@@ -302,9 +302,20 @@ def build_layout(model_dir: str | Path, tensors: Iterable[tuple[str, str, tuple[
     _add_arch_keys(collector, config, spec, file_type_of(gguf_type), gguf)
     collector.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocab(collector, model_dir, config.get("vocab_size"), llama_family=spec.gguf_arch == "llama")
-    metadata = tuple(MetaEntry(k, v.value, int(v.type), None if v.sub_type is None else int(v.sub_type))
+    metadata = tuple(MetaEntry(k, v.value, int(v.type), _element_type(v, gguf))
                      for k, v in collector.kv_data[0].items())
     return GGUFLayout(spec.gguf_arch, metadata, tuple(planned))
+
+
+def _element_type(value: Any, gguf: Any) -> int | None:
+    """An array's element type, resolved as gguf-py's writer resolves it (so sizes can be computed)."""
+    if value.type != gguf.GGUFValueType.ARRAY:
+        return None
+    if value.sub_type is not None:
+        return int(value.sub_type)
+    if isinstance(value.value, bytes):
+        return int(gguf.GGUFValueType.UINT8)
+    return int(gguf.GGUFValueType.get_type(value.value[0]))
 
 
 def split_tensors(tensors: Sequence[GGUFTensor], max_size: int | None) -> list[list[GGUFTensor]]:
