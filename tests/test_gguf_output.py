@@ -280,3 +280,11 @@ def test_gguf_base_dequantizes_legacy_quants(tmp_path, qtype):
     assert torch.equal(got, unpermute_rows(torch.from_numpy(gguf.quants.dequantize(stored, qt)), 2))
     assert float((got - q).abs().max()) < 0.5  # and it is the original, to 4/5/8-bit rounding
     assert torch.equal(base.read("model.layers.0.input_layernorm.weight"), torch.ones(64))
+
+
+def test_default_type_follows_the_converter_auto_rule():
+    from streammerge.sinks.gguf_layout import default_gguf_type
+    assert default_gguf_type(["BF16", "F16"]) == "bf16"
+    assert default_gguf_type(["F32", "F16"]) == "f16"  # F32 matrices are passed over
+    assert default_gguf_type(["F32", "BF16"]) == "bf16"
+    assert default_gguf_type(["F32"]) == "f16"

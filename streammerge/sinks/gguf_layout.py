@@ -134,10 +134,11 @@ def _find(config: dict[str, Any], keys: Sequence[str]) -> Any:
     return next((config[k] for k in keys if k in config), None)
 
 
-def default_gguf_type(base_dtypes: Iterable[str]) -> str:
-    """bf16 when the base's first matrix is BF16, else f16 (the converter's ``auto``)."""
-    for dtype in base_dtypes:
-        return "bf16" if dtype == "BF16" else "f16"
+def default_gguf_type(matrix_dtypes: Iterable[str]) -> str:
+    """The converter's ``auto``: the type of the first BF16 or F16 matrix (in file order), else f16."""
+    for dtype in matrix_dtypes:
+        if dtype in ("BF16", "F16"):
+            return dtype.lower()
     return "f16"
 
 
