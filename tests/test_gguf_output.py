@@ -252,10 +252,11 @@ def test_gguf_base_to_gguf_reencoded_equals_converter_and_untouched_is_copied(co
     assert copy.read_bytes() == q8.read_bytes()
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
-def test_gguf_base_dequantizes_legacy_quants(tmp_path, qtype):
-    """A llama GGUF with a tensor in each legacy quant type (quantized by gguf-py): read back equals
-    gguf-py's dequantization, un-permuted for Q; the exact planned size equals the written size."""
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gguf_base_dequantizes_quant_types(tmp_path, qtype):
+    """A llama GGUF with a Q tensor in each quant type: read back equals gguf-py's dequantization,
+    un-permuted; the exact planned size equals the written size.  Legacy types are quantized by
+    gguf-py; K-quants (which gguf-py only dequantizes) are random blocks with finite scales."""
     from streammerge.inputs.gguf_base import GGUFBase
     from streammerge.io.gguf_file import GGUFFileWriter, TensorEntry, file_size, permute_rows, unpermute_rows
     qt = gguf.GGMLQuantizationType[qtype]
@@ -265,9 +266,17 @@ def test_gguf_base_dequantizes_legacy_quants(tmp_path, qtype):
     w.add_head_count_kv(2)
     w.add_custom_alignment(64)
     meta = [(k, v.value, int(v.type), None if v.sub_type is None else int(v.sub_type)) for k, v in w.kv_data[0].items()]
-    q = torch.randn(32, 64)
-    stored = gguf.quants.quantize(permute_rows(q, 2).numpy(), qt)
-    entries = [TensorEntry("blk.0.attn_q.weight", (32, 64), qtype, stored.nbytes),
+    kquant = qtype.endswith("_K")
+    cols = 256 if kquant else 64
+    q = torch.randn(32, cols)
+    if kquant:
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        stored = np.random.default_rng(0).integers(0, 256, (32, cols // block * size), dtype=np.uint8)
+        halves = stored.view(np.float16)
+        halves[~np.isfinite(halves)] = 0.5  # keep the f16 scales (wherever they sit) finite
+    else:
+        stored = gguf.quants.quantize(permute_rows(q, 2).numpy(), qt)
+    entries = [TensorEntry("blk.0.attn_q.weight", (32, cols), qtype, stored.nbytes),
                TensorEntry("blk.0.attn_norm.weight", (64,), "F32", 256)]
     path = tmp_path / "q.gguf"
     with GGUFFileWriter(path, "llama", meta, entries) as writer:
@@ -278,7 +287,9 @@ def test_gguf_base_dequantizes_legacy_quants(tmp_path, qtype):
     base = GGUFBase(path)
     got = base.read("model.layers.0.self_attn.q_proj.weight")
     assert torch.equal(got, unpermute_rows(torch.from_numpy(gguf.quants.dequantize(stored, qt)), 2))
-    assert float((got - q).abs().max()) < 0.5  # and it is the original, to 4/5/8-bit rounding
+    assert bool(torch.isfinite(got).all())
+    if not kquant:
+        assert float((got - q).abs().max()) < 0.5  # and it is the original, to 4/5/8-bit rounding
     assert torch.equal(base.read("model.layers.0.input_layernorm.weight"), torch.ones(64))
 
 
