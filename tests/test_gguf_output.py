@@ -40,6 +40,8 @@ def _save_model(kind: str, out: Path, dtype: torch.dtype) -> Path:
         rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rope_parameters=rope))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common))
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
     else:
@@ -82,10 +84,11 @@ def converted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted_more(tmp_path_factory):
-    """All types of: SmolLM2-shaped, Llama with Llama-3 RoPE (f32), Qwen2 (f16), Qwen3 (bf16); a split SmolLM2."""
+    """All types of: SmolLM2-shaped, Llama with Llama-3 RoPE (f32), Mistral, Qwen2 (f16), Qwen3 (bf16); a split SmolLM2."""
     llamacpp_tree()
     root = tmp_path_factory.mktemp("gguf-more")
-    models = {"smollm2": torch.bfloat16, "llama3": torch.float32, "qwen2": torch.float16, "qwen3": torch.bfloat16}
+    models = {"smollm2": torch.bfloat16, "llama3": torch.float32, "mistral": torch.bfloat16, "qwen2": torch.float16,
+              "qwen3": torch.bfloat16}
     return root, _convert(root, models, TYPES, split=True)
 
 
@@ -110,7 +113,7 @@ def test_smollm2_equals_llamacpp_converter(converted, gguf_type):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", TYPES)
-@pytest.mark.parametrize("kind", ["smollm2", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["smollm2", "llama3", "mistral", "qwen2", "qwen3"])
 def test_more_architectures_equal_llamacpp_converter(converted_more, kind, gguf_type):
     root, dirs = converted_more
     _check_equal(root, dirs[kind], kind, gguf_type)
