@@ -24,7 +24,7 @@ from .execution.engine import build_plan
 from .sinks import sink_for
 from .io.reader import open_checkpoint
 from .names import EMBEDDING_SUFFIXES
-from .recipe import (DEVICES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
+from .recipe import (DEVICES, GGUF_TYPES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
                      parse_size)
 
 ALLOW_PICKLE_HELP = ("read pickle-only adapters (adapter_model.bin) with torch.load(weights_only=True); without it "
@@ -75,7 +75,8 @@ class _InputAction(argparse.Action):
         namespace.inputs = items
 
 
-_CHOICES: dict[str, Any] = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "method": sorted(REGISTRY)}
+_CHOICES: dict[str, Any] = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "method": sorted(REGISTRY),
+                           "gguf_type": GGUF_TYPES}
 _TYPES: dict[type, Any] = {int: int}
 
 

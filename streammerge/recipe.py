@@ -27,7 +27,8 @@ __all__ = [
 
 INPUT_KINDS = ("adapter", "model")
 DEVICES = ("auto", "cpu", "cuda")
-OUTPUT_FORMATS = ("model", "adapter")
+OUTPUT_FORMATS = ("model", "adapter", "gguf")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 Weight = Union[float, tuple[float, ...]]
 """One number, or a list interpolated linearly from the first layer to the last."""
@@ -139,6 +140,9 @@ class Recipe:
                                 flag="--output-format")
     rank: int | None = _field(None, help="adapter output: truncate every update to this rank (truncated SVD); "
                                          "needed for methods whose result is dense", flag="--rank", metavar="K")
+    gguf_type: str | None = _field(None, help="GGUF output: tensor type of the matrices (f32, f16, bf16, q8_0); "
+                                              "default: bf16 for a bf16 base, else f16 (norms are always f32)",
+                                   flag="--gguf-type")
     skip_missing: bool = _field(False, help="leave out adapter tensors the base has no counterpart for (e.g. a task "
                                             "head saved through modules_to_save) instead of refusing them",
                                 flag="--skip-missing")
@@ -184,6 +188,8 @@ class Recipe:
             problems.append(f"max_shard_size: must be positive, got {self.max_shard_size}")
         if self.output_format not in OUTPUT_FORMATS:
             problems.append(f"output_format: {self.output_format!r} must be one of {list(OUTPUT_FORMATS)}")
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            problems.append(f"gguf_type: {self.gguf_type!r} must be one of {list(GGUF_TYPES)}")
         if self.rank is not None and self.rank <= 0:
             problems.append(f"rank: must be a positive integer, got {self.rank}")
         problems += _method_problems(self.method, self.params)

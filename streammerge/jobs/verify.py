@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import InputError, StreamMergeError
 from ..io.header import read_header
 from ..io.atomic import file_sha256
-from ..names import JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_OUTPUT_FORMAT_KEY, JOURNAL_SIZE_KEY, JOURNAL_UNITS_KEY, PARTIAL_SUFFIX
+from ..names import (JOURNAL_FILE_KEY, JOURNAL_NAME, JOURNAL_OUTPUT_FORMAT_KEY, JOURNAL_SIZE_KEY, JOURNAL_UNITS_KEY,
+                     PARTIAL_SUFFIX, SAFETENSORS_SUFFIX)
 from ..sinks import SINKS
 from ..sinks.hf_model import HfModelSink
 from .journal import read_journal
@@ -91,7 +92,9 @@ def verify_output(out_dir: str | Path) -> Verification:
             continue
         if not sink.keeps_units and state.complete is not None:
             continue  # a scratch unit, consumed by the finished output
-        problem = _check_file(out_dir / name, entry.size, entry.sha256) or _check_shard(out_dir / name)
+        problem = _check_file(out_dir / name, entry.size, entry.sha256)
+        if problem is None and name.endswith(SAFETENSORS_SUFFIX):
+            problem = _check_shard(out_dir / name)
         if problem is None and size is not None and entry.size != size:
             problem = f"{name}: {entry.size:,} bytes recorded, the job planned {size:,}"
         if problem:
