@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import MethodParameterError
 from . import decouple, orthogonalize
+from .autoscale import scale_factor
 from .base import DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, TaskUpdate
 from .common import as_dense, fold_weights, is_matrix
 from .consensus import combine
@@ -66,6 +67,7 @@ def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
 def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> MergeResult:
     """The generalized merge of one tensor for ``variant``; returns a dense update."""
     updates: list[TaskUpdate] = fold_weights(inputs)
+    given = list(updates)
     count = len(updates)
     stats: dict[str, float] = {}
     components = variant.composable and is_matrix(inputs)
@@ -81,7 +83,8 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
         merged = decouple.recombine(directions, mbar, axis)
     else:
         merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign)
-    return MergeResult(DenseUpdate(merged.mul_(params["lambda"])), stats)
+    factor = scale_factor(params["lambda"], given, DenseUpdate(merged), stats)
+    return MergeResult(DenseUpdate(merged.mul_(factor)), stats)
 
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:

@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .autoscale import apply_scale, scale_param
 from .base import LowRankUpdate, MergeInputs, MergeMethod, MergeResult, Param, weighted_sum
 from .common import fold_weights, is_matrix, weighted_average
 from .lowrank import update_svd
 
-ALPHA = Param("alpha", float, 1.0, "scale α of the isotropic merged update (the paper picks it on validation)")
+ALPHA = scale_param("alpha", 1.0, "scale α of the isotropic merged update (the paper picks it on validation)")
 PARAMS: tuple[Param, ...] = (ALPHA,)
 
 
@@ -32,13 +33,14 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     """Iso-C merge of one tensor; see the module docstring."""
     if not is_matrix(inputs):
         return MergeResult(weighted_average(inputs, "iso_c"))
-    total = weighted_sum(fold_weights(inputs), [1.0] * len(inputs.updates))
+    updates = fold_weights(inputs)
+    total = weighted_sum(updates, [1.0] * len(updates))
     u, s, vh = update_svd(total)
     if s.numel() == 0:  # every update is zero
         return MergeResult(LowRankUpdate(up=u, down=vh), {"iso_rank": 0.0, "iso_sigma_mean": 0.0})
     sigma = s.mean()
-    return MergeResult(LowRankUpdate(up=u * (params["alpha"] * sigma), down=vh),
-                       {"iso_rank": float(s.numel()), "iso_sigma_mean": float(sigma)})
+    stats = {"iso_rank": float(s.numel()), "iso_sigma_mean": float(sigma)}
+    return MergeResult(apply_scale(params["alpha"], updates, LowRankUpdate(up=u * sigma, down=vh), stats), stats)
 
 
 METHOD = MergeMethod(

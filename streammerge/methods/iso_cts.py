@@ -28,6 +28,7 @@ import torch
 
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, Param, TaskUpdate, weighted_sum
 from .common import fold_weights, is_matrix, weighted_average
+from .autoscale import apply_scale
 from .iso_c import ALPHA
 from .lowrank import RANK_RTOL, polar, update_svd
 
@@ -77,11 +78,9 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
             u_i, s_i, vh_i = update_svd(project_off(update, us[0]))
             us.append(u_i[:, :n]), ss.append(s_i[:n]), vhs.append(vh_i[:n])
     sigma = torch.cat(ss).mean()
-    up = polar(torch.cat(us, dim=1)) * (params["alpha"] * sigma)
-    down = polar(torch.cat(vhs, dim=0).T).T
-    return MergeResult(LowRankUpdate(up=up, down=down),
-                       {"iso_rank": float(up.shape[1]), "iso_common_rank": float(us[0].shape[1]),
-                        "iso_sigma_mean": float(sigma)})
+    merged = LowRankUpdate(up=polar(torch.cat(us, dim=1)) * sigma, down=polar(torch.cat(vhs, dim=0).T).T)
+    stats = {"iso_rank": float(merged.rank), "iso_common_rank": float(us[0].shape[1]), "iso_sigma_mean": float(sigma)}
+    return MergeResult(apply_scale(params["alpha"], updates, merged, stats), stats)
 
 
 METHOD = MergeMethod(
