@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -34,7 +35,7 @@ from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, LORA_TARGETS, 
                     accuracy, features, load_backbone, load_task, load_tokenizer, make_head, pooled,
                     save_head, set_threads, task_names, tokenize, write_json)
 
-MAX_LEN = 32
+MAX_LEN = int(os.environ.get("STREAMMERGE_QUALITY_MAX_LEN", "32"))  # tokens; the suite uses 24
 RESULTS = "train_results.json"
 
 
@@ -80,6 +81,7 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
     order: list[dict] = []
     losses = []
     model.train()
+    t0 = time.time()
     for _ in range(args.steps):
         if len(order) < args.batch:
             rng.shuffle(rows)
@@ -93,7 +95,7 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
         sched.step()
         losses.append(float(loss.detach()))
         if len(losses) % 10 == 0:
-            print(f"  step {len(losses)}: loss {sum(losses[-10:]) / 10:.3f}", flush=True)
+            print(f"  step {len(losses)}: loss {sum(losses[-10:]) / 10:.3f} ({time.time() - t0:.0f} s)", flush=True)
     model.eval()
     return model, losses
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         save_head(head, args.cache / HEADS_SUBDIR / f"{task}.safetensors", {"task": task, "kind": "lora"})
         results[task] = {"head_only": probe_acc, "individual": acc, "labels": data["labels"],
                          "steps": args.steps, "batch": args.batch, "lr": args.lr, "rank": args.rank,
-                         "alpha": args.alpha, "loss_start": sum(losses[:k]) / k,
+                         "alpha": args.alpha, "max_len": MAX_LEN, "loss_start": sum(losses[:k]) / k,
                          "loss_end": sum(losses[-k:]) / k, "seconds": {"features": round(t_feats, 1),
                          "train": round(t_train, 1), "eval": round(t_eval, 1)}}
         write_json(results_path, results)
