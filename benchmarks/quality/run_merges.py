@@ -264,17 +264,19 @@ def fmt(x: float) -> str:
 
 
 def paired_bootstrap(a: dict[str, str], b: dict[str, str], tasks: list[str], n: int = 4000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Mean over tasks of acc_a − acc_b and a 95% CI, resampling each task's examples (paired)."""
+                     seed: int = 0, scale: dict[str, float] | None = None) -> tuple[float, float, float]:
+    """Mean over tasks of (acc_a − acc_b)·scale_t and a 95% CI, resampling each task's examples
+    (paired); ``scale`` 1/individual accuracy gives the normalized-accuracy difference."""
     gen = torch.Generator().manual_seed(seed)
-    diffs = torch.zeros(n)
+    diffs = torch.zeros(n, dtype=torch.float64)
     point = 0.0
     for t in tasks:
-        d = torch.tensor([int(x) - int(y) for x, y in zip(a[t], b[t])], dtype=torch.float64)
+        w = 1.0 if scale is None else scale[t]
+        d = torch.tensor([int(x) - int(y) for x, y in zip(a[t], b[t])], dtype=torch.float64) * w
         point += float(d.mean()) / len(tasks)
         idx = torch.randint(len(d), (n, len(d)), generator=gen)
-        diffs += d[idx].mean(1).float() / len(tasks)
-    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975])).tolist()
+        diffs += d[idx].mean(1) / len(tasks)
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point, lo, hi
 
 
@@ -315,6 +317,19 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
             cells.append("" if v is None else fmt(v))
         print(f"| {LABELS.get(config, config)} | " + " | ".join(cells) + " |")
 
+    autos = [c for c in seen if is_auto(c) and c.removesuffix("_auto") in seen and "validation" in results.get(f"{c}|{DEFAULT}", {})]
+    if autos:
+        print("\n### The auto scale rule vs the validation-best scale (validation average, %)\n")
+        print("| method | auto: mean chosen | auto: val avg | best val scale | best: val avg | auto − best |")
+        print("|---|---|---|---|---|---|")
+        for c in autos:
+            plain = c.removesuffix("_auto")
+            auto_val = mean(list(results[f"{c}|{DEFAULT}"]["validation"].values()))
+            best = best_lambda(results, plain)
+            best_val = mean(list(results[f"{plain}|{best}"]["validation"].values()))
+            print(f"| {LABELS.get(plain, plain)} | {lam_label(c, results[f'{c}|{DEFAULT}'])} | {fmt(auto_val)} | "
+                  f"{lam_value(plain, best):g} | {fmt(best_val)} | {100 * (auto_val - best_val):+.1f} |")
+
     pairs = [(a, "ta") for a in seen if a not in ("ta", "base")] + [("ta", "base")]
     pairs = [(a, b) for a, b in pairs if a in seen and b in seen]
     lines = []
@@ -326,12 +341,15 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
             if "test" not in ra.get("correct", {}) or "test" not in rb.get("correct", {}):
                 continue
             d, lo, hi = paired_bootstrap(ra["correct"]["test"], rb["correct"]["test"], tasks)
+            nd, nlo, nhi = paired_bootstrap(ra["correct"]["test"], rb["correct"]["test"], tasks,
+                                            scale={t: 1 / ind[t] for t in tasks})
             lam_txt = "default" if which == "default" else f"{lam_value(a, la):g} vs {lam_value(b, lb):g} (val)"
             lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | {lam_txt} | {100 * d:+.2f} | "
-                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {100 * nd:+.2f} | [{100 * nlo:+.2f}, {100 * nhi:+.2f}] |")
     if lines:
-        print("\n### Paired differences on test (avg accuracy, points; 95% bootstrap CI over examples)\n")
-        print("| comparison | λ | Δ avg | 95% CI |\n|---|---|---|---|\n" + "\n".join(dict.fromkeys(lines)))
+        print("\n### Paired differences on test (points; 95% bootstrap CI over examples)\n")
+        print("| comparison | λ | Δ avg | 95% CI | Δ norm. acc | 95% CI |\n|---|---|---|---|---|---|\n"
+              + "\n".join(dict.fromkeys(lines)))
 
     ablation = [("ta", "–", "–", "row"), ("do_ortho_only", "✓", "–", "row"), ("do_decouple_only", "–", "✓", "row"),
                 ("do", "✓", "✓", "row"), ("do_col", "✓", "✓", "col"), ("do_matrix", "✓", "✓", "matrix")]

@@ -19,6 +19,7 @@ skipped, so re-running after an interruption only trains what is missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -100,6 +101,10 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
     return model, losses
 
 
+def task_seed(task: str) -> int:
+    return int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "big") % 100_000
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.cache / RESULTS
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     frozen = None
-    for i, task in enumerate(tasks):
+    for task in tasks:
         adapter_dir = args.cache / ADAPTERS_SUBDIR / task
         if (adapter_dir / "adapter_model.safetensors").exists() and task in results:
             print(f"[{task}] adapter exists, skipped", flush=True)
@@ -132,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             frozen = load_backbone(model_dir)
         feats = base_features(args.cache, task, data, frozen, tok)
         t_feats = time.time() - t0
-        probe = make_head(frozen.config.hidden_size, n_labels, seed=args.seed + i)
+        seed = args.seed + task_seed(task)  # from the name: the same per task whatever --tasks lists
+        probe = make_head(frozen.config.hidden_size, n_labels, seed=seed)
         train_probe(probe, feats["train"], [r["label"] for r in data["train"]])
         probe_acc = {s: accuracy(probe, feats[s], [r["label"] for r in data[s]]) for s in ("validation", "test")}
         save_head(probe, args.cache / HEADS_SUBDIR / f"{task}.probe.safetensors", {"task": task, "kind": "probe"})
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         head = make_head(frozen.config.hidden_size, n_labels, seed=0)
         head.load_state_dict(probe.state_dict())
         t1 = time.time()
-        model, losses = train_lora(model_dir, tok, data, head, args, seed=args.seed + 1000 + i)
+        model, losses = train_lora(model_dir, tok, data, head, args, seed=seed + 1000)
         t_train = time.time() - t1
         acc = {}
         for split in ("validation", "test"):
@@ -157,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                          "alpha": args.alpha, "max_len": MAX_LEN, "loss_start": sum(losses[:k]) / k,
                          "loss_end": sum(losses[-k:]) / k, "seconds": {"features": round(t_feats, 1),
                          "train": round(t_train, 1), "eval": round(t_eval, 1)}}
+        if results_path.exists():  # another train.py (a disjoint --tasks list) may have written since
+            results = {**json.loads(results_path.read_text()), task: results[task]}
         write_json(results_path, results)
         print(f"[{task}] LoRA: val {acc['validation']:.3f} test {acc['test']:.3f} | loss "
               f"{results[task]['loss_start']:.3f} -> {results[task]['loss_end']:.3f} | train {t_train:.0f} s, "
