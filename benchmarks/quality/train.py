@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (cosine, 1/6 warm-up)")
     ap.add_argument("--head-lr", type=float, default=1e-3)
+    ap.add_argument("--head-init", choices=("probe", "random"), default="probe",
+                    help="start the jointly trained head from the linear probe (LP-FT) or from random weights: "
+                         "the probe fits the 960 training texts almost exactly, leaving LoRA little gradient")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -145,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{task}] head only: val {probe_acc['validation']:.3f} test {probe_acc['test']:.3f} "
               f"({t_feats:.0f} s features)", flush=True)
 
-        head = make_head(frozen.config.hidden_size, n_labels, seed=0)
-        head.load_state_dict(probe.state_dict())
+        head = make_head(frozen.config.hidden_size, n_labels, seed=seed + 2000)
+        if args.head_init == "probe":  # LP-FT; "random": head and LoRA trained jointly from scratch
+            head.load_state_dict(probe.state_dict())
         t1 = time.time()
         model, losses = train_lora(model_dir, tok, data, head, args, seed=seed + 1000)
         t_train = time.time() - t1
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         save_head(head, args.cache / HEADS_SUBDIR / f"{task}.safetensors", {"task": task, "kind": "lora"})
         results[task] = {"head_only": probe_acc, "individual": acc, "labels": data["labels"],
                          "steps": args.steps, "batch": args.batch, "lr": args.lr, "rank": args.rank,
-                         "alpha": args.alpha, "max_len": MAX_LEN, "loss_start": sum(losses[:k]) / k,
+                         "alpha": args.alpha, "max_len": MAX_LEN, "head_init": args.head_init, "head_lr": args.head_lr, "loss_start": sum(losses[:k]) / k,
                          "loss_end": sum(losses[-k:]) / k, "seconds": {"features": round(t_feats, 1),
                          "train": round(t_train, 1), "eval": round(t_eval, 1)}}
         if results_path.exists():  # another train.py (a disjoint --tasks list) may have written since
