@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_registry_lists_every_method_of_the_spec() -> None:
     assert set(REGISTRY) == {"task_arithmetic", "linear", "do_merging", "ties", "dare_linear", "dare_ties",
-                             "breadcrumbs", "breadcrumbs_ties", "magnitude_prune", "knots", "tsv"}
+                             "breadcrumbs", "breadcrumbs_ties", "magnitude_prune", "knots", "tsv", "iso_c", "iso_cts"}
     assert all(m.name == key for key, m in REGISTRY.items())
 
 

@@ -91,7 +91,7 @@ def test_quality_pipeline_end_to_end(tmp_path: Path, one_torch_thread: None, cap
         assert single[split]["color"] == pytest.approx(trained["color"]["individual"][split], abs=1 / 16 + 1e-9)
 
     # The merged weights are W0 + Σ_i s_i B_i A_i (independent oracle from the adapter files).
-    run_merges.main(["--cache", str(cache), "--configs", "ta,do", "--keep"])
+    run_merges.main(["--cache", str(cache), "--configs", "ta,do,iso_cts,ta_auto", "--keep"])
     base = load_file(str(cache / common.MODEL_SUBDIR / "model.safetensors"))
     merged = load_file(str(cache / "merged" / "ta_default" / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj.weight"
@@ -105,10 +105,28 @@ def test_quality_pipeline_end_to_end(tmp_path: Path, one_torch_thread: None, cap
     assert not torch.equal(merged[name], base[name])
 
     results = json.loads((cache / run_merges.MERGE_RESULTS).read_text())
-    for key in ("ta|default", "do|default"):
+    for key in ("ta|default", "do|default", "iso_cts|default", "ta_auto|default"):
         assert set(results[key]["test"]) == {"animal", "color"}
         assert all(0.0 <= v <= 1.0 for v in results[key]["test"].values())
         assert results[key]["command"].startswith("python -m streammerge merge --base $CACHE/")
     assert "ortho_cross_gram_A_before" in json.dumps(results["do|default"]["method_stats"])
     report = capsys.readouterr().out
     assert "| DO-Merging | 1 |" in report and "| Task Arithmetic | 1 |" in report
+    assert "| Iso-CTS | 1 |" in report and "| Task Arithmetic, λ auto | auto (mean " in report
+    assert "| Iso-CTS − Task Arithmetic | default |" in report
+
+
+def test_suite_splits_are_disjoint_balanced_and_deterministic() -> None:
+    import build_suite
+
+    pairs = [(f"text number {i}", "ab"[i % 2]) for i in range(400)] + [("clash", "a"), ("clash", "b")]
+    first = build_suite.split_rows("toy", ("a", "b"), iter(pairs))
+    assert first == build_suite.split_rows("toy", ("a", "b"), iter(reversed(pairs)))
+    texts = {s: {r["text"] for r in rows} for s, rows in first.items()}
+    assert not (texts["train"] & texts["test"]) and not (texts["validation"] & texts["test"])
+    assert "clash" not in set().union(*texts.values())
+    assert sum(len(t) for t in texts.values()) == 400  # below the caps every text is used once
+    many = [(f"text number {i}", "ab"[i % 7 == 0]) for i in range(20000)]  # b is the rare class
+    capped = build_suite.split_rows("toy", ("a", "b"), iter(many))["test"]
+    counts = [sum(r["label"] == lab for r in capped) for lab in (0, 1)]
+    assert len(capped) == build_suite.CAPS["test"] and counts[0] == counts[1]

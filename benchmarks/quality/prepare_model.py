@@ -59,16 +59,44 @@ def fetch_gguf(dest: Path) -> Path:
     return gguf
 
 
+def truncate(src: Path, out: Path, layers: int | None) -> None:
+    """Copy a prepared model keeping its first ``layers`` decoder layers (embeddings, final norm kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    total = model.config.num_hidden_layers
+    keep = total if layers is None else layers
+    if not 0 < keep <= total:
+        raise SystemExit(f"--layers must be in 1..{total}, got {layers}")
+    model.model.layers = model.model.layers[:keep]
+    model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:keep]
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    provenance = json.loads((src / "provenance.json").read_text()) if (src / "provenance.json").exists() else {}
+    (tmp / "provenance.json").write_text(json.dumps({**provenance, "truncated_from": str(src),
+                                                     "layers_kept": keep, "layers_total": total}, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out} ({keep} of {total} layers)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="dtype of the saved model (fp32: merges and LoRA training stay exact)")
+    ap.add_argument("--layers", type=int, help="keep only the first N decoder layers (a cheaper real backbone)")
+    ap.add_argument("--from-model", type=Path, help="truncate this prepared model dir instead of the GGUF")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.cache / MODEL_SUBDIR
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         print(f"model already prepared: {out}")
+        return
+    if args.from_model:
+        truncate(args.from_model, out, args.layers)
         return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -56,6 +56,14 @@ CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
     "breadcrumbs": ("breadcrumbs", {}, "lambda", 1.0),
     "knots": ("knots", {}, "lambda", 0.5),
     "tsv": ("tsv", {}, "alpha", 1.0),
+    "iso_c": ("iso_c", {}, "alpha", 1.0),
+    "iso_cts": ("iso_cts", {}, "alpha", 1.0),
+    # the data-free scale rule (methods/autoscale.py): only a "default" key, never on a λ grid
+    "ta_auto": ("task_arithmetic", {"lambda": "auto"}, "lambda", 1.0),
+    "ties_auto": ("ties", {"lambda": "auto"}, "lambda", 1.0),
+    "tsv_auto": ("tsv", {"alpha": "auto"}, "alpha", 1.0),
+    "iso_c_auto": ("iso_c", {"alpha": "auto"}, "alpha", 1.0),
+    "iso_cts_auto": ("iso_cts", {"alpha": "auto"}, "alpha", 1.0),
 }
 LABELS = {
     "base": "No merge (base backbone, each task's trained head)",
@@ -63,8 +71,22 @@ LABELS = {
     "do_decouple_only": "decouple only", "do_col": "DO-Merging, norm_axis=col",
     "do_matrix": "DO-Merging, norm_axis=matrix", "do_mean": "DO-Merging, direction_reduce=mean",
     "linear": "Linear (average)", "ties": "TIES", "ties_do": "TIES + DO components", "dare_ties": "DARE-TIES",
-    "breadcrumbs": "Breadcrumbs", "knots": "KnOTS-TIES", "tsv": "TSV-M",
+    "breadcrumbs": "Breadcrumbs", "knots": "KnOTS-TIES", "tsv": "TSV-M", "iso_c": "Iso-C", "iso_cts": "Iso-CTS",
+    "ta_auto": "Task Arithmetic, λ auto", "ties_auto": "TIES, λ auto", "tsv_auto": "TSV-M, α auto",
+    "iso_c_auto": "Iso-C, α auto", "iso_cts_auto": "Iso-CTS, α auto",
 }
+
+
+def is_auto(config: str) -> bool:
+    return "auto" in CONFIGS[config][1].values()
+
+
+def lam_label(config: str, entry: dict) -> str:
+    """The λ column: the value, or for the auto rule the mean of its per-tensor choices."""
+    if not is_auto(config):
+        return f"{lam_value(config, DEFAULT):g}"
+    chosen = entry.get("method_stats", {}).get("lambda_auto", {})
+    return f"auto (mean {chosen['mean']:.2f})" if "mean" in chosen else "auto"
 
 
 def extra_param(text: str) -> tuple[str, str, dict[str, str]]:
@@ -164,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     set_threads(args.threads)
     for name, method, params in args.config:
-        CONFIGS[name] = (method, params, "alpha" if method == "tsv" else "lambda", 0.5 if method == "knots" else 1.0)
+        CONFIGS[name] = (method, params, "alpha" if method in ("tsv", "iso_c", "iso_cts") else "lambda",
+                         0.5 if method == "knots" else 1.0)
         LABELS[name] = name
     train_results = json.loads((args.cache / RESULTS).read_text())
     tasks = sorted(args.tasks.split(",")) if args.tasks else sorted(train_results)
@@ -241,17 +264,19 @@ def fmt(x: float) -> str:
 
 
 def paired_bootstrap(a: dict[str, str], b: dict[str, str], tasks: list[str], n: int = 4000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """Mean over tasks of acc_a − acc_b and a 95% CI, resampling each task's examples (paired)."""
+                     seed: int = 0, scale: dict[str, float] | None = None) -> tuple[float, float, float]:
+    """Mean over tasks of (acc_a − acc_b)·scale_t and a 95% CI, resampling each task's examples
+    (paired); ``scale`` 1/individual accuracy gives the normalized-accuracy difference."""
     gen = torch.Generator().manual_seed(seed)
-    diffs = torch.zeros(n)
+    diffs = torch.zeros(n, dtype=torch.float64)
     point = 0.0
     for t in tasks:
-        d = torch.tensor([int(x) - int(y) for x, y in zip(a[t], b[t])], dtype=torch.float64)
+        w = 1.0 if scale is None else scale[t]
+        d = torch.tensor([int(x) - int(y) for x, y in zip(a[t], b[t])], dtype=torch.float64) * w
         point += float(d.mean()) / len(tasks)
         idx = torch.randint(len(d), (n, len(d)), generator=gen)
-        diffs += d[idx].mean(1).float() / len(tasks)
-    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975])).tolist()
+        diffs += d[idx].mean(1) / len(tasks)
+    lo, hi = torch.quantile(diffs, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point, lo, hi
 
 
@@ -274,15 +299,16 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
     for config in seen:
         d = results.get(f"{config}|{DEFAULT}")
         if d and "test" in d:
-            print(row(LABELS.get(config, config), f"{lam_value(config, DEFAULT):g}", d["test"]))
+            print(row(LABELS.get(config, config), lam_label(config, d), d["test"]))
         best = best_lambda(results, config)
         if best is not None and best != DEFAULT and "test" in results[f"{config}|{best}"]:
             print(row(LABELS.get(config, config), f"{best} (val)", results[f"{config}|{best}"]["test"]))
 
     print("\n### Validation average accuracy (%) per λ (selection split)\n")
-    lams = sorted({lam_value(k.split("|")[0], k.split("|")[1]) for k, v in results.items() if "validation" in v})
+    lams = sorted({lam_value(k.split("|")[0], k.split("|")[1]) for k, v in results.items()
+                   if "validation" in v and not is_auto(k.split("|")[0])})
     print("| method | " + " | ".join(f"{x:g}" for x in lams) + " |\n|---|" + "---|" * len(lams))
-    for config in seen:
+    for config in [c for c in seen if not is_auto(c)]:
         cells = []
         for x in lams:
             v = next((mean(list(d["validation"].values())) for k, d in results.items()
@@ -291,8 +317,21 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
             cells.append("" if v is None else fmt(v))
         print(f"| {LABELS.get(config, config)} | " + " | ".join(cells) + " |")
 
-    pairs = [(a, b) for a, b in (("do", "ta"), ("do_ortho_only", "ta"), ("do_decouple_only", "ta"), ("ta", "base"),
-                                 ("do", "base")) if a in seen and b in seen]
+    autos = [c for c in seen if is_auto(c) and c.removesuffix("_auto") in seen and "validation" in results.get(f"{c}|{DEFAULT}", {})]
+    if autos:
+        print("\n### The auto scale rule vs the validation-best scale (validation average, %)\n")
+        print("| method | auto: mean chosen | auto: val avg | best val scale | best: val avg | auto − best |")
+        print("|---|---|---|---|---|---|")
+        for c in autos:
+            plain = c.removesuffix("_auto")
+            auto_val = mean(list(results[f"{c}|{DEFAULT}"]["validation"].values()))
+            best = best_lambda(results, plain)
+            best_val = mean(list(results[f"{plain}|{best}"]["validation"].values()))
+            print(f"| {LABELS.get(plain, plain)} | {lam_label(c, results[f'{c}|{DEFAULT}'])} | {fmt(auto_val)} | "
+                  f"{lam_value(plain, best):g} | {fmt(best_val)} | {100 * (auto_val - best_val):+.1f} |")
+
+    pairs = [(a, "ta") for a in seen if a not in ("ta", "base")] + [("ta", "base")]
+    pairs = [(a, b) for a, b in pairs if a in seen and b in seen]
     lines = []
     for a, b in pairs:
         for which in ("default", "best"):
@@ -302,12 +341,15 @@ def print_report(results: dict, train_results: dict, tasks: list[str]) -> None:
             if "test" not in ra.get("correct", {}) or "test" not in rb.get("correct", {}):
                 continue
             d, lo, hi = paired_bootstrap(ra["correct"]["test"], rb["correct"]["test"], tasks)
+            nd, nlo, nhi = paired_bootstrap(ra["correct"]["test"], rb["correct"]["test"], tasks,
+                                            scale={t: 1 / ind[t] for t in tasks})
             lam_txt = "default" if which == "default" else f"{lam_value(a, la):g} vs {lam_value(b, lb):g} (val)"
             lines.append(f"| {LABELS.get(a, a)} − {LABELS.get(b, b)} | {lam_txt} | {100 * d:+.2f} | "
-                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] |")
+                         f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {100 * nd:+.2f} | [{100 * nlo:+.2f}, {100 * nhi:+.2f}] |")
     if lines:
-        print("\n### Paired differences on test (avg accuracy, points; 95% bootstrap CI over examples)\n")
-        print("| comparison | λ | Δ avg | 95% CI |\n|---|---|---|---|\n" + "\n".join(dict.fromkeys(lines)))
+        print("\n### Paired differences on test (points; 95% bootstrap CI over examples)\n")
+        print("| comparison | λ | Δ avg | 95% CI | Δ norm. acc | 95% CI |\n|---|---|---|---|---|---|\n"
+              + "\n".join(dict.fromkeys(lines)))
 
     ablation = [("ta", "–", "–", "row"), ("do_ortho_only", "✓", "–", "row"), ("do_decouple_only", "–", "✓", "row"),
                 ("do", "✓", "✓", "row"), ("do_col", "✓", "✓", "col"), ("do_matrix", "✓", "✓", "matrix")]

@@ -19,8 +19,10 @@ skipped, so re-running after an interruption only trains what is missing.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -34,7 +36,7 @@ from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, LORA_TARGETS, 
                     accuracy, features, load_backbone, load_task, load_tokenizer, make_head, pooled,
                     save_head, set_threads, task_names, tokenize, write_json)
 
-MAX_LEN = 32
+MAX_LEN = int(os.environ.get("STREAMMERGE_QUALITY_MAX_LEN", "32"))  # tokens; the suite uses 24
 RESULTS = "train_results.json"
 
 
@@ -80,6 +82,7 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
     order: list[dict] = []
     losses = []
     model.train()
+    t0 = time.time()
     for _ in range(args.steps):
         if len(order) < args.batch:
             rng.shuffle(rows)
@@ -93,9 +96,13 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
         sched.step()
         losses.append(float(loss.detach()))
         if len(losses) % 10 == 0:
-            print(f"  step {len(losses)}: loss {sum(losses[-10:]) / 10:.3f}", flush=True)
+            print(f"  step {len(losses)}: loss {sum(losses[-10:]) / 10:.3f} ({time.time() - t0:.0f} s)", flush=True)
     model.eval()
     return model, losses
+
+
+def task_seed(task: str) -> int:
+    return int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "big") % 100_000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate (cosine, 1/6 warm-up)")
     ap.add_argument("--head-lr", type=float, default=1e-3)
+    ap.add_argument("--head-init", choices=("probe", "random"), default="probe",
+                    help="start the jointly trained head from the linear probe (LP-FT) or from random weights: "
+                         "the probe fits the 960 training texts almost exactly, leaving LoRA little gradient")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--threads", type=int, default=1)
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     results_path = args.cache / RESULTS
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     frozen = None
-    for i, task in enumerate(tasks):
+    for task in tasks:
         adapter_dir = args.cache / ADAPTERS_SUBDIR / task
         if (adapter_dir / "adapter_model.safetensors").exists() and task in results:
             print(f"[{task}] adapter exists, skipped", flush=True)
@@ -130,17 +140,19 @@ def main(argv: list[str] | None = None) -> None:
             frozen = load_backbone(model_dir)
         feats = base_features(args.cache, task, data, frozen, tok)
         t_feats = time.time() - t0
-        probe = make_head(frozen.config.hidden_size, n_labels, seed=args.seed + i)
+        seed = args.seed + task_seed(task)  # from the name: the same per task whatever --tasks lists
+        probe = make_head(frozen.config.hidden_size, n_labels, seed=seed)
         train_probe(probe, feats["train"], [r["label"] for r in data["train"]])
         probe_acc = {s: accuracy(probe, feats[s], [r["label"] for r in data[s]]) for s in ("validation", "test")}
         save_head(probe, args.cache / HEADS_SUBDIR / f"{task}.probe.safetensors", {"task": task, "kind": "probe"})
         print(f"[{task}] head only: val {probe_acc['validation']:.3f} test {probe_acc['test']:.3f} "
               f"({t_feats:.0f} s features)", flush=True)
 
-        head = make_head(frozen.config.hidden_size, n_labels, seed=0)
-        head.load_state_dict(probe.state_dict())
+        head = make_head(frozen.config.hidden_size, n_labels, seed=seed + 2000)
+        if args.head_init == "probe":  # LP-FT; "random": head and LoRA trained jointly from scratch
+            head.load_state_dict(probe.state_dict())
         t1 = time.time()
-        model, losses = train_lora(model_dir, tok, data, head, args, seed=args.seed + 1000 + i)
+        model, losses = train_lora(model_dir, tok, data, head, args, seed=seed + 1000)
         t_train = time.time() - t1
         acc = {}
         for split in ("validation", "test"):
@@ -152,9 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         save_head(head, args.cache / HEADS_SUBDIR / f"{task}.safetensors", {"task": task, "kind": "lora"})
         results[task] = {"head_only": probe_acc, "individual": acc, "labels": data["labels"],
                          "steps": args.steps, "batch": args.batch, "lr": args.lr, "rank": args.rank,
-                         "alpha": args.alpha, "loss_start": sum(losses[:k]) / k,
+                         "alpha": args.alpha, "max_len": MAX_LEN, "head_init": args.head_init, "head_lr": args.head_lr, "loss_start": sum(losses[:k]) / k,
                          "loss_end": sum(losses[-k:]) / k, "seconds": {"features": round(t_feats, 1),
                          "train": round(t_train, 1), "eval": round(t_eval, 1)}}
+        if results_path.exists():  # another train.py (a disjoint --tasks list) may have written since
+            results = {**json.loads(results_path.read_text()), task: results[task]}
         write_json(results_path, results)
         print(f"[{task}] LoRA: val {acc['validation']:.3f} test {acc['test']:.3f} | loss "
               f"{results[task]['loss_start']:.3f} -> {results[task]['loss_end']:.3f} | train {t_train:.0f} s, "

@@ -9,6 +9,8 @@ from . import (
     dare_linear,
     dare_ties,
     do_merging,
+    iso_c,
+    iso_cts,
     knots,
     linear,
     magnitude_prune,
@@ -47,6 +49,8 @@ REGISTRY: dict[str, MergeMethod] = {
         magnitude_prune.METHOD,
         knots.METHOD,
         tsv.METHOD,
+        iso_c.METHOD,
+        iso_cts.METHOD,
     )
 }
 

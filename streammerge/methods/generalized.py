@@ -21,6 +21,7 @@ import torch
 
 from ..errors import MethodParameterError
 from . import decouple, orthogonalize, rows
+from .autoscale import scale_factor
 from .base import (BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, RowBlock, RowMerge,
                    TaskUpdate)
 from .common import as_dense, fold_weights, is_matrix, row_grid
@@ -72,6 +73,7 @@ def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
 def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> MergeResult:
     """The generalized merge of one tensor for ``variant``; returns a dense update."""
     updates: list[TaskUpdate] = fold_weights(inputs)
+    given = list(updates)
     count = len(updates)
     stats: dict[str, float] = {}
     components = variant.composable and is_matrix(inputs)
@@ -90,7 +92,8 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
         merged = decouple.recombine(directions, mbar, axis)
     else:
         merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign)
-    return MergeResult(DenseUpdate(merged.mul_(params["lambda"])), stats)
+    factor = scale_factor(params["lambda"], given, DenseUpdate(merged), stats)
+    return MergeResult(DenseUpdate(merged.mul_(factor)), stats)
 
 
 def _given_thresholds(inputs: MergeInputs, params: Mapping[str, Any]) -> tuple[Threshold, ...]:

@@ -191,8 +191,10 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
 
 
 def supports_rows(params: Mapping[str, Any]) -> bool:
-    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms."""
-    return not params.get("orthogonalize", False) and not params.get("decouple", False)
+    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms, and
+    ``lambda: auto`` the norm of the whole merged update."""
+    return (not params.get("orthogonalize", False) and not params.get("decouple", False)
+            and params.get("lambda") != "auto")
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import LAMBDA, MergeInputs, MergeMethod, MergeResult, weighted_sum
+from ..errors import MethodParameterError
+from .autoscale import AUTO, apply_scale, scale_param
+from .base import LowRankUpdate, MergeInputs, MergeMethod, MergeResult, weighted_sum
+
+LAMBDA = scale_param("lambda", 1.0, "global scale λ of the merged update")
 
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     scale = params["lambda"]
-    return MergeResult(weighted_sum(inputs.updates, [scale * w for w in inputs.weights]))
+    if scale != AUTO:
+        return MergeResult(weighted_sum(inputs.updates, [scale * w for w in inputs.weights]))
+    if not all(isinstance(u, LowRankUpdate) for u in inputs.updates):
+        # The engine merges whole-tensor inputs of an elementwise method one row block at a time,
+        # so a per-tensor norm rule would silently become a per-block one.
+        raise MethodParameterError(
+            f"method 'task_arithmetic': lambda=auto needs LoRA (low-rank) inputs, but tensor {inputs.name!r} "
+            "has a dense update (a full fine-tune, modules_to_save or a bias); give lambda a number, or use "
+            "ties/tsv/iso_c with their auto scale")
+    weighted = [LowRankUpdate(up=u.up * w, down=u.down) for u, w in zip(inputs.updates, inputs.weights)]
+    stats: dict[str, float] = {}
+    merged = apply_scale(AUTO, weighted, weighted_sum(weighted, [1.0] * len(weighted)), stats)
+    return MergeResult(merged, stats)
 
 
 METHOD = MergeMethod(
     name="task_arithmetic",
-    summary="W0 + λ Σ w_i ΔW_i; exact rank-Σr for LoRA inputs",
+    summary="W0 + λ Σ w_i ΔW_i (λ a number or auto); exact rank-Σr for LoRA inputs",
     params=(LAMBDA,),
     merge=merge,
     elementwise=True,

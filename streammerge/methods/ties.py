@@ -11,12 +11,12 @@ or to the row-block form); the CLI does not offer it until the engine runs that 
 
 from __future__ import annotations
 
-from .base import LAMBDA
+from .autoscale import scale_param
 from .generalized import SCOPE, Variant, density_param, make_method
 
 METHOD = make_method(
     "ties",
     "TIES: trim to top density by |value|, elect sign, disjoint mean; λ",
     Variant(sparsify="magnitude", elect_sign=True, composable=True),
-    (density_param(0.2), LAMBDA, SCOPE),
+    (density_param(0.2), scale_param("lambda", 1.0, "global scale λ of the merged update"), SCOPE),
 )

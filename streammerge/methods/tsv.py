@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
+from .autoscale import apply_scale, scale_param
 from .base import LowRankUpdate, MergeInputs, MergeMethod, MergeResult, Param
 from .common import fold_weights, is_matrix, weighted_average
 from .lowrank import polar, update_svd
 
-PARAMS: tuple[Param, ...] = (Param("alpha", float, 1.0, "scale α of the merged update"),)
+PARAMS: tuple[Param, ...] = (scale_param("alpha", 1.0, "scale α of the merged update"),)
 
 
 def task_singular_vectors(inputs: MergeInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,9 +45,9 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     u, s, vh = task_singular_vectors(inputs)
     if s.numel() == 0:  # every update is zero
         return MergeResult(LowRankUpdate(up=u, down=vh), {"tsv_rank": 0.0})
-    up = polar(u) * (params["alpha"] * s)
-    down = polar(vh.T).T
-    return MergeResult(LowRankUpdate(up=up, down=down), {"tsv_rank": float(s.numel())})
+    stats = {"tsv_rank": float(s.numel())}
+    merged = LowRankUpdate(up=polar(u) * s, down=polar(vh.T).T)
+    return MergeResult(apply_scale(params["alpha"], fold_weights(inputs), merged, stats), stats)
 
 
 METHOD = MergeMethod(
