@@ -135,7 +135,7 @@ def test_semantic_and_file_problems_are_reported_together(world, tmp_path):
         build_plan(load_recipe_file(_write(tmp_path / "r.yaml", doc)))
     text = str(info.value)
     assert "params: method 'ties' has no parameter(s) 'densty'" in text
-    assert "output_format: 'zip' must be one of ['model', 'adapter']" in text
+    assert "output_format: 'zip' must be one of ['model', 'adapter', 'gguf']" in text
     assert "is not a directory" in text
     assert len(info.value.problems) == 3  # the include typo waits until the inputs themselves are sound
     doc["params"], doc["output_format"] = {}, "model"
