@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..names import CONFIG_NAME
-from ..io.gguf_file import permute_rows, unpermute_rows
+from ..io.gguf_file import permute_rows, unpermute_rows, gguf_module
 from .gguf_vocab import add_vocab
 
 __all__ = ["GGUF_TYPES", "ARCHITECTURES", "GGUFLayout", "GGUFTensor", "MetaEntry", "build_layout",
@@ -30,14 +30,6 @@ __all__ = ["GGUF_TYPES", "ARCHITECTURES", "GGUFLayout", "GGUFTensor", "MetaEntry
            "unpermute_rows"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as e:
-        raise InputError("GGUF output needs the `gguf` package (gguf-py); pip install gguf==0.19.0") from e
-    return gguf
 
 
 @dataclass(frozen=True)
@@ -245,11 +237,11 @@ def tensor_type(gguf_name: str, ndim: int, gguf_type: str) -> str:
 def file_type_of(gguf_type: str) -> int:
     """``general.file_type`` (llama.cpp's ``LlamaFileType``) of a --gguf-type."""
     names = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
-    return int(getattr(_gguf().LlamaFileType, names[gguf_type]))
+    return int(getattr(gguf_module().LlamaFileType, names[gguf_type]))
 
 
 def tensor_nbytes(ggml_type: str, shape: Sequence[int]) -> int:
-    gguf = _gguf()
+    gguf = gguf_module()
     qtype = gguf.GGMLQuantizationType[ggml_type]
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     if shape and shape[-1] % block:
@@ -268,7 +260,7 @@ def build_layout(model_dir: str | Path, tensors: Iterable[tuple[str, str, tuple[
         gguf_type: one of ``GGUF_TYPES``.
         name: ``general.name`` (default: the directory name).
     """
-    gguf = _gguf()
+    gguf = gguf_module()
     model_dir = Path(model_dir)
     if gguf_type not in GGUF_TYPES:
         raise InputError(f"--gguf-type {gguf_type!r} is not one of {list(GGUF_TYPES)}")
