@@ -18,6 +18,7 @@ from typing import Any
 from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
 from .jobs.modelcard import stats_summary
+from .methods.extraction import SKIPPED_STAT
 from .osrm.commands import add_osrm_commands
 from .planning.describe import describe_plan
 from .execution.engine import build_plan
@@ -95,7 +96,7 @@ def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=f.name, default=None, action="store_const", const=True, help=f.metadata["help"])
             continue
         p.add_argument(flag, dest=f.name, default=None, choices=_CHOICES.get(f.name),
-                       type=int if f.name in ("seed", "rank") else str,
+                       type=int if f.name in ("seed", "rank") else float if f.name == "min_relative_norm" else str,
                        metavar=f.metadata.get("metavar"), help=f.metadata["help"] + shown)
     p.add_argument("--adapter", action=_InputAction, const="adapter", dest="inputs", metavar="DIR_OR_REPO",
                    help="a PEFT LoRA adapter: local directory or Hub repo id (repeatable; replaces the file's inputs)")
@@ -207,6 +208,9 @@ def _run(recipe: Recipe, args: argparse.Namespace) -> int:
         summary["peak_gpu_mib"] = round(report.peak_gpu_bytes / 2**20, 1)
     if report.stats:
         summary["method_stats"] = stats_summary(report.stats)
+        skipped = sorted(n for n, st in report.stats.items() if st.get(SKIPPED_STAT))
+        if skipped:
+            summary[SKIPPED_STAT] = skipped
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -223,7 +227,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         exclude = tuple(p for p in _EXTRACT_EXCLUDED if any(fnmatch.fnmatchcase(n, p) for n in names))
     recipe = Recipe(base=args.base, inputs=(InputSpec(args.model, kind="model", exclude=exclude),),
                     method="task_arithmetic", output_format="adapter", rank=args.rank, dtype=args.dtype,
-                    device=args.device, seed=args.seed, out=args.out)
+                    device=args.device, seed=args.seed, out=args.out, min_relative_norm=args.min_relative_norm)
     return _run(recipe, args)
 
 
@@ -334,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--out", required=True, metavar="DIR", help="output adapter directory (new or empty)")
     extract.add_argument("--embed-lora", action="store_true",
                          help="also extract the embeddings and lm_head (default: left out)")
+    extract.add_argument("--min-relative-norm", type=float, default=None, metavar="X",
+                         help="leave out a module whose update is small: ||FT - B||_F <= X * ||B||_F (e.g. 0.001); "
+                              "the skipped modules are listed in the summary")
     extract.add_argument("--dtype", default=None, help="dtype of the written factors (default float32)")
     extract.add_argument("--device", default="auto", choices=DEVICES, help="worker device")
     extract.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD sketches")

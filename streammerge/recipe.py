@@ -126,7 +126,7 @@ class Recipe:
     method: str = _field("task_arithmetic", help="merge method (see `streammerge methods`)", flag="--method")
     params: tuple[tuple[str, Any], ...] = _field((), help="method parameters, validated against the method",
                                                  mapping=True)
-    dtype: str | None = _field(None, help="output dtype of floating tensors (bfloat16, float16, float32); "
+    dtype: str | None = _field(None, help="output dtype of floating tensors (bfloat16, float16, float32; float8_e4m3fn: an FP8 base written as FP8 again); "
                                           "default: each base tensor's own dtype (float32 for adapter output)",
                                flag="--dtype")
     seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
@@ -140,6 +140,10 @@ class Recipe:
                                 flag="--output-format")
     rank: int | None = _field(None, help="adapter output: truncate every update to this rank (truncated SVD); "
                                          "needed for methods whose result is dense", flag="--rank", metavar="K")
+    min_relative_norm: float | None = _field(
+        None, help="adapter output: leave out a matrix whose dense update is small, ||dW||_F <= X * ||W0||_F "
+                   "(e.g. 0.001; applies where the base values are read: full fine-tunes, DoRA, modules_to_save); "
+                   "each module's ||dW||/||W0|| is reported", flag="--min-relative-norm", metavar="X")
     gguf_type: str | None = _field(None, help="GGUF output: tensor type of the matrices (f32, f16, bf16, q8_0); "
                                               "default: bf16 for a bf16 base, else f16 (norms are always f32)",
                                    flag="--gguf-type")
@@ -192,6 +196,12 @@ class Recipe:
             problems.append(f"gguf_type: {self.gguf_type!r} must be one of {list(GGUF_TYPES)}")
         if self.rank is not None and self.rank <= 0:
             problems.append(f"rank: must be a positive integer, got {self.rank}")
+        if self.min_relative_norm is not None:
+            if not (math.isfinite(self.min_relative_norm) and self.min_relative_norm >= 0):
+                problems.append(f"min_relative_norm: must be a number >= 0, got {self.min_relative_norm}")
+            if self.output_format != "adapter":
+                problems.append("min_relative_norm: only applies with output_format 'adapter' (it leaves small "
+                                "updates out of an extracted adapter); drop --min-relative-norm")
         problems += _method_problems(self.method, self.params)
         return problems
 

@@ -5,7 +5,9 @@ streammerge's streaming writer, so even the 8b preset needs well under 1 GB of m
 
     python tools/synthetic.py model --preset 1b --out /tmp/base1b
     python tools/synthetic.py adapter --model /tmp/base1b --out /tmp/lora1 --rank 16 --seed 1
+    python tools/synthetic.py adapter --model /tmp/base1b --out /tmp/dora1 --rank 16 --seed 1 --dora
     python tools/synthetic.py finetune --model /tmp/base1b --out /tmp/ft1 --seed 1
+    python tools/synthetic.py finetune --model /tmp/base1b --out /tmp/ft1 --seed 1 --rank 8  # low-rank + noise
 """
 
 from __future__ import annotations
@@ -177,17 +179,34 @@ def module_shapes(model: Path, targets: tuple[str, ...], layers: set[int] | None
     return found
 
 
+def dora_magnitude(reader: CheckpointReader, weight: str, up: torch.Tensor, down: torch.Tensor,
+                   gen: torch.Generator) -> torch.Tensor:
+    """A trained-looking DoRA magnitude: ``‖W0 + s·B·A‖`` per output row (PEFT's initial ``m``, with ``up = s·B``)
+    times ``1 + 0.05·N(0, 1)``; the base is read in row blocks of at most CHUNK_ELEMENTS."""
+    rows, cols = reader.layout.info(weight).shape
+    step = max(1, CHUNK_ELEMENTS // cols)
+    norms = torch.cat([torch.linalg.vector_norm(reader.read_rows(weight, start, min(rows, start + step),
+                                                                 torch.float32).addmm_(up[start:start + step], down),
+                                                dim=1)
+                       for start in range(0, rows, step)])
+    return norms * (1 + 0.05 * torch.randn(rows, generator=gen))
+
+
 def write_adapter(model: Path, out: Path, rank: int = 16, alpha: float | None = None,
                   targets: tuple[str, ...] = LLAMA_TARGETS, seed: int = 1, b_std: float = 0.01,
-                  use_rslora: bool = False, dtype: str = "F32") -> Path:
+                  use_rslora: bool = False, dtype: str = "F32", dora: bool = False) -> Path:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for ``model``.
 
     A ~ N(0, 1/d_in) (PEFT's Kaiming-style init), B ~ N(0, b_std²): a trained-looking, non-zero update.
+    ``dora``: a DoRA adapter (``use_dora: true``, one ``lora_magnitude_vector`` per module, see
+    ``dora_magnitude``; reads the base weights of the targeted modules).
     """
     out.mkdir(parents=True, exist_ok=True)
     alpha = float(2 * rank if alpha is None else alpha)
+    scale = alpha / (rank ** 0.5 if use_rslora else rank)
     torch_dtype = DTYPES[dtype].torch_dtype
     tensors = {}
+    reader = CheckpointReader(open_checkpoint(model)) if dora else None
     for module, shape in module_shapes(model, targets).items():
         d_out, d_in = shape
         gen = torch.Generator().manual_seed(_seed(seed, module))
@@ -195,13 +214,19 @@ def write_adapter(model: Path, out: Path, rank: int = 16, alpha: float | None = 
         b = torch.randn(d_out, rank, generator=gen) * b_std
         tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(torch_dtype)
         tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(torch_dtype)
+        if reader is not None:
+            magnitude = dora_magnitude(reader, module + ".weight", b.to(torch_dtype).float() * scale,
+                                       a.to(torch_dtype).float(), gen)
+            tensors[f"base_model.model.{module}.lora_magnitude_vector"] = magnitude.to(torch_dtype)
+    if reader is not None:
+        reader.close()
     if not tensors:
         raise SystemExit(f"no modules named {targets} in {model}")
     save_tensors(out / ADAPTER_WEIGHTS_NAME, tensors)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
         "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": use_rslora, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "use_rslora": use_rslora, "use_dora": dora, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "base_model_name_or_path": str(model),
     }
@@ -214,8 +239,12 @@ def write_adapter(model: Path, out: Path, rank: int = 16, alpha: float | None = 
     return out
 
 
-def write_finetune(model: Path, out: Path, seed: int = 1, std: float = 0.001) -> Path:
-    """A synthetic full fine-tune: ``model`` plus seeded noise on every 2-D tensor, same layout."""
+def write_finetune(model: Path, out: Path, seed: int = 1, std: float = 0.001, rank: int = 0) -> Path:
+    """A synthetic full fine-tune: ``model`` plus seeded noise on every 2-D tensor, same layout.
+
+    ``rank > 0``: the change of each 2-D tensor is mostly low-rank, as a real fine-tune's is: a product
+    ``U V`` of rank ``rank`` (entries of std ``std``) plus noise of std ``std / 10``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     layout = open_checkpoint(model)
     weight_map = {}
@@ -228,7 +257,11 @@ def write_finetune(model: Path, out: Path, seed: int = 1, std: float = 0.001) ->
                     tensor = reader.read(slot.name)
                     if tensor.ndim == 2 and tensor.is_floating_point():
                         gen = torch.Generator().manual_seed(_seed(seed, slot.name))
-                        noise = torch.randn(tensor.shape, generator=gen).mul_(std)
+                        noise = torch.randn(tensor.shape, generator=gen).mul_(std if not rank else std / 10)
+                        if rank:
+                            u = torch.randn(tensor.shape[0], rank, generator=gen)
+                            v = torch.randn(rank, tensor.shape[1], generator=gen)
+                            noise.addmm_(u, v, alpha=std / rank ** 0.5)
                         tensor = (tensor.float() + noise).to(tensor.dtype)
                     writer.write_tensor(slot.name, tensor)
                     del tensor
@@ -261,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--seed", type=int, default=1)
     a.add_argument("--b-std", type=float, default=0.01)
     a.add_argument("--rslora", action="store_true")
+    a.add_argument("--dora", action="store_true", help="a DoRA adapter (use_dora, lora_magnitude_vector)")
     f = sub.add_parser("finetune", help="a synthetic full fine-tune of a model directory")
     f.add_argument("--model", type=Path, required=True)
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--seed", type=int, default=1)
     f.add_argument("--std", type=float, default=0.001)
+    f.add_argument("--rank", type=int, default=0, help="a mostly low-rank change of this rank (0: noise only)")
     args = parser.parse_args(argv)
     if args.what == "model":
         preset = PRESETS[args.preset]
@@ -275,9 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         write_model(args.out, preset, dtype, args.seed, parse_size(args.max_shard_size))
     elif args.what == "adapter":
         write_adapter(args.model, args.out, args.rank, args.alpha, tuple(args.targets.split(",")), args.seed,
-                      args.b_std, args.rslora)
+                      args.b_std, args.rslora, dora=args.dora)
     else:
-        write_finetune(args.model, args.out, args.seed, args.std)
+        write_finetune(args.model, args.out, args.seed, args.std, args.rank)
     print(args.out)
     return 0
 

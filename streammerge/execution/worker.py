@@ -19,7 +19,7 @@ import torch
 from ..errors import AdapterError, OutputError
 from ..inputs.kinds import KINDS, REPLACEMENT, TaskPart
 from ..io.dtypes import DTYPES
-from ..io.fp8 import dequantize_rows
+from ..io.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
 from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
@@ -111,6 +111,8 @@ class TensorMerger:
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._fresh_scales: dict[str, list[torch.Tensor]] = {}
+        """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -183,8 +185,11 @@ class TensorMerger:
 
         The method sees factors only; the base is streamed through ``W0[rows] + L[rows] @ R``
         block by block, so a tensor never needs more than its factors, one fp32 row block and
-        its cast copy — unless the method or a dense input needs the base values.
+        its cast copy — unless the method or a dense input needs the base values.  A fresh FP8
+        scale (``job.scale_of``) is the grid computed while its weight's blocks were taken.
         """
+        if job.scale_of:
+            return self._fresh_scale_blocks(job), {}
         if streams_dense_rows(job, self.method):
             return self._elementwise_blocks(job), {}
         if streams_method_rows(job, self.method, self.params):
@@ -193,6 +198,23 @@ class TensorMerger:
         update = result.update if result is not None else None
         stats = result.stats if result is not None else {}
         return self._blocks(job, base, transposed, update), stats
+
+    def _cast(self, job: TensorJob, block: torch.Tensor, start: int) -> torch.Tensor:
+        """A merged fp32 row block in the output dtype, on the CPU.  FP8 output: requantized on the base's scale
+        grid (``start`` is on it), its fresh scale rows kept for ``job.scale``'s own job, which follows."""
+        fmt = self.plan.fp8
+        if not (job.scale and fmt is not None and DTYPES[job.out_dtype].torch_dtype == FP8_DTYPE):
+            return block.to(DTYPES[job.out_dtype].torch_dtype).contiguous().cpu()
+        scale_dtype = DTYPES[self.readers.get(job.scale_file).layout.info(job.scale).dtype].torch_dtype
+        quantized, scale = quantize_rows(block, start, fmt, scale_dtype)
+        self._fresh_scales.setdefault(job.scale, []).append(scale.cpu())
+        return quantized.contiguous().cpu()
+
+    def _fresh_scale_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
+        rows = self._fresh_scales.pop(job.name, None)
+        if rows is None:
+            raise OutputError(f"internal error: FP8 scale {job.name!r} is written before its weight {job.scale_of!r}")
+        yield torch.cat(rows)
 
     def _elementwise_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
         """Merge an elementwise method one row block at a time: base rows, each input's rows, merge, cast.
@@ -203,7 +225,6 @@ class TensorMerger:
         the blocking.
         """
         self.device = self.device_for(job)
-        out_dtype = DTYPES[job.out_dtype].torch_dtype
         by_input = contributions_by_input(job)
         preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
                      for c in job.contributions
@@ -228,7 +249,7 @@ class TensorMerger:
                 base.addmm_(update.up, update.down)
             else:
                 base.add_(update.delta)
-            yield base.to(out_dtype).contiguous().cpu()
+            yield self._cast(job, base, start)
             del base, updates, result, update
 
     def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
@@ -262,7 +283,6 @@ class TensorMerger:
         self.device = self.device_for(job)
         form = self.method.rows
         assert form is not None
-        out_dtype = DTYPES[job.out_dtype].torch_dtype
         by_input = {i: cs for i, cs in contributions_by_input(job).items() if not self._equals_base(job, cs)}
         if not by_input:
             yield from self._blocks(job, None, False, None)
@@ -291,7 +311,7 @@ class TensorMerger:
             merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, weights), stats, self.params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):
                 self._refuse_non_finite_rows(job, start, stop)
-            yield merged.to(out_dtype).contiguous().cpu()
+            yield self._cast(job, merged, start)
             del base, updates, merged
 
     def _equals_base(self, job: TensorJob, contribs: list[Contribution]) -> bool:
@@ -345,7 +365,6 @@ class TensorMerger:
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
-        out_dtype = DTYPES[job.out_dtype].torch_dtype
         if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
             left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
         elif isinstance(update, DenseUpdate):
@@ -361,7 +380,7 @@ class TensorMerger:
                     block.addmm_(left[start:stop], right)
             elif isinstance(update, DenseUpdate):
                 block.add_(delta[start:stop] if job.shape else delta)
-            yield block.to(out_dtype).contiguous().cpu()
+            yield self._cast(job, block, start)
             del block
 
     def copy_ranges(self, job: TensorJob) -> Iterator[Callable[[Callable[[str, bytes], None]], None]]:

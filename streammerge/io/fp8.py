@@ -167,12 +167,20 @@ def dequantize_rows(weight_rows: torch.Tensor, scale_inv_rows: torch.Tensor, sta
     return weight_rows.float() * _expand(scale_inv_rows.float(), rows, cols, fmt)
 
 
-def quantize_rows(values: torch.Tensor, start: int, fmt: Fp8Format) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(values: torch.Tensor, start: int, fmt: Fp8Format,
+                  scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 rows and their fresh ``weight_scale_inv`` rows for fp32 ``values`` (rows ``start:…``).
 
+    Args:
+        scale_dtype: how the scales are stored (the base's ``weight_scale_inv`` dtype); None: fp32, or
+            float8_e8m0fnu for ``scale_fmt: ue8m0``.  A scale stored in fewer bits than fp32 is rounded
+            first (e8m0: up to a power of two, as transformers does; bf16: to nearest) and the block is
+            quantized with the reciprocal of the rounded value, so ``weight · weight_scale_inv`` as stored
+            dequantizes it (values a rounded-down bf16 scale pushes past ±448 saturate).
+
     Returns:
-        ``(weight_rows float8_e4m3fn, scale_inv_rows)``; the scales are fp32, or
-        float8_e8m0fnu powers of two for ``scale_fmt: ue8m0``.
+        ``(weight_rows float8_e4m3fn, scale_inv_rows)``; for fp32 scales bit-identical to
+        transformers' ``Fp8Quantize`` of the same rows.
     """
     _check_start(start, fmt)
     rows, cols = values.shape
@@ -184,9 +192,12 @@ def quantize_rows(values: torch.Tensor, start: int, fmt: Fp8Format) -> tuple[tor
     scale = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
     scale_inv = (1.0 / scale).float()
     stored_inv: torch.Tensor = scale_inv
-    if fmt.scale_fmt == "ue8m0":
+    if fmt.scale_fmt == "ue8m0" or (scale_dtype is not None and scale_dtype == _UE8M0_DTYPE):
         scale_inv = torch.exp2(torch.ceil(torch.log2(scale_inv.clamp(min=torch.finfo(torch.float32).tiny))))
-        stored_inv = scale_inv.to(_UE8M0_DTYPE)
+        stored_inv = scale_inv.to(scale_dtype or _UE8M0_DTYPE)
         scale = 1.0 / scale_inv
+    elif scale_dtype is not None and scale_dtype != torch.float32:
+        stored_inv = scale_inv.to(scale_dtype)
+        scale = 1.0 / stored_inv.float()
     quantized = (values.float() * _expand(scale, rows, cols, fmt)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return quantized, stored_inv

@@ -66,13 +66,18 @@ class ShardLayout:
 def layout_shard(
     entries: Iterable[tuple[str, str, tuple[int, ...]]],
     metadata: Mapping[str, str] | None = DEFAULT_METADATA,
+    keep_order: bool = False,
 ) -> ShardLayout:
     """Lay out tensors ``(name, dtype, shape)`` exactly as safetensors' ``save_file`` would.
+
+    Args:
+        keep_order: lay the tensors out in the order given instead of ``save_file``'s (descending
+            dtype, then name); safetensors readers accept any order of contiguous data offsets.
 
     Returns:
         The slots in file order and the header bytes (length prefix included).
     """
-    ordered = sorted(entries, key=lambda e: (-DTYPES[e[1]].rank, e[0]))
+    ordered = list(entries) if keep_order else sorted(entries, key=lambda e: (-DTYPES[e[1]].rank, e[0]))
     doc: dict[str, object] = {}
     if metadata:
         doc[METADATA_KEY] = dict(metadata)

@@ -18,7 +18,12 @@ import torch
 
 from ..errors import MethodParameterError
 
-__all__ = ["Extraction", "extract_low_rank", "below_energy_threshold"]
+__all__ = ["Extraction", "extract_low_rank", "below_energy_threshold", "relative_norm", "RELATIVE_NORM_STAT",
+           "SKIPPED_STAT"]
+
+# Per-module statistics of an extraction with a threshold: ||dW||_F / ||W0||_F, and 1 where the module was left out.
+RELATIVE_NORM_STAT = "relative_norm"
+SKIPPED_STAT = "skipped_below_min_relative_norm"
 
 
 @dataclass(frozen=True)
@@ -126,3 +131,12 @@ def below_energy_threshold(delta_norm: float, base_norm: float, min_relative_nor
     ``min_relative_norm = 0`` skips only modules the fine-tune left exactly unchanged.
     """
     return delta_norm <= min_relative_norm * base_norm
+
+
+def relative_norm(delta: torch.Tensor, base: torch.Tensor) -> float:
+    """``‖delta‖_F / ‖base‖_F`` (inf for a zero base and a non-zero delta, 0 when both are zero)."""
+    d = _squared_norm(delta.reshape(delta.shape[0], -1).float()) ** 0.5 if delta.numel() else 0.0
+    b = _squared_norm(base.reshape(base.shape[0], -1).float()) ** 0.5 if base.numel() else 0.0
+    if b == 0:
+        return 0.0 if d == 0 else float("inf")
+    return d / b

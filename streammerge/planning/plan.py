@@ -19,9 +19,10 @@ from typing import Any
 from ..inputs.kinds import DORA, EXPERT_LORA, FULL, KINDS, LORA
 from ..inputs.moe import parse_expert_loras
 from ..inputs.peft_config import DORA_FEATURE, TARGET_PARAMETERS_FEATURE
-from ..io.fp8 import QUANTIZATION_CONFIG_KEY, Fp8Format, fp8_weight_scales, read_fp8_format
+from ..io.fp8 import QUANTIZATION_CONFIG_KEY, Fp8Format
 from ..inputs.lora import LoraAdapter, load_lora_adapter
 from .budget import budget_problems, estimate_memory
+from .fp8_plan import FP8_OUTPUT, fp8_layout, fp8_output_problems, fp8_tensor_order
 from ..errors import InputError, PlanError, StreamMergeError
 from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
@@ -77,11 +78,15 @@ class TensorJob:
     scale: str = ""
     """An FP8 base weight's ``weight_scale_inv`` tensor (the worker dequantizes ``source`` with it)."""
     scale_file: str = ""
+    scale_of: str = ""
+    """FP8 output: this tensor is the fresh ``weight_scale_inv`` of merged FP8 weight ``scale_of``, computed
+    while that weight is requantized and written right after it in the same shard."""
 
     @property
     def is_copy(self) -> bool:
         """Untouched and not cast: copied byte for byte."""
-        return not self.contributions and self.dtype == self.out_dtype and self.source == self.name
+        return (not self.contributions and not self.scale_of and self.dtype == self.out_dtype
+                and self.source == self.name)
 
     @property
     def out_bytes(self) -> int:
@@ -169,8 +174,9 @@ def resolve_dtype(name: str | None) -> str | None:
     if name is None:
         return None
     key = DTYPE_ALIASES.get(name.lower(), name.upper())
-    if key not in FLOAT_DTYPE_NAMES:
-        raise InputError(f"unknown output dtype {name!r}; use bfloat16, float16 or float32")
+    if key not in FLOAT_DTYPE_NAMES and key != FP8_OUTPUT:
+        raise InputError(f"unknown output dtype {name!r}; use bfloat16, float16 or float32 "
+                         "(or float8_e4m3fn for a block-scaled FP8 base)")
     return key
 
 
@@ -324,11 +330,17 @@ class _Planner:
         where = f"model {str(model.root)!r}"
         config = read_config(model.root)
         self.check_family(where, (config.get("architectures") or [None])[0])
-        if self.fp8_scales:
-            self.problems.append(f"{where}: full fine-tunes cannot be merged into an FP8 base yet (its task vector "
-                                 "would be taken against quantized weights); merge adapters, or use a bf16 base")
+        scale_names = set(self.fp8_scales.values())  # an FP8 base's scales: the fine-tune has none of its own
+        quantized = sorted(n for n in self.fp8_scales if n in model.shard_of
+                           and model.info(n).dtype not in FLOAT_DTYPE_NAMES)
+        if quantized:
+            self.problems.append(
+                f"{where}: tensor {quantized[0]!r} (and {len(quantized) - 1} more) is {model.info(quantized[0]).dtype}; "
+                "a full fine-tune merged into an FP8 base must be stored unquantized (bf16, fp16 or fp32), since its "
+                "task vector is taken against the dequantized base weights: save it with "
+                "save_pretrained in bfloat16 first")
             return 0
-        missing = sorted(set(self.base.shard_of) - set(model.shard_of))
+        missing = sorted(set(self.base.shard_of) - set(model.shard_of) - scale_names)
         extra = sorted(set(model.shard_of) - set(self.base.shard_of))
         if missing:
             self.problems.append(f"{where} lacks {len(missing)} base tensor(s), e.g. {missing[:3]}")
@@ -336,7 +348,7 @@ class _Planner:
             self.problems.append(f"{where} has {len(extra)} tensor(s) the base lacks, e.g. {extra[:3]}")
         changed = 0
         for name in self.base.shard_of:
-            if name not in model.shard_of:
+            if name not in model.shard_of or name in scale_names:
                 continue
             info = model.info(name)
             if info.shape != self.base.info(name).shape:
@@ -421,7 +433,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise PlanError([*problems, f"base model: {e}"]) from e
 
     base_config = read_config(base.root)
-    fp8, fp8_scales = _fp8_layout(base, base_config, out_dtype, problems)
+    fp8, fp8_scales = fp8_layout(base, base_config, problems)
+    problems += fp8_output_problems(fp8, out_dtype, recipe.output_format, str(base.root))
+    requantize = fp8 is not None and out_dtype == FP8_OUTPUT
     planner = _Planner(recipe, base, base_config)
     planner.fp8_scales = fp8_scales
     summaries = []
@@ -464,7 +478,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
-    if out_dtype is not None or fp8 is not None:
+    if (out_dtype is not None or fp8 is not None) and not requantize:
         # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
         name = str(DTYPES[out_dtype or FP8_DEFAULT_OUTPUT].torch_dtype).removeprefix("torch.")
         config_updates["torch_dtype"] = name
@@ -485,41 +499,32 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_updates=tuple(sorted(config_updates.items())),
         estimated_peak_bytes=memory.host_bytes,
         sources=sources,
-        config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None else (),
+        config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None and not requantize else (),
         fp8=fp8,
     )
     return plan
 
 
-def _fp8_layout(base: CheckpointLayout, config: dict[str, Any], out_dtype: str | None,
-                problems: list[str]) -> tuple[Fp8Format | None, dict[str, str]]:
-    """A block-scaled FP8 base's format and ``{weight: weight_scale_inv}`` (empty for other bases)."""
-    where = f"base model {str(base.root)!r}"
-    try:
-        fmt = read_fp8_format(config, where)
-        if fmt is None:
-            return None, {}
-        scales = fp8_weight_scales({n: base.info(n) for n in base.shard_of}, fmt, where)
-    except InputError as e:
-        problems.append(str(e))
-        return None, {}
-    return fmt, scales
-
-
 def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | None) -> dict[str, TensorJob]:
+    """Every output tensor's job.  An FP8 base's scales are read with their weights and dropped (bf16 output), or,
+    with ``--dtype float8_e4m3fn``, kept: copied beside an untouched weight, computed afresh after a merged one;
+    every other tensor then keeps its dtype."""
     jobs: dict[str, TensorJob] = {}
     scales = planner.fp8_scales
-    skipped = set(scales.values())  # an FP8 weight's scales are read with it, not written (bf16 output)
-    names = [n for n in base.shard_of if n not in skipped]
+    requantize = bool(scales) and out_dtype == FP8_OUTPUT
+    names = fp8_tensor_order(list(base.shard_of), scales, requantize)
     names += [v for v in planner.virtual_sources if v in planner.contributions]
+    weight_of = {s: w for w, s in scales.items()}
     for name in names:
         source = planner.virtual_sources.get(name, name)
         info = base.info(source)
-        cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES else info.dtype
+        cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES and not requantize else info.dtype
         scale = scales.get(source, "")
-        if scale:
+        if scale and not requantize:
             cast_to = out_dtype or FP8_DEFAULT_OUTPUT
         contribs = tuple(sorted(planner.contributions.get(name, ()), key=lambda c: (c.input_index, c.kind)))
+        scale_of = weight_of.get(name, "") if requantize else ""
         jobs[name] = TensorJob(name, source, str(base.shard_of[source]), info.dtype, cast_to, info.shape, contribs,
-                               scale, str(base.shard_of[scale]) if scale else "")
+                               scale, str(base.shard_of[scale]) if scale else "",
+                               scale_of if planner.contributions.get(scale_of) else "")
     return jobs

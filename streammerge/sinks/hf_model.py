@@ -13,10 +13,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..errors import StreamMergeError
+from ..errors import OutputError, StreamMergeError
 from ..io.atomic import copy_file_atomic, write_bytes_atomic
 from ..io.reader import open_checkpoint
-from ..io.writer import ShardWriter, layout_shard, write_index
+from ..io.writer import ShardLayout, ShardWriter, layout_shard, write_index
 from ..io.stage import OrderedStage
 from ..jobs.faults import kill_point
 from ..names import (CONFIG_NAME, INDEX_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, SAFETENSORS_SUFFIX,
@@ -30,13 +30,30 @@ __all__ = ["HfModelSink", "model_files"]
 
 
 def _in_file_order(group: list[TensorJob]) -> tuple[TensorJob, ...]:
-    order = {slot.name: i for i, slot in enumerate(layout_shard((t.name, t.out_dtype, t.shape) for t in group).slots)}
-    return tuple(sorted(group, key=lambda t: order[t.name]))
+    """``save_file``'s order, except that fresh FP8 scales follow their weight (they are computed while it is
+    written, so the writer cannot take them earlier)."""
+    order = {slot.name: i for i, slot in enumerate(_layout(group).slots)}
+    ordered = sorted(group, key=lambda t: order[t.name])
+    fresh = {t.scale_of: t for t in ordered if t.scale_of}
+    result: list[TensorJob] = []
+    for job in ordered:
+        if not job.scale_of:
+            result.append(job)
+            if job.name in fresh:
+                result.append(fresh.pop(job.name))
+    if fresh:
+        raise OutputError(f"internal error: FP8 scale {next(iter(fresh.values())).name!r} is planned into a shard "
+                          f"without its weight {next(iter(fresh))!r}")
+    return tuple(result)
+
+
+def _layout(tensors: tuple[TensorJob, ...] | list[TensorJob], keep_order: bool = False) -> ShardLayout:
+    return layout_shard(((t.name, t.out_dtype, t.shape) for t in tensors), keep_order=keep_order)
 
 
 def _unit(file_name: str, group: list[TensorJob]) -> OutputUnit:
     tensors = _in_file_order(group)
-    return OutputUnit(file_name, tensors, layout_shard((t.name, t.out_dtype, t.shape) for t in tensors).file_size)
+    return OutputUnit(file_name, tensors, _layout(tensors, keep_order=True).file_size)
 
 
 def shard_units(plan: MergePlan) -> tuple[tuple[OutputUnit, ...], bool]:
@@ -44,13 +61,14 @@ def shard_units(plan: MergePlan) -> tuple[tuple[OutputUnit, ...], bool]:
     max_shard_size = plan.recipe.max_shard_size
     if max_shard_size is None:
         groups: dict[str, list[TensorJob]] = {name: [] for name in plan.base_files}
-        for job in plan.tensors:
-            groups[Path(job.source_file).name].append(job)
+        home = {job.name: Path(job.source_file).name for job in plan.tensors}
+        for job in plan.tensors:  # a fresh FP8 scale goes into its weight's shard
+            groups[home[job.scale_of or job.name]].append(job)
         return tuple(_unit(file, group) for file, group in groups.items()), plan.base_indexed
     buckets: list[list[TensorJob]] = [[]]
     size = 0
     for job in plan.tensors:
-        if buckets[-1] and size + job.out_bytes > max_shard_size:
+        if buckets[-1] and size + job.out_bytes > max_shard_size and not job.scale_of:  # a scale stays with its weight
             buckets.append([])
             size = 0
         buckets[-1].append(job)
@@ -99,7 +117,7 @@ class HfModelSink(Sink):
         Merging happens on this thread; writes, checksums and byte copies run on a background
         stage behind a bounded queue, so the disk stays busy while the next tensor is merged.
         """
-        layout = layout_shard((t.name, t.out_dtype, t.shape) for t in unit.tensors)
+        layout = _layout(unit.tensors, keep_order=True)
         with ShardWriter(out_dir / unit.file_name, layout) as writer, \
                 OrderedStage("streammerge-writer", max_pending=WRITE_QUEUE_DEPTH) as stage:
             for i, job in enumerate(unit.tensors):

@@ -34,7 +34,8 @@ from ..io.header import read_header
 from ..io.reader import BLOCK_BYTES, CheckpointReader, open_checkpoint
 from ..io.writer import ShardWriter, layout_shard, tensor_bytes
 from ..jobs.faults import kill_point
-from ..methods import TaskUpdate
+from ..methods import DenseUpdate, TaskUpdate
+from ..methods.extraction import RELATIVE_NORM_STAT, SKIPPED_STAT, relative_norm
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PART_TEMPLATE, ADAPTER_WEIGHTS_NAME, SPOOL_SUFFIX
 from ..planning.plan import MergePlan, TensorJob, read_config, resolve_dtype, tensor_seed
 from .adapter_layout import AdapterTarget, adapter_targets, canonical_for, factorize, split_name
@@ -88,11 +89,19 @@ def _whole(blocks: Any) -> torch.Tensor:
 
 
 def _write_target(spool: _Spool, target: AdapterTarget, update: TaskUpdate, stats: dict[str, float],
-                  transposed: bool, rank: int | None, dtype: torch.dtype, seed: int) -> dict[str, float]:
+                  transposed: bool, rank: int | None, dtype: torch.dtype, seed: int,
+                  small: tuple[float, torch.Tensor] | None = None) -> dict[str, float]:
+    """Spool one target's adapter tensors; ``small``: (min_relative_norm, base values) to leave a small update out."""
     key = f"{PEFT_PREFIX}{target.module}"
     if target.kind == "bias":
         spool.add(f"{key}.lora_B.bias", update.dense().to(dtype))
         return dict(stats)
+    if small is not None and isinstance(update, DenseUpdate):
+        ratio = relative_norm(update.delta, small[1])
+        stats = {**stats, RELATIVE_NORM_STAT: ratio}
+        if ratio <= small[0]:  # ||dW|| <= X * ||W0||: left out, all of it is the error
+            return {**stats, SKIPPED_STAT: 1.0, "adapter_rank": 0.0, "truncation_error": 1.0 if ratio else 0.0}
+        stats[SKIPPED_STAT] = 0.0
     factors, error = factorize(canonical_for(target, update, transposed), rank, seed)
     if factors.rank == 0:  # nothing to add (e.g. KnOTS kept no direction): PEFT has no rank-0 LoRA
         return {**stats, "adapter_rank": 0.0, "truncation_error": error}
@@ -157,20 +166,26 @@ class PeftAdapterSink(Sink):
         d_out: dict[str, int] = {}
         biases: set[str] = set()
         saved: set[str] = set()
+        left_out: set[str] = set()  # modules_to_save modules left out by min_relative_norm
         try:
             for job in unit.tensors:
                 target = self.targets[job.name]
                 if target.kind == "saved":
                     tally.tensors_merged += 1
-                    if target.module not in saved:
-                        saved.add(target.module)  # modules_to_save holds every parameter of the module
-                        self._save_module(job, target, source, spool, tally)
+                    if target.module not in saved and target.module not in left_out:
+                        if self._small_module(job, source, tally):
+                            left_out.add(target.module)
+                        else:
+                            saved.add(target.module)  # modules_to_save holds every parameter of the module
+                            self._save_module(job, target, source, spool, tally)
                 else:
-                    result, _, transposed = source.merge_update(job)
+                    result, base, transposed = source.merge_update(job)
                     if result is not None:  # None: every input equals the base here
+                        threshold = self.plan.recipe.min_relative_norm
+                        cutoff = (threshold, base) if threshold is not None and base is not None else None
                         stats = _write_target(spool, target, result.update, result.stats, transposed,
                                               self.plan.recipe.rank, self.dtype,
-                                              tensor_seed(self.plan.recipe.seed, job.name))
+                                              tensor_seed(self.plan.recipe.seed, job.name), cutoff)
                         tally.stats[job.name] = stats
                         tally.tensors_merged += 1
                         if target.kind == "bias":
@@ -185,6 +200,26 @@ class PeftAdapterSink(Sink):
             spool.close()
         tally.extra = {"ranks": ranks, "d_out": d_out, "biases": sorted(biases), "saved": sorted(saved)}
         return written
+
+    def _small_module(self, job: TensorJob, source: TensorSource, tally: UnitTally) -> bool:
+        """With ``min_relative_norm``: whether every tensor of ``job``'s module changed by at most that fraction of
+        its base norm (then it is left out of ``modules_to_save``); each tensor's ratio goes to the stats."""
+        threshold = self.plan.recipe.min_relative_norm
+        if threshold is None:
+            return False
+        ratios = {}
+        for part in self.module_jobs[split_name(job.name)[0]]:
+            result, base, _ = source.merge_update(part)
+            if result is None:
+                ratios[part.name] = 0.0
+            elif base is None or not base.ndim:
+                return False  # the base values were not read (a LoRA bias): kept
+            else:
+                ratios[part.name] = relative_norm(result.update.dense(), base)
+        small = all(r <= threshold for r in ratios.values())
+        for name, ratio in ratios.items():
+            tally.stats[name] = {RELATIVE_NORM_STAT: ratio, SKIPPED_STAT: float(small)}
+        return small
 
     def _save_module(self, job: TensorJob, target: AdapterTarget, source: TensorSource, spool: _Spool,
                      tally: UnitTally) -> None:
