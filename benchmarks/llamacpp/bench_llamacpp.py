@@ -181,7 +181,8 @@ def gguf_add_bos(path: Path) -> tuple[bool, int]:
     return bool(val("tokenizer.ggml.add_bos_token", False)), int(val("tokenizer.ggml.bos_token_id", -1))
 
 
-def llama_checks(rnd: Path, types: list[str], ctx: int, chunks: int, threads: int) -> dict[str, Any]:
+def llama_checks(rnd: Path, types: list[str], ctx: int, chunks: int, threads: int,
+                 converter_ppl: bool = True) -> dict[str, Any]:
     logs = WORK / "logs"
     ppl = [BIN / "llama-perplexity", "-c", str(ctx), "-b", str(ctx), "-t", str(threads), "--chunks", str(chunks)]
     models = {f"ours {t}": rnd / f"ours-{t}" / "model.gguf" for t in types}
@@ -210,16 +211,53 @@ def llama_checks(rnd: Path, types: list[str], ctx: int, chunks: int, threads: in
     for who, src in (("ours", models[f"ours {src_t}"]), ("converter", models[f"converter {src_t}"])):
         dst = rnd / f"{who}-q4_k_m.gguf"
         start = time.perf_counter()
-        qtext = sh([BIN / "llama-quantize", src, dst, "Q4_K_M", str(threads)], logs / f"quantize-{who}.log")
+        requant = [] if src_t in ("f32", "f16", "bf16") else ["--allow-requantize"]
+        qtext = sh([BIN / "llama-quantize", *requant, src, dst, "Q4_K_M", str(threads)], logs / f"quantize-{who}.log")
         res[f"quantize_{who}"] = {"seconds": round(time.perf_counter() - start, 1), "bytes": dst.stat().st_size,
                                   "sha256": sha(dst), "from": src_t,
                                   "fallbacks": len(re.findall(r"fallback", qtext))}
-        models[f"{who} q4_k_m"] = dst
+        if who == "ours":  # the converter's Q4_K_M is compared by its bytes
+            models["ours q4_k_m"] = dst
+    res["q4_k_m_equal"] = res["quantize_ours"]["sha256"] == res["quantize_converter"]["sha256"]
+    if not converter_ppl:  # byte-equal files: llama.cpp computes the same numbers on them
+        models = {k: v for k, v in models.items() if not k.startswith("converter")}
     for label, path in models.items():
         text = sh([*ppl, "-m", path, "--kl-divergence-base", WORK / "hf.kld", "--kl-divergence"],
                   logs / f"kld-{label.replace(' ', '-')}.log")
         res["models"][label] = {**kld_stats(text), "loaded": loaded_line(text), "bytes": path.stat().st_size}
     return res
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README section's tables from a results document."""
+    mib = lambda x: f"{x / b.MIB:.0f} MiB"  # noqa: E731
+    rows = [[r["type"], b.fmt_s(r["one_pass_s"]), b.fmt_mib(r["one_pass_rss_mib"]), b.fmt_s(r["merge_hf_s"]),
+             b.fmt_mib(r["merge_hf_rss_mib"]), f"{b.fmt_s(r['convert_s'])} + {b.fmt_s(r['convert_fsync_s'])}",
+             b.fmt_mib(r["convert_rss_mib"]), b.fmt_s(r["two_pass_fsync_s"]), f"{r['ratio_time']}×",
+             f"{r['ratio_rss']}×", f"{mib(r['one_pass_written'])} / {mib(r['two_pass_written'])}",
+             ", ".join(str(x[0]) for x in r["load"])] for r in doc["timing"]]
+    one = b.markdown_table(["GGUF type", "(a) merge → GGUF", "peak RSS", "(b) merge → HF", "peak RSS",
+                            "convert_hf_to_gguf.py + fsync", "peak RSS", "(b) total", "(b) / (a): time",
+                            "(b) / (a): peak RSS", "written (a) / (b)", "load avg"], rows)
+    llama = doc["llama"]
+    hf = llama["transformers"]
+    rows = [[label, mib(m["bytes"]), m["loaded"], f"{m['ppl_q']:.4f}", f"{m['ppl_base']:.4f}", f"{m['ppl_ratio']:.5f}",
+             f"{m['kld_mean']:.6f}", f"{m['kld_max']:.4f}", f"{m['same_top_pct']:.2f} %", f"{m['rms_dp_pct']:.3f} %"]
+            for label, m in llama["models"].items()]
+    two = b.markdown_table(["GGUF", "size", "llama.cpp loads", "PPL llama.cpp", "PPL transformers", "ratio",
+                            "mean KLD", "max KLD", "same top token", "RMS Δp"], rows)
+    eq = ", ".join(f"{t}: {'equal' if e['tensor_infos_equal'] and e['data_equal'] and not e['keys_differing'] else 'DIFFERENT'}"
+                   f" ({e['tensors']} tensors, {e['keys_compared']} keys)" for t, e in doc["same_bytes"].items())
+    q = llama["quantize_ours"]
+    return "\n".join([
+        one, "", two, "",
+        f"- Our GGUF against the converter's, byte for byte (tensor infos, data, keys outside `general.*`): {eq}.",
+        f"- `llama-quantize … Q4_K_M` on our {q['from']} GGUF: {q['seconds']} s, {mib(q['bytes'])}; "
+        f"{'byte-equal to' if llama['q4_k_m_equal'] else 'DIFFERENT from'} the Q4_K_M of the converter's GGUF.",
+        f"- transformers (float32 compute on our bf16 HF merge): PPL {hf['ppl']:.4f} over {hf['scored_tokens']} scored "
+        f"tokens ({hf['chunks']} chunks of {hf['n_ctx']}, add_bos {hf['add_bos']}); llama.cpp's tokens "
+        f"{'equal' if llama['tokenization_equal'] else 'NOT equal'} to the HF tokenizer's.",
+    ])
 
 
 def main() -> None:
@@ -230,7 +268,15 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-converter-ppl", action="store_true",
+                    help="run llama-perplexity on our GGUFs only (the converter's are compared by their bytes)")
+    ap.add_argument("--checks-only", action="store_true",
+                    help="skip the timed merges: run the checks on the last run's outputs (its timing is kept)")
+    ap.add_argument("--report", type=Path, help="print the README tables of a saved results file and stop")
     args = ap.parse_args()
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return
     types = args.types.split(",")
     for need in (BIN / "llama-perplexity", BIN / "llama-quantize", BASE / "config.json",
                  *(a / "adapter_model.safetensors" for a in ADAPTERS)):
@@ -239,17 +285,22 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     info = b.machine()
     load_start = b.loadavg()
-    reps = [timed_round(i, types, args.method) for i in range(args.reps)]
     last = WORK / f"rep{args.reps - 1}"
-    rows = summarize(reps, types, last)
+    if args.checks_only:  # the outputs of an earlier run's last repetition, and its timing
+        reps, rows = [], json.loads((b.BENCH_OUT / "llamacpp-timing-latest.json").read_text())["timing"]
+    else:
+        reps = [timed_round(i, types, args.method) for i in range(args.reps)]
+        rows = summarize(reps, types, last)
+        b.save_results("llamacpp-timing", {"machine": info, "invocation": b.invocation(), "timing": rows})
     equal = {t: same_bytes(last / f"ours-{t}" / "model.gguf", last / f"converter-{t}.gguf") for t in types}
-    checks = llama_checks(last, types, args.ctx, args.chunks, args.threads)
+    checks = llama_checks(last, types, args.ctx, args.chunks, args.threads, not args.no_converter_ppl)
     doc = {"machine": info, "invocation": b.invocation(), "load_start": load_start, "load_end": b.loadavg(),
            "method": args.method, "adapters": {a.name: json.loads((a / "train.json").read_text()) for a in ADAPTERS},
            "timing": rows, "same_bytes": equal, "llama": checks,
            "runs": [{k: v.record() for k, v in r.items()} for r in reps]}
     path = b.save_results("llamacpp", doc)
     print(json.dumps({"timing": rows, "same_bytes": equal, "llama": checks}, indent=2, default=str))
+    print(markdown(json.loads(json.dumps(doc, default=str))))
     print(f"results: {path}")
     for i in range(args.reps - 1):
         shutil.rmtree(WORK / f"rep{i}", ignore_errors=True)

