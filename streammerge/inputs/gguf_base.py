@@ -84,8 +84,10 @@ class GGUFBase:
         self.fields: dict[str, Any] = {k: f for r in reversed(self.readers) for k, f in r.fields.items()}
         self.arch = self.value("general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
-            raise InputError(f"GGUF base {str(self.path)!r} has architecture {self.arch!r}; supported: "
-                             f"{sorted(SUPPORTED_ARCHS)}")
+            raise InputError(f"GGUF base {str(self.path)!r} has architecture {self.arch!r}; a GGUF base can be "
+                             f"{sorted(SUPPORTED_ARCHS)}. Convert it to a Hugging Face model first (e.g. "
+                             "transformers' from_pretrained(dir, gguf_file=...) then save_pretrained) and pass "
+                             "that directory as --base")
         self.block_count = int(self.value(f"{self.arch}.block_count"))
         self.head_count = int(self.value(f"{self.arch}.attention.head_count"))
         self.head_count_kv = int(self.value(f"{self.arch}.attention.head_count_kv", self.head_count))

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..inputs.base_formats import SAFETENSORS, BaseFormat, base_format_of, read_config
 from ..inputs.kinds import DORA, EXPERT_LORA, FULL, KINDS, LORA
 from ..inputs.moe import parse_expert_loras
 from ..inputs.peft_config import DORA_FEATURE, TARGET_PARAMETERS_FEATURE
@@ -126,6 +127,8 @@ class MergePlan:
     """The base's block-scaled FP8 format, when it is an FP8 checkpoint."""
     sources: tuple[Source, ...] = ()
     """Where the base (first) and each input were read from: local paths and Hub snapshots."""
+    base_format: str = SAFETENSORS.name
+    """The base's format, a key of ``inputs.base_formats.BASE_FORMATS`` (safetensors, gguf)."""
 
     @property
     def base_dir(self) -> str:
@@ -183,24 +186,6 @@ def layout_fingerprint(layout: CheckpointLayout) -> str:
     return h.hexdigest()
 
 
-def read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"cannot read {str(path)!r}: {str(e)[:300]}") from e
-    if not isinstance(doc, dict):
-        raise InputError(f"{str(path)!r} must hold a JSON object, found {type(doc).__name__}")
-    architectures = doc.get("architectures")
-    if architectures is not None and not (
-            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise InputError(f"{str(path)!r}: \"architectures\" must be a list of class names, "
-                         f"found {architectures!r:.200}")
-    return doc
-
-
 def _family(architecture: str | None) -> str | None:
     if not architecture:
         return None
@@ -226,6 +211,7 @@ class _Planner:
         self.num_layers = count_layers(base_config, self.names)
         self.fp8_scales: dict[str, str] = {}
         """An FP8 base's ``{weight: weight_scale_inv}``."""
+        self.base_format: BaseFormat = SAFETENSORS
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         return self.base.info(self.virtual_sources.get(name, name)).shape
@@ -324,9 +310,10 @@ class _Planner:
         where = f"model {str(model.root)!r}"
         config = read_config(model.root)
         self.check_family(where, (config.get("architectures") or [None])[0])
-        if self.fp8_scales:
-            self.problems.append(f"{where}: full fine-tunes cannot be merged into an FP8 base yet (its task vector "
-                                 "would be taken against quantized weights); merge adapters, or use a bf16 base")
+        if self.fp8_scales or not self.base_format.exact_values:
+            self.problems.append(f"{where}: full fine-tunes cannot be merged into an FP8 or GGUF base yet (its task "
+                                 "vector would be taken against quantized weights); merge adapters, or use a bf16 "
+                                 "safetensors base")
             return 0
         missing = sorted(set(self.base.shard_of) - set(model.shard_of))
         extra = sorted(set(model.shard_of) - set(self.base.shard_of))
@@ -416,14 +403,18 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     if not sources[0].local_path:
         raise PlanError(problems)
     try:
-        base = open_checkpoint(sources[0].local_path)
+        base_format = base_format_of(sources[0].local_path)
+        base = base_format.open(Path(sources[0].local_path))
+        base_config = base_format.config(base)
     except StreamMergeError as e:
         raise PlanError([*problems, f"base model: {e}"]) from e
-
-    base_config = read_config(base.root)
+    if recipe.output_format not in base_format.output_formats:
+        problems.append(f"output_format: {recipe.output_format!r} cannot be written from a {base_format.name} base "
+                        f"yet; use one of {sorted(base_format.output_formats)}")
     fp8, fp8_scales = _fp8_layout(base, base_config, out_dtype, problems)
     planner = _Planner(recipe, base, base_config)
     planner.fp8_scales = fp8_scales
+    planner.base_format = base_format
     summaries = []
     for index, (spec, source) in enumerate(zip(recipe.inputs, sources[1:])):
         if not source.local_path:
@@ -464,9 +455,11 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
-    if out_dtype is not None or fp8 is not None:
+    if out_dtype is not None or fp8 is not None or not base_format.keeps_file_layout:
         # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
-        name = str(DTYPES[out_dtype or FP8_DEFAULT_OUTPUT].torch_dtype).removeprefix("torch.")
+        matrices = [t.out_dtype for t in jobs.values() if len(t.shape) == 2] or ["F32"]
+        main = out_dtype or (FP8_DEFAULT_OUTPUT if fp8 is not None else max(set(matrices), key=matrices.count))
+        name = str(DTYPES[main].torch_dtype).removeprefix("torch.")
         config_updates["torch_dtype"] = name
         if "dtype" in base_config:
             config_updates["dtype"] = name
@@ -487,6 +480,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         sources=sources,
         config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None else (),
         fp8=fp8,
+        base_format=base_format.name,
     )
     return plan
 
@@ -515,7 +509,7 @@ def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | Non
     for name in names:
         source = planner.virtual_sources.get(name, name)
         info = base.info(source)
-        cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES else info.dtype
+        cast_to = planner.base_format.output_dtype(info.dtype, out_dtype)
         scale = scales.get(source, "")
         if scale:
             cast_to = out_dtype or FP8_DEFAULT_OUTPUT
