@@ -13,6 +13,7 @@ of rows dequantizes on its own; permuted Q/K rows are read in whole heads and cu
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,13 @@ def _header_sha(path: Path, end: int) -> str:
         return hashlib.sha256(f.read(min(end, FINGERPRINT_BYTES))).hexdigest()
 
 
+# gguf-py parses every element of the tokenizer arrays (seconds for a 50k-150k vocabulary); the
+# planner, the sinks and the worker of one job open the same base, so the last few layouts are kept,
+# keyed by path, size and modification time.
+_OPENED: OrderedDict[tuple[str, int, int], GGUFCheckpoint] = OrderedDict()
+OPENED_KEPT = 2
+
+
 def open_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     """The layout of a GGUF model (a file, the first file of a split set, or a directory holding one).
 
@@ -91,6 +99,19 @@ def open_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     first = find_gguf(given)
     if first is None:
         raise InputError(f"{str(given)!r} is not a GGUF file and holds none")
+    stat = first.stat()
+    key = (str(first.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _OPENED:
+        _OPENED.move_to_end(key)
+        return _OPENED[key]
+    layout = _open(first)
+    _OPENED[key] = layout
+    while len(_OPENED) > OPENED_KEPT:
+        _OPENED.popitem(last=False)
+    return layout
+
+
+def _open(first: Path) -> GGUFCheckpoint:
     base = GGUFBase(first)
     readable = _dequantized_types()
     headers: dict[Path, SafetensorsHeader] = {}
