@@ -152,8 +152,10 @@ class GgufSink(Sink):
     def describe(self) -> str:
         if self.layout is None:
             return "write: GGUF (not possible, see the problems)"
+        copied = sum(1 for t in self.layout.tensors if t.copy_from_base)
+        kept = f" ({copied} copied from the GGUF base as stored)" if self.base is not None else ""
         return (f"write: GGUF for llama.cpp ({self.layout.arch}, {self.gguf_type}): {len(self.layout.tensors)} "
-                f"tensors in {len(self._units)} file(s), {format_size(self.output_bytes())}; "
+                f"tensors{kept} in {len(self._units)} file(s), {format_size(self.output_bytes())}; "
                 "README.md, streammerge_recipe.json")
 
     def card_facts(self) -> CardFacts:
