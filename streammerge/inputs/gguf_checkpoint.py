@@ -28,7 +28,7 @@ from ..io.reader import CheckpointLayout, CheckpointReader
 from .gguf_base import SPLIT_PATTERN, GGUFBase
 
 __all__ = ["GGUF_SUFFIX", "GGUF_DTYPE_PREFIX", "GGUFCheckpoint", "GGUFCheckpointReader", "find_gguf",
-           "open_gguf_checkpoint", "ggml_type_of", "DEQUANTIZED_TYPES"]
+           "open_gguf_checkpoint", "ggml_type_of"]
 
 GGUF_SUFFIX = ".gguf"
 GGUF_DTYPE_PREFIX = "GGUF_"
@@ -41,11 +41,6 @@ FINGERPRINT_BYTES = 16 << 20
 def _dequantized_types() -> frozenset[str]:
     gguf = gguf_module()
     return frozenset({"F32", "F16", *(t.name for t in gguf.quants._type_traits)})
-
-
-DEQUANTIZED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-"""The types checked against gguf-py's dequantization in the tests (others gguf-py reads are accepted)."""
 
 
 def ggml_type_of(dtype: str) -> str | None:

@@ -28,7 +28,7 @@ from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..methods import MergeMethod, get_method
-from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
+from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
