@@ -170,7 +170,8 @@ class GGUFCheckpointReader(CheckpointReader):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             raw = np.frombuffer(mm, dtype=np.uint8, count=count, offset=begin).reshape(end - first, row_bytes)
-            values = np.array(gguf_module().quants.dequantize(raw, qtype), dtype=np.float32)
+            values = gguf_module().quants.dequantize(raw, qtype)
+            values = values.astype(np.float32, copy=not values.flags.owndata)  # F32 is a view of the map
         del raw
         self._release(mm, begin, begin + count)
         return torch.from_numpy(values)
