@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ class BaseFormat:
         output_formats: the ``--output-format`` values a merge onto this base can write.
         exact_values: the stored values are the weights themselves, not a quantization of them (a full
             fine-tune's task vector ``value − W0`` is then meaningful).
+        related_architectures: HF classes the base's ``architectures[0]`` also stands for (adapters made
+            for them fit): llama.cpp stores Mistral as ``llama``, so a GGUF cannot tell them apart.
     """
 
     name: str
@@ -55,6 +57,7 @@ class BaseFormat:
     missing_files: Callable[[], str] = lambda: ""
     output_formats: frozenset[str] = frozenset({"model", "adapter", "gguf"})
     exact_values: bool = True
+    related_architectures: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def read_config(root: Path) -> dict[str, Any]:
@@ -117,7 +120,8 @@ SAFETENSORS = BaseFormat("safetensors", open_checkpoint, CheckpointReader, lambd
 GGUF = BaseFormat("gguf", open_gguf_checkpoint, GGUFCheckpointReader,
                   lambda layout: gguf_hf_config(layout),  # type: ignore[arg-type]
                   _gguf_dtype, keeps_file_layout=False, generated_files=_gguf_files, missing_files=_gguf_missing,
-                  output_formats=frozenset({"model", "gguf"}), exact_values=False)
+                  output_formats=frozenset({"model", "gguf"}), exact_values=False,
+                  related_architectures={"LlamaForCausalLM": ("MistralForCausalLM",)})
 BASE_FORMATS: dict[str, BaseFormat] = {f.name: f for f in (SAFETENSORS, GGUF)}
 
 

@@ -231,7 +231,9 @@ class _Planner:
 
     def check_family(self, where: str, architecture: str | None) -> None:
         family = _family(architecture)
-        if family and self.base_family and family != self.base_family:
+        related = {_family(a) for a in self.base_format.related_architectures.get(
+            (self.base_config.get("architectures") or [""])[0], ())}
+        if family and self.base_family and family != self.base_family and family not in related:
             self.problems.append(
                 f"{where} was made for a {architecture} model but the base is a "
                 f"{self.base_config['architectures'][0]}")
