@@ -266,3 +266,36 @@ def test_mistral_adapter_fits_a_mistral_gguf_base(tmp_path):
     (gpt2 / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     with pytest.raises(PlanError, match="made for a GPT2LMHeadModel model but the base is a LlamaForCausalLM"):
         build_plan(Recipe(base=str(tmp_path / "base.gguf"), inputs=(InputSpec(str(gpt2)),), device="cpu"))
+
+
+@pytest.mark.slow
+def test_llama3_rope_gguf_base(tmp_path):
+    """A GGUF with rope_freqs (Llama-3 RoPE scaling): GGUF output copies it; an HF config is written only when
+    the stored factors are Llama 3.1's (the parameters are not in the GGUF), else refused naming the way out."""
+    from streammerge.sinks.gguf_export import write_gguf
+    base = _save_model("llama3", tmp_path / "base", torch.float32)  # original context 64: not Llama 3.1's
+    adapter = save_peft_adapter(base, tmp_path / "a", torch.float32, seed=1, r=4, target_modules=["v_proj"])
+    write_gguf(base, tmp_path / "base.gguf", "f16")
+    recipe = Recipe(base=str(tmp_path / "base.gguf"), inputs=(InputSpec(str(adapter)),), device="cpu")
+    merge(replace(recipe, output_format="gguf"), str(tmp_path / "out"))
+    _, _, ours = _tensors(tmp_path / "out" / "model.gguf")
+    _, _, stored = _tensors(tmp_path / "base.gguf")
+    assert ours["rope_freqs.weight"] == stored["rope_freqs.weight"]
+    with pytest.raises(PlanError, match="rope_freqs tensor .* is not Llama 3.1's"):
+        build_plan(recipe)
+    # Llama 3.1's factors: written back, and transformers reads the same RoPE parameters as the original's
+    import shutil
+
+    import transformers
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=49152, rope_parameters=rope)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "l31")
+    for f in smollm2_tokenizer().iterdir():
+        shutil.copy(f, tmp_path / "l31" / f.name)
+    write_gguf(tmp_path / "l31", tmp_path / "l31.gguf", "f16")
+    a31 = save_peft_adapter(tmp_path / "l31", tmp_path / "a31", torch.float32, seed=1, r=4, target_modules=["v_proj"])
+    merge(Recipe(base=str(tmp_path / "l31.gguf"), inputs=(InputSpec(str(a31)),), device="cpu"), str(tmp_path / "l31-hf"))
+    ours = transformers.AutoConfig.from_pretrained(tmp_path / "l31-hf")
+    assert ours.rope_parameters == transformers.AutoConfig.from_pretrained(tmp_path / "l31").rope_parameters

@@ -40,7 +40,7 @@ class BaseFormat:
         generated_files: layout → ``{file name: producer of its bytes}`` an HF output writes besides the
             weights (None: the base directory's config and tokenizer files are copied as they are).
         missing_files: what an HF output of this base lacks that a model directory normally has ('' none).
-        output_formats: the ``--output-format`` values a merge onto this base can write.
+        output_formats: the ``--output-format`` values a merge onto this base can write (None: every one).
         exact_values: the stored values are the weights themselves, not a quantization of them (a full
             fine-tune's task vector ``value − W0`` is then meaningful).
         related_architectures: HF classes the base's ``architectures[0]`` also stands for (adapters made
@@ -55,7 +55,7 @@ class BaseFormat:
     keeps_file_layout: bool = True
     generated_files: Callable[[CheckpointLayout], dict[str, Callable[[], bytes]]] | None = None
     missing_files: Callable[[], str] = lambda: ""
-    output_formats: frozenset[str] = frozenset({"model", "adapter", "gguf"})
+    output_formats: frozenset[str] | None = None
     exact_values: bool = True
     related_architectures: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
@@ -118,7 +118,7 @@ def _gguf_missing() -> str:
 SAFETENSORS = BaseFormat("safetensors", open_checkpoint, CheckpointReader, lambda layout: read_config(layout.root),
                          _safetensors_dtype)
 GGUF = BaseFormat("gguf", open_gguf_checkpoint, GGUFCheckpointReader,
-                  lambda layout: gguf_hf_config(layout),  # type: ignore[arg-type]
+                  lambda layout: gguf_hf_config(layout, strict=False),  # type: ignore[arg-type]
                   _gguf_dtype, keeps_file_layout=False, generated_files=_gguf_files, missing_files=_gguf_missing,
                   output_formats=frozenset({"model", "gguf"}), exact_values=False,
                   related_architectures={"LlamaForCausalLM": ("MistralForCausalLM",)})

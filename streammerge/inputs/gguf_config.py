@@ -52,7 +52,7 @@ def _llama3_factors(theta: float, dim: int, factor: float, low: float, high: flo
     return np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid)).astype(np.float32)
 
 
-def _rope_scaling(layout: GGUFCheckpoint, config: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(layout: GGUFCheckpoint, config: dict[str, Any], strict: bool) -> dict[str, Any] | None:
     base, arch = layout.gguf, layout.gguf.arch
     kind = base.value(f"{arch}.rope.scaling.type", "")
     factor = base.value(f"{arch}.rope.scaling.factor", 0.0)
@@ -63,6 +63,8 @@ def _rope_scaling(layout: GGUFCheckpoint, config: dict[str, Any]) -> dict[str, A
             scaling["original_max_position_embeddings"] = int(orig)
         return scaling
     if kind not in ("", "none"):
+        if not strict:
+            return None
         raise InputError(f"GGUF base {str(base.path)!r}: RoPE scaling {kind!r} cannot be written back to an HF "
                          "config.json; use --output-format gguf")
     stored = next((r for r in base.readers for t in r.tensors if t.name == "rope_freqs.weight"), None)
@@ -73,14 +75,22 @@ def _rope_scaling(layout: GGUFCheckpoint, config: dict[str, Any]) -> dict[str, A
     scaling = {"rope_type": "llama3", "factor": float(values.max()), **LLAMA3_DEFAULTS}
     again = _llama3_factors(config.get("rope_theta", 10000.0), dim, scaling["factor"], 1.0, 4.0, 8192)
     if again.shape != values.shape or not np.allclose(again, values, rtol=1e-6, atol=0):
+        if not strict:
+            return None
         raise InputError(f"GGUF base {str(base.path)!r}: its rope_freqs tensor (Llama-3 RoPE scaling) is not "
                          f"Llama 3.1's (factor {scaling['factor']}, frequency factors 1 and 4, original context "
                          "8192), and the GGUF does not store the parameters; use --output-format gguf")
     return scaling
 
 
-def gguf_hf_config(layout: GGUFCheckpoint) -> dict[str, Any]:
-    """The ``config.json`` of the HF model a GGUF base was converted from (as far as GGUF records it)."""
+def gguf_hf_config(layout: GGUFCheckpoint, strict: bool = True) -> dict[str, Any]:
+    """The ``config.json`` of the HF model a GGUF base was converted from (as far as GGUF records it).
+
+    Args:
+        layout: the GGUF base.
+        strict: raise ``InputError`` when the RoPE scaling cannot be written back (for an HF output);
+            False leaves ``rope_scaling`` out instead (the planner only needs the sizes and the class).
+    """
     base = layout.gguf
     hf_class, model_type = HF_ARCHITECTURES[base.arch]
     config: dict[str, Any] = {"architectures": [hf_class], "model_type": model_type}
@@ -96,7 +106,7 @@ def gguf_hf_config(layout: GGUFCheckpoint) -> dict[str, Any]:
         config["vocab_size"] = layout.info(EMBED).shape[0]
     config["tie_word_embeddings"] = "lm_head.weight" not in layout.shard_of
     config["attention_bias"] = any(n.endswith("q_proj.bias") for n in layout.shard_of) and base.arch == "llama"
-    if (scaling := _rope_scaling(layout, config)) is not None:
+    if (scaling := _rope_scaling(layout, config, strict)) is not None:
         config["rope_scaling"] = scaling
     config["torch_dtype"] = "float32"
     return config

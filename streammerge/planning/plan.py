@@ -410,7 +410,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         base_config = base_format.config(base)
     except StreamMergeError as e:
         raise PlanError([*problems, f"base model: {e}"]) from e
-    if recipe.output_format not in base_format.output_formats:
+    if base_format.output_formats is not None and recipe.output_format not in base_format.output_formats:
         problems.append(f"output_format: {recipe.output_format!r} cannot be written from a {base_format.name} base "
                         f"yet; use one of {sorted(base_format.output_formats)}")
     fp8, fp8_scales = _fp8_layout(base, base_config, out_dtype, problems)
