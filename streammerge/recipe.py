@@ -120,14 +120,17 @@ def format_weight(weight: Weight) -> str:
 class Recipe:
     """Everything that determines the merged bytes (and, marked compare=False, how to run it)."""
 
-    base: str = _field("", help="base model: a local directory (safetensors, single file or sharded) or a Hub repo id",
+    base: str = _field("", help="base model: a local directory (safetensors, single file or sharded), a GGUF file "
+                                   "(or the first of a split set, or a directory holding one) or a Hub repo id",
                        flag="--base", metavar="DIR_OR_REPO")
     inputs: tuple[InputSpec, ...] = _field((), help="adapters and/or full fine-tunes, in order")
     method: str = _field("task_arithmetic", help="merge method (see `streammerge methods`)", flag="--method")
     params: tuple[tuple[str, Any], ...] = _field((), help="method parameters, validated against the method",
                                                  mapping=True)
-    dtype: str | None = _field(None, help="output dtype of floating tensors (bfloat16, float16, float32; float8_e4m3fn: an FP8 base written as FP8 again); "
-                                          "default: each base tensor's own dtype (float32 for adapter output)",
+    dtype: str | None = _field(None, help="output dtype of floating tensors (bfloat16, float16, float32; "
+                                          "float8_e4m3fn: an FP8 base written as FP8 again); default: each base "
+                                          "tensor's own dtype (float32 for adapter output; float16 for a quantized "
+                                          "GGUF base's tensors)",
                                flag="--dtype")
     seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
     max_shard_size: int | None = _field(None, help="reshard the output into files of at most SIZE (e.g. 5GB); "
@@ -145,7 +148,8 @@ class Recipe:
                    "(e.g. 0.001; applies where the base values are read: full fine-tunes, DoRA, modules_to_save); "
                    "each module's ||dW||/||W0|| is reported", flag="--min-relative-norm", metavar="X")
     gguf_type: str | None = _field(None, help="GGUF output: tensor type of the matrices (f32, f16, bf16, q8_0); "
-                                              "default: bf16 for a bf16 base, else f16 (norms are always f32)",
+                                              "default: bf16 for a bf16 base, else f16; over a GGUF base, its own type if "
+                                              "f16/bf16/q8_0, else q8_0 (norms are always f32)",
                                    flag="--gguf-type")
     skip_missing: bool = _field(False, help="leave out adapter tensors the base has no counterpart for (e.g. a task "
                                             "head saved through modules_to_save) instead of refusing them",

@@ -12,6 +12,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +20,9 @@ import torch
 from ..errors import AdapterError, OutputError
 from ..inputs.kinds import KINDS, REPLACEMENT, TaskPart
 from ..io.dtypes import DTYPES
+from ..inputs.base_formats import open_reader
 from ..io.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
-from ..io.reader import CheckpointReader, open_checkpoint
+from ..io.reader import CheckpointReader
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
@@ -65,12 +67,14 @@ class Readers:
     def get(self, file: str) -> CheckpointReader:
         reader = self._readers.get(file)
         if reader is None:
-            reader = CheckpointReader(open_checkpoint(file))
+            # A file of a model opened already (a split GGUF opens all its files) shares that reader.
+            reader = next((r for r in self._readers.values() if Path(file) in r.layout.shards), None)
+            reader = reader or open_reader(file)
             self._readers[file] = reader
         return reader
 
     def close(self) -> None:
-        for reader in self._readers.values():
+        for reader in set(self._readers.values()):
             reader.close()
         self._readers.clear()
 

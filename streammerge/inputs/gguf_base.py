@@ -1,6 +1,6 @@
 """A GGUF file (single or llama.cpp split) as a merge base: HF-named tensors, read one at a time.
 
-gguf-py's ``GGUFReader`` memory-maps each file and parses its header; a tensor is dequantized
+``io.gguf_read`` memory-maps each file and parses its header; a tensor is dequantized
 only when asked for (f32, f16, bf16, q8_0, q4_0/q4_1/q5_0/q5_1 and the K-quants — whatever
 ``gguf.quants.dequantize`` handles), to float32, in HF orientation: GGUF names are mapped back to
 HF names through gguf-py's tensor name map, and the Llama-family Q/K permutation of
@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InputError
 from ..io.gguf_file import unpermute_rows
+from ..io.gguf_read import GGUFFileReader
 
 SPLIT_PATTERN = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # HF tensor names of the supported families ({bid} = block index); checked against gguf-py's map.
@@ -78,14 +79,16 @@ class GGUFBase:
             raise InputError(f"GGUF base {str(self.path)!r} does not exist")
         self.files = split_files(self.path)
         try:
-            self.readers = [gguf.GGUFReader(str(f)) for f in self.files]
+            self.readers = [GGUFFileReader(f) for f in self.files]
         except (ValueError, OSError) as e:
             raise InputError(f"cannot read GGUF base {str(self.path)!r}: {e}") from e
         self.fields: dict[str, Any] = {k: f for r in reversed(self.readers) for k, f in r.fields.items()}
         self.arch = self.value("general.architecture")
         if self.arch not in SUPPORTED_ARCHS:
-            raise InputError(f"GGUF base {str(self.path)!r} has architecture {self.arch!r}; supported: "
-                             f"{sorted(SUPPORTED_ARCHS)}")
+            raise InputError(f"GGUF base {str(self.path)!r} has architecture {self.arch!r}; a GGUF base can be "
+                             f"{sorted(SUPPORTED_ARCHS)}. Convert it to a Hugging Face model first (e.g. "
+                             "transformers' from_pretrained(dir, gguf_file=...) then save_pretrained) and pass "
+                             "that directory as --base")
         self.block_count = int(self.value(f"{self.arch}.block_count"))
         self.head_count = int(self.value(f"{self.arch}.attention.head_count"))
         self.head_count_kv = int(self.value(f"{self.arch}.attention.head_count_kv", self.head_count))

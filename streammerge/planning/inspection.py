@@ -13,9 +13,10 @@ from typing import Any
 from ..inputs.lora import load_lora_adapter
 from ..errors import PlanError, StreamMergeError
 from ..inputs.hub import resolve_source
-from ..io.reader import CheckpointLayout, open_checkpoint
+from ..io.reader import CheckpointLayout
 from ..names import ADAPTER_CONFIG_NAME
-from .plan import count_layers, plan_merge, read_config
+from ..inputs.base_formats import base_format_of
+from .plan import count_layers, plan_merge
 from ..recipe import InputSpec, Recipe
 
 __all__ = ["inspect_path", "render_inspection"]
@@ -60,10 +61,12 @@ def _inspect_adapter(root: Path) -> dict[str, Any]:
 
 
 def _inspect_model(root: Path) -> dict[str, Any]:
-    layout = open_checkpoint(root)
-    config = read_config(layout.root)
+    fmt = base_format_of(root)
+    layout = fmt.open(root)
+    config = fmt.config(layout)
     return {
         "kind": "model",
+        "format": fmt.name,
         "architecture": (config.get("architectures") or [None])[0],
         **{k: config[k] for k in _MODEL_CONFIG_KEYS if k in config},
         "num_layers": count_layers(config, layout.shard_of),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..inputs.base_formats import SAFETENSORS, BaseFormat, base_format_of, read_config
 from ..inputs.kinds import DORA, EXPERT_LORA, FULL, KINDS, LORA
 from ..inputs.moe import parse_expert_loras
 from ..inputs.peft_config import DORA_FEATURE, TARGET_PARAMETERS_FEATURE
@@ -28,7 +29,7 @@ from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..methods import MergeMethod, get_method
-from ..names import CONFIG_NAME, LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
+from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
@@ -131,6 +132,8 @@ class MergePlan:
     """The base's block-scaled FP8 format, when it is an FP8 checkpoint."""
     sources: tuple[Source, ...] = ()
     """Where the base (first) and each input were read from: local paths and Hub snapshots."""
+    base_format: str = SAFETENSORS.name
+    """The base's format, a key of ``inputs.base_formats.BASE_FORMATS`` (safetensors, gguf)."""
 
     @property
     def base_dir(self) -> str:
@@ -189,24 +192,6 @@ def layout_fingerprint(layout: CheckpointLayout) -> str:
     return h.hexdigest()
 
 
-def read_config(root: Path) -> dict[str, Any]:
-    path = root / CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise InputError(f"cannot read {str(path)!r}: {str(e)[:300]}") from e
-    if not isinstance(doc, dict):
-        raise InputError(f"{str(path)!r} must hold a JSON object, found {type(doc).__name__}")
-    architectures = doc.get("architectures")
-    if architectures is not None and not (
-            isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise InputError(f"{str(path)!r}: \"architectures\" must be a list of class names, "
-                         f"found {architectures!r:.200}")
-    return doc
-
-
 def _family(architecture: str | None) -> str | None:
     if not architecture:
         return None
@@ -232,6 +217,7 @@ class _Planner:
         self.num_layers = count_layers(base_config, self.names)
         self.fp8_scales: dict[str, str] = {}
         """An FP8 base's ``{weight: weight_scale_inv}``."""
+        self.base_format: BaseFormat = SAFETENSORS
 
     def base_shape(self, name: str) -> tuple[int, ...]:
         return self.base.info(self.virtual_sources.get(name, name)).shape
@@ -251,7 +237,9 @@ class _Planner:
 
     def check_family(self, where: str, architecture: str | None) -> None:
         family = _family(architecture)
-        if family and self.base_family and family != self.base_family:
+        related = {_family(a) for a in self.base_format.related_architectures.get(
+            (self.base_config.get("architectures") or [""])[0], ())}
+        if family and self.base_family and family != self.base_family and family not in related:
             self.problems.append(
                 f"{where} was made for a {architecture} model but the base is a "
                 f"{self.base_config['architectures'][0]}")
@@ -330,6 +318,11 @@ class _Planner:
         where = f"model {str(model.root)!r}"
         config = read_config(model.root)
         self.check_family(where, (config.get("architectures") or [None])[0])
+        if not self.base_format.exact_values:
+            self.problems.append(f"{where}: full fine-tunes cannot be merged into a {self.base_format.name} base yet "
+                                 "(its task vector would be taken against quantized weights); merge adapters, or use "
+                                 "a safetensors base")
+            return 0
         scale_names = set(self.fp8_scales.values())  # an FP8 base's scales: the fine-tune has none of its own
         quantized = sorted(n for n in self.fp8_scales if n in model.shard_of
                            and model.info(n).dtype not in FLOAT_DTYPE_NAMES)
@@ -428,16 +421,20 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     if not sources[0].local_path:
         raise PlanError(problems)
     try:
-        base = open_checkpoint(sources[0].local_path)
+        base_format = base_format_of(sources[0].local_path)
+        base = base_format.open(Path(sources[0].local_path))
+        base_config = base_format.config(base)
     except StreamMergeError as e:
         raise PlanError([*problems, f"base model: {e}"]) from e
-
-    base_config = read_config(base.root)
+    if base_format.output_formats is not None and recipe.output_format not in base_format.output_formats:
+        problems.append(f"output_format: {recipe.output_format!r} cannot be written from a {base_format.name} base "
+                        f"yet; use one of {sorted(base_format.output_formats)}")
     fp8, fp8_scales = fp8_layout(base, base_config, problems)
     problems += fp8_output_problems(fp8, out_dtype, recipe.output_format, str(base.root))
     requantize = fp8 is not None and out_dtype == FP8_OUTPUT
     planner = _Planner(recipe, base, base_config)
     planner.fp8_scales = fp8_scales
+    planner.base_format = base_format
     summaries = []
     for index, (spec, source) in enumerate(zip(recipe.inputs, sources[1:])):
         if not source.local_path:
@@ -478,9 +475,11 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
-    if (out_dtype is not None or fp8 is not None) and not requantize:
+    if (out_dtype is not None or fp8 is not None or not base_format.keeps_file_layout) and not requantize:
         # transformers 4 reads torch_dtype, transformers 5 writes dtype: keep both right.
-        name = str(DTYPES[out_dtype or FP8_DEFAULT_OUTPUT].torch_dtype).removeprefix("torch.")
+        matrices = [t.out_dtype for t in jobs.values() if len(t.shape) == 2] or ["F32"]
+        main = out_dtype or (FP8_DEFAULT_OUTPUT if fp8 is not None else max(set(matrices), key=matrices.count))
+        name = str(DTYPES[main].torch_dtype).removeprefix("torch.")
         config_updates["torch_dtype"] = name
         if "dtype" in base_config:
             config_updates["dtype"] = name
@@ -501,6 +500,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         sources=sources,
         config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None and not requantize else (),
         fp8=fp8,
+        base_format=base_format.name,
     )
     return plan
 
@@ -518,7 +518,7 @@ def _tensor_jobs(base: CheckpointLayout, planner: _Planner, out_dtype: str | Non
     for name in names:
         source = planner.virtual_sources.get(name, name)
         info = base.info(source)
-        cast_to = out_dtype if out_dtype and info.dtype in FLOAT_DTYPE_NAMES and not requantize else info.dtype
+        cast_to = info.dtype if requantize else planner.base_format.output_dtype(info.dtype, out_dtype)
         scale = scales.get(source, "")
         if scale and not requantize:
             cast_to = out_dtype or FP8_DEFAULT_OUTPUT

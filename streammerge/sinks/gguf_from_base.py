@@ -46,6 +46,12 @@ def layout_from_base(base: GGUFBase, gguf_type: str, changed: Collection[str]) -
     return GGUFLayout(base.arch, tuple(metadata), tuple(tensors))
 
 
+def stored_bytes(base: GGUFBase, gguf_name: str) -> memoryview:
+    """The stored bytes of GGUF tensor ``gguf_name`` of ``base`` (one not mapped to an HF name, e.g. rope_freqs)."""
+    tensor = next(t for r in base.readers for t in r.tensors if t.name == gguf_name)
+    return memoryview(np.ascontiguousarray(tensor.data).view(np.uint8).reshape(-1))
+
+
 def write_gguf_from_base(base_path: str | Path, out_path: str | Path, gguf_type: str,
                          update: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
                          changed: Collection[str] = (), max_shard_size: int | None = None,

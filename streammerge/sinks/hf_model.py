@@ -4,16 +4,21 @@ Units are safetensors shards: the base's own layout, or ``--max-shard-size`` buc
 ``model-0000k-of-0000n.safetensors`` (``model.safetensors`` when one suffices).  Each shard is
 written tensor by tensor behind a background writer stage; the index, the config (with the
 plan's updates) and the base's tokenizer / generation files are written once every shard is.
+A GGUF base has no safetensors layout and no such files: its shards are ``--max-shard-size``
+buckets (5 GB by default) and its config and tokenizer are rebuilt from the GGUF metadata
+(``inputs.base_formats``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutputError, StreamMergeError
+from ..inputs.base_formats import BASE_FORMATS
 from ..io.atomic import copy_file_atomic, write_bytes_atomic
 from ..io.reader import open_checkpoint
 from ..io.writer import ShardLayout, ShardWriter, layout_shard, write_index
@@ -27,6 +32,11 @@ from ..planning.plan import MergePlan, TensorJob
 from .base import CardFacts, OutputUnit, ProgressCallback, Sink, TensorSource, UnitResult, UnitTally
 
 __all__ = ["HfModelSink", "model_files"]
+
+# Shards of an output whose base has no safetensors layout to keep (a GGUF base): the Hub's usual size.
+DEFAULT_SHARD_BYTES = 5 * 10**9
+# Room the free-space check keeps for each file rebuilt from a GGUF base (its tokenizer is a few MB).
+GENERATED_FILE_BYTES = 32 << 20
 
 
 def _in_file_order(group: list[TensorJob]) -> tuple[TensorJob, ...]:
@@ -59,6 +69,8 @@ def _unit(file_name: str, group: list[TensorJob]) -> OutputUnit:
 def shard_units(plan: MergePlan) -> tuple[tuple[OutputUnit, ...], bool]:
     """The output shards and whether an index is written: the base's layout, or ``max_shard_size`` buckets."""
     max_shard_size = plan.recipe.max_shard_size
+    if max_shard_size is None and not BASE_FORMATS[plan.base_format].keeps_file_layout:
+        max_shard_size = DEFAULT_SHARD_BYTES  # the base's files are no safetensors layout to keep (GGUF)
     if max_shard_size is None:
         groups: dict[str, list[TensorJob]] = {name: [] for name in plan.base_files}
         home = {job.name: Path(job.source_file).name for job in plan.tensors}
@@ -80,7 +92,9 @@ def shard_units(plan: MergePlan) -> tuple[tuple[OutputUnit, ...], bool]:
 
 
 def model_files(plan: MergePlan) -> list[Path]:
-    """The base's config, tokenizer and generation files: copied to the output."""
+    """The base's config, tokenizer and generation files: copied to the output (none from a GGUF base)."""
+    if BASE_FORMATS[plan.base_format].generated_files is not None:
+        return []
     base_root = Path(plan.base_dir)
     if base_root.is_file():
         base_root = base_root.parent
@@ -97,17 +111,26 @@ class HfModelSink(Sink):
     def __init__(self, plan: MergePlan) -> None:
         super().__init__(plan)
         self._units, self.write_index = shard_units(plan)
+        fmt = BASE_FORMATS[plan.base_format]
+        self.generated: dict[str, Callable[[], bytes]] = {}
+        self._problems: list[str] = []
+        if fmt.generated_files is not None:  # config and tokenizer rebuilt from the base (GGUF metadata)
+            try:
+                self.generated = fmt.generated_files(fmt.open(Path(plan.base_dir)))
+            except StreamMergeError as e:
+                self._problems.append(f"output_format: model: {e}")
+        self.missing = fmt.missing_files()
 
     def problems(self) -> list[str]:
         if self.plan.recipe.rank is not None:
-            return ["rank: only applies with output_format 'adapter' (--output-format adapter)"]
-        return []
+            return [*self._problems, "rank: only applies with output_format 'adapter' (--output-format adapter)"]
+        return list(self._problems)
 
     def units(self) -> tuple[OutputUnit, ...]:
         return self._units
 
     def final_names(self) -> list[str]:
-        names = [p.name for p in model_files(self.plan)]
+        names = [p.name for p in model_files(self.plan)] + list(self.generated)
         return names + [INDEX_NAME] if self.write_index else names
 
     def write_unit(self, unit: OutputUnit, out_dir: Path, source: TensorSource, tally: UnitTally,
@@ -155,6 +178,15 @@ class HfModelSink(Sink):
                 copy_file_atomic(path, out_dir / path.name)
             names.append(path.name)
             kill_point("file")
+        for name, produce in self.generated.items():
+            data = produce()
+            if name == CONFIG_NAME:
+                config = json.loads(data)
+                config.update(dict(self.plan.config_updates))
+                data = (json.dumps(config, indent=2) + "\n").encode()
+            write_bytes_atomic(out_dir / name, data)
+            names.append(name)
+            kill_point("file")
         if self.write_index:
             weight_map = {t.name: u.file_name for u in self._units for t in u.tensors}
             write_index(out_dir, weight_map, sum(t.out_bytes for t in self.plan.tensors))
@@ -164,13 +196,15 @@ class HfModelSink(Sink):
 
     def output_bytes(self) -> int:
         shards = sum(u.size or 0 for u in self._units)
-        return shards + sum(p.stat().st_size for p in model_files(self.plan))
+        generated = len(self.generated) * GENERATED_FILE_BYTES
+        return shards + generated + sum(p.stat().st_size for p in model_files(self.plan))
 
     def describe(self) -> str:
         shards = sum(u.size or 0 for u in self._units)
         return (f"write: {self.plan.tensor_count} tensors ({self.plan.merged_count} merged) into "
                 f"{len(self._units)} shard(s), {format_size(shards)}" + (" + index" if self.write_index else "")
-                + ", config/tokenizer files, README.md, streammerge_recipe.json")
+                + ", config/tokenizer files, README.md, streammerge_recipe.json"
+                + (f"; not written (the base does not hold it): {self.missing}" if self.missing else ""))
 
     def card_facts(self) -> CardFacts:
         return CardFacts(
