@@ -216,7 +216,7 @@ def test_gguf_base_refusals_name_the_way_out(fast, tmp_path):
     on_gguf = replace(recipe, base=str(root / "base-q8_0.gguf"))
     with pytest.raises(PlanError, match="'adapter' cannot be written from a gguf base"):
         build_plan(replace(on_gguf, output_format="adapter", rank=4))
-    with pytest.raises(PlanError, match="full fine-tunes cannot be merged into an FP8 or GGUF base"):
+    with pytest.raises(PlanError, match="full fine-tunes cannot be merged into a gguf base"):
         build_plan(replace(on_gguf, inputs=(InputSpec(str(root / "hf"), kind="model"),)))
     # A tensor in a type gguf-py cannot dequantize, and an architecture we cannot map.
     from streammerge.inputs.gguf_checkpoint import open_gguf_checkpoint
