@@ -59,16 +59,17 @@ def _columns(shape: tuple[int, ...]) -> int:
 
 
 def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
-    """Feed ``|w_i ΔW_i|`` of every grid step of ``block`` to the selections that still need a pass."""
+    """Feed ``w_i ΔW_i`` of every grid step of ``block`` to the selections that still need a pass (they
+    select by ``|x|`` and never write into the rows: a dense input's rows go in uncopied)."""
     wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
     columns = _columns(block.shape)
     for lo, hi in _steps(block):
         for i in wanted:
             update, weight = block.updates[i], block.weights[i]
             if isinstance(update, DenseUpdate) and weight == 1.0:
-                rows = update.delta[lo:hi].abs()  # no copy to overwrite first
+                rows = update.delta[lo:hi]
             else:
-                rows = block_rows(update, lo, hi, weight).abs_()
+                rows = block_rows(update, lo, hi, weight)
             selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
 
 
