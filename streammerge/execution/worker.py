@@ -278,12 +278,16 @@ class TensorMerger:
         align = math.lcm(form.grid(job.shape), fmt.block_rows if job.scale and fmt is not None else 1)
         blocks = list(row_blocks(job.shape, align))
         zeros = torch.zeros((), device=self.device)
+
+        def updates_of(start: int, stop: int) -> tuple[TaskUpdate, ...]:
+            base = self._base_rows(job, start, stop) if needs_base else zeros.expand(stop - start, *job.shape[1:])
+            return self._block_updates(job, by_input, preloaded, base, start, stop)
+
+        for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
+            stats.hint(updates_of(start, stop), weights)
         while stats.needs_pass():
             for start, stop in blocks:
-                base = (self._base_rows(job, start, stop) if needs_base
-                        else zeros.expand(stop - start, *job.shape[1:]))
-                updates = self._block_updates(job, by_input, preloaded, base, start, stop)
-                stats.observe(RowBlock(job.name, job.shape, start, updates, weights))
+                stats.observe(RowBlock(job.name, job.shape, start, updates_of(start, stop), weights))
             stats.end_pass()
         for start, stop in blocks:
             base = self._base_rows(job, start, stop)

@@ -109,12 +109,12 @@ class BlockStatistics(Protocol):
     """What pass 1 accumulates: feed every row block once per pass, then ``end_pass``; repeat
     while ``needs_pass()``.  Blocks may come in any order.
 
-    Before pass 1, ``hint`` may get a first look at the rows ``sample_rows()`` (each input's
+    Before pass 1, ``hint`` may get a first look at each row range of ``sample_ranges()`` (each input's
     update restricted to those rows); it only changes how many passes are needed, never the
     result (a magnitude selection then usually needs one pass instead of two or three).
     """
 
-    def sample_rows(self) -> list[int]: ...
+    def sample_ranges(self) -> list[tuple[int, int]]: ...
 
     def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None: ...
 

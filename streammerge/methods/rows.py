@@ -16,8 +16,8 @@ How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updat
 
     form = method.rows                                   # None: whole-tensor merge only
     stats = form.statistics(name, shape, T, generator, params, given)
-    if rows := stats.sample_rows():                      # optional first look
-        stats.hint(updates restricted to those rows, weights)
+    for lo, hi in stats.sample_ranges():                 # optional first look
+        stats.hint(updates restricted to rows lo:hi, weights)
     while stats.needs_pass():                            # 0 passes (DARE, Breadcrumbs), usually 1
         for each block (start a multiple of form.grid(shape)):
             stats.observe(RowBlock(name, shape, start, updates of the block's rows, weights))
@@ -43,8 +43,9 @@ from .sparsify import Band, RandomDrop, keep_count
 __all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
 
 
-SAMPLE_ROWS = 128
-"""Rows of a tensor in the first look of its magnitude selections (``TensorStatistics.hint``)."""
+SAMPLE_RANGES, SAMPLE_RUN = 16, 8
+"""The first look of a tensor's magnitude selections (``TensorStatistics.hint``): 16 runs of 8 rows
+spread over the tensor (few reads for a full fine-tune, and rows from every part of it)."""
 
 
 def _steps(block: RowBlock) -> list[tuple[int, int]]:
@@ -106,17 +107,20 @@ class TensorStatistics:
             self.selects = [TopKSelect(keep_count(self.density, size), {name: row_count(shape)}, size)
                             for _ in range(count)]
 
-    def sample_rows(self) -> list[int]:
-        """Rows whose values would make a good first look (``hint``): spread over the tensor; empty
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """Row ranges whose values make a good first look (``hint``): spread over the tensor; empty
         when no selection is needed."""
         if not any(self.selects):
             return []
         total = row_count(self.shape)
-        return list(range(total)) if total <= SAMPLE_ROWS else [i * total // SAMPLE_ROWS for i in range(SAMPLE_ROWS)]
+        if total <= SAMPLE_RANGES * SAMPLE_RUN:
+            return [(0, total)]
+        return [(start, start + SAMPLE_RUN)
+                for start in (i * (total - SAMPLE_RUN) // (SAMPLE_RANGES - 1) for i in range(SAMPLE_RANGES))]
 
     def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None:
-        """A first look at the rows ``sample_rows()`` of every input (``DenseUpdate`` of those rows or
-        ``LowRankUpdate(up[rows], down)``): only how many passes pass 1 takes depends on it."""
+        """A first look at one range of ``sample_ranges()`` of every input (``DenseUpdate`` of those rows or
+        ``LowRankUpdate(up[rows], down)``), once per range: only how many passes pass 1 takes depends on it."""
         for select, update, weight in zip(self.selects, updates, weights):
             if select is not None:
                 dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
@@ -239,7 +243,7 @@ class ModelTrim:
 
     def hint(self, name: str, shape: tuple[int, ...], updates: Sequence[TaskUpdate], weights: Sequence[float],
              inputs: Sequence[int]) -> None:
-        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_rows``) for its
+        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_ranges``) for its
         inputs ``inputs``; call it for every tensor before pass 1, so that pass 1 usually suffices."""
         size = row_count(shape) * _columns(shape)
         for i, update, weight in zip(inputs, updates, weights):
@@ -285,11 +289,8 @@ def merge_by_blocks(form: RowMerge, inputs: MergeInputs, params: Mapping[str, An
             yield RowBlock(inputs.name, shape, start, updates, inputs.weights)
 
     stats = form.statistics(inputs.name, shape, len(inputs.updates), inputs.generator, params, inputs.statistics)
-    sample = stats.sample_rows()
-    if sample:
-        index = torch.tensor(sample, device=inputs.base.device)
-        stats.hint(tuple(LowRankUpdate(up=u.up[index], down=u.down) if isinstance(u, LowRankUpdate)
-                         else DenseUpdate(u.delta.reshape(-1, columns)[index]) for u in inputs.updates), inputs.weights)
+    for lo, hi in stats.sample_ranges():
+        stats.hint(tuple(_block_of(u, lo, hi, columns) for u in inputs.updates), inputs.weights)
     while stats.needs_pass():
         for block in blocks():
             stats.observe(block)

@@ -80,8 +80,10 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 WINDOW_MARGIN = 0.01
-"""The window pass keeps the entries whose top-16-bit bin lies within this share of ranks (or 4σ)
-around the answer's rank as a first look predicts it, plus one bin either side."""
+"""The window pass keeps the entries whose top-16-bit bin lies within at least this share of ranks
+(or 4σ) around the answer's rank as a first look predicts it, plus one bin either side."""
+WIDEST_MARGIN = 0.03
+"""The widest margin the room may buy."""
 CANDIDATE_LIMIT = 1 << 22
 """At most this many kept entries (8 bytes each) per selection; beyond it the window is dropped."""
 
@@ -160,7 +162,9 @@ class TopKSelect:
         """Choose the window from a first look's histogram ``high`` (``n`` entries); False when even the
         answer's predicted bin would not fit in the room (the window pass is then not worth it)."""
         q, total = self.k / self.size, max(1, int(high.sum()))
-        margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n))  # ≥ 4 sampling σ of the sample's quantile
+        # ≥ 4 sampling σ of the sample's quantile, and wider while the window is predicted to fill at most half
+        # the room (rows of a task vector are not independent samples: a LoRA row's scale is shared).
+        margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n), min(WIDEST_MARGIN, self._room / (4 * self.size)))
         center = _locate(high, max(1, min(total, round(q * total))))[0]
         top = _locate(high, max(1, min(total, round((q - margin) * total))))[0] + 1
         bottom = _locate(high, max(1, min(total, round((q + margin) * total))))[0] - 1
