@@ -21,6 +21,7 @@ from ..inputs.kinds import KINDS, REPLACEMENT, TaskPart
 from ..io.dtypes import DTYPES
 from ..io.fp8 import dequantize_rows
 from ..io.reader import CheckpointReader, open_checkpoint
+from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
@@ -295,6 +296,7 @@ class TensorMerger:
             merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, weights), stats, self.params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):
                 self._refuse_non_finite_rows(job, start, stop)
+            kill_point("rows")
             yield merged.to(out_dtype).contiguous().cpu()
             del base, updates, merged
 
