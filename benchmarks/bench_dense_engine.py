@@ -49,23 +49,26 @@ def run(preset: str, reps: int, warm: bool, finetunes_only: bool) -> dict[str, A
         peak = max((r.maxrss_mib for r in ok), default=None)
         rows.append({"method": method, "inputs": kind, "n": len(ok),
                      "wall_s": b.median(r.wall_s for r in ok) if ok else None,
+                     "cpu_s": b.median(r.cpu_s for r in ok) if ok else None,
                      "wall_over_floor": round(statistics.median(per_rep), 2) if per_rep else None,
                      "peak_rss_mib": peak, "predicted_peak_mib": predicted[(method, kind)],
                      "load_avg": [r.load_avg[0] for r in runs[(method, kind)]],
                      "runs": [r.record() for r in runs[(method, kind)]]})
     return {"preset": preset, "model_bytes": b.tree_bytes([model]), "floor_s": b.median(f["seconds"] for f in floors),
+            "floor_load_avg": [f["load_avg"] for f in floors],
             "cache": "warm" if warm else "cold", "methods": rows}
 
 
 def table(res: dict[str, Any]) -> str:
-    header = ["model", "method", "inputs", "wall", "wall / floor", "target", "peak RSS", "plan predicted",
-              "predicted / measured", "load avg"]
+    header = ["model", "method", "inputs", "wall", "wall / floor", "target", "CPU (user+sys)", "peak RSS",
+              "plan predicted", "predicted / measured", "load avg"]
     rows = []
     for m in res["methods"]:
         target = TARGETS.get(m["method"]) if m["inputs"].startswith("4") else 2.0
         peak, pred = m["peak_rss_mib"], m["predicted_peak_mib"]
         rows.append([f"{res['preset']} ({res['model_bytes'] / b.GIB:.1f} GiB)", m["method"], m["inputs"],
                      b.fmt_s(m["wall_s"]), b.fmt_ratio(m["wall_over_floor"]), f"≤ {target}×" if target else "—",
+                     b.fmt_s(m["cpu_s"]),
                      b.fmt_mib(peak) + (" (over 1.5 GiB)" if peak and peak > PEAK_TARGET_MIB else ""),
                      b.fmt_mib(pred), b.fmt_ratio(round(pred / peak, 2) if pred and peak else None),
                      ", ".join(str(x) for x in m["load_avg"])])
@@ -83,6 +86,7 @@ def main() -> int:
     b.use_source(args.source)
     res = run(args.preset, args.reps, args.warm, args.finetunes_only)
     print(b.machine_line(b.machine()))
+    print(f"floor {res['floor_s']} s (load avg {res['floor_load_avg']})")
     print(table(res))
     b.save_results(f"dense-engine-{args.preset}", {"invocation": b.invocation(), "machine": b.machine(), **res})
     return 0
