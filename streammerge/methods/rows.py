@@ -40,12 +40,22 @@ from .consensus import agreeing_mean
 from .selection import Threshold, TopKSelect, trim_rows
 from .sparsify import Band, RandomDrop, keep_count
 
-__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
+__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks",
+           "sample_ranges", "MODEL_CANDIDATE_LIMIT"]
 
 
 SAMPLE_RANGES, SAMPLE_RUN = 16, 8
 """The first look of a tensor's magnitude selections (``TensorStatistics.hint``): 16 runs of 8 rows
 spread over the tensor (few reads for a full fine-tune, and rows from every part of it)."""
+
+
+def sample_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges of a tensor of ``shape`` for a first look at its values: ``SAMPLE_RANGES`` runs spread over it."""
+    total = row_count(shape)
+    if total <= SAMPLE_RANGES * SAMPLE_RUN:
+        return [(0, total)]
+    return [(start, start + SAMPLE_RUN)
+            for start in (i * (total - SAMPLE_RUN) // (SAMPLE_RANGES - 1) for i in range(SAMPLE_RANGES))]
 
 
 def _steps(block: RowBlock) -> list[tuple[int, int]]:
@@ -108,15 +118,8 @@ class TensorStatistics:
                             for _ in range(count)]
 
     def sample_ranges(self) -> list[tuple[int, int]]:
-        """Row ranges whose values make a good first look (``hint``): spread over the tensor; empty
-        when no selection is needed."""
-        if not any(self.selects):
-            return []
-        total = row_count(self.shape)
-        if total <= SAMPLE_RANGES * SAMPLE_RUN:
-            return [(0, total)]
-        return [(start, start + SAMPLE_RUN)
-                for start in (i * (total - SAMPLE_RUN) // (SAMPLE_RANGES - 1) for i in range(SAMPLE_RANGES))]
+        """Row ranges whose values make a good first look (``hint``); empty when no selection is needed."""
+        return sample_ranges(self.shape) if any(self.selects) else []
 
     def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None:
         """A first look at one range of ``sample_ranges()`` of every input (``DenseUpdate`` of those rows or
@@ -224,6 +227,10 @@ class ModelThresholds:
                          for per in record))
 
 
+MODEL_CANDIDATE_LIMIT = 1 << 23
+"""Entries the window pass of a whole-model selection may keep per input (8 bytes each: 64 MiB)."""
+
+
 class ModelTrim:
     """Pass 1 of ``scope: global``: each input keeps its top ``density`` over every tensor it touches.
 
@@ -231,12 +238,14 @@ class ModelTrim:
         density: fraction kept per input over the whole model.
         tensors: per input (model-wide order), its tensors in tie-breaking order (the plan's),
             name → canonical shape.
+        candidate_limit: entries each input's window pass may keep.
     """
 
-    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
+    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]],
+                 candidate_limit: int = MODEL_CANDIDATE_LIMIT) -> None:
         sizes = [sum(row_count(s) * _columns(s) for s in per.values()) for per in tensors]
-        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size)
-                        for per, size in zip(tensors, sizes)]
+        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size,
+                                   candidate_limit) for per, size in zip(tensors, sizes)]
 
     def needs_pass(self) -> bool:
         return any(s.needs_pass() for s in self.selects)
