@@ -124,7 +124,7 @@ def _merge_rows(variant: Variant, block: RowBlock, stats: BlockStatistics, param
 def row_merge(variant: Variant) -> RowMerge:
     """The two-pass row-block form of ``variant`` (bit-identical to ``merge``)."""
     return RowMerge(supports=rows.supports_rows, grid=row_grid, statistics=partial(_statistics, variant),
-                    merge_rows=partial(_merge_rows, variant))
+                    merge_rows=partial(_merge_rows, variant), working_bytes=partial(rows.working_bytes, variant.sparsify))
 
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:

@@ -35,13 +35,13 @@ import torch
 
 from ..errors import MethodParameterError
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
-from .common import block_rows, row_count, row_grid
+from .common import GRID_ELEMENTS, block_rows, row_count, row_grid
 from .consensus import agreeing_mean
-from .selection import Threshold, TopKSelect, trim_rows
+from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
 from .sparsify import Band, RandomDrop, keep_count
 
 __all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks",
-           "sample_ranges", "MODEL_CANDIDATE_LIMIT"]
+           "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
 
 
 SAMPLE_RANGES, SAMPLE_RUN = 16, 8
@@ -196,6 +196,20 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
             target[lo:hi] = merged
         del terms, merged
     return result
+
+
+STEP_BYTES = 3 * 4 * GRID_ELEMENTS
+"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies) and histograms or a mask chunk."""
+
+
+def working_bytes(sparsify: str, shape: tuple[int, ...], count: int, params: Mapping[str, Any]) -> int:
+    """What the statistics and grid steps of ``count`` inputs hold for a tensor of ``shape``, beyond its row
+    blocks: per input the grid-step temporaries and, for a per-tensor magnitude trim, the entries the window
+    pass keeps (``selection.window_entries``, 8 bytes each, doubled while they are joined at the end)."""
+    held = count * (STEP_BYTES + 3 * (HIGH_BINS + LOW_BINS))
+    if sparsify == "magnitude" and params.get("scope", "tensor") == "tensor":
+        held += count * 16 * window_entries(row_count(shape) * _columns(shape))
+    return held
 
 
 def supports_rows(params: Mapping[str, Any]) -> bool:

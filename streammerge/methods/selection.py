@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows", "trim_rows"]
+__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows", "trim_rows",
+           "window_entries"]
 
 HIGH_BINS = 1 << 15
 """Bins of pass 1: bit patterns of non-negative fp32 values have 15 significant top bits."""
@@ -86,6 +87,13 @@ WIDEST_MARGIN = 0.03
 """The widest margin the room may buy."""
 CANDIDATE_LIMIT = 1 << 22
 """At most this many kept entries (8 bytes each) per selection; beyond it the window is dropped."""
+
+def window_entries(size: int, candidate_limit: int = CANDIDATE_LIMIT) -> int:
+    """About how many entries the window pass keeps for a selection over ``size`` entries (the widest margin
+    the room buys, both sides, plus a bin either side), at most ``candidate_limit``."""
+    margin = max(WINDOW_MARGIN, min(WIDEST_MARGIN, candidate_limit / (4 * max(size, 1))))
+    return min(candidate_limit, int((2 * margin + 0.01) * size))
+
 
 # Passes: the window pass (count above, keep the entries inside), then, only when the answer is not
 # among the kept entries, the exact radix passes: top 16 bits of every entry, low 16 bits in the
