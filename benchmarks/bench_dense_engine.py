@@ -6,7 +6,7 @@ Breadcrumbs, Breadcrumbs-TIES and magnitude prune over 4 rank-16 adapters, and T
 predicted peak beside it.  Cold page cache unless ``--warm``.
 
     .venv/bin/python benchmarks/bench_dense_engine.py --preset 1b --reps 1
-    .venv/bin/python benchmarks/bench_dense_engine.py --preset 70b-slice --finetunes-only
+    .venv/bin/python benchmarks/bench_dense_engine.py --preset 70b-slice --finetunes-only [--methods ties]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TARGETS = {"ties": 3.0, "dare_ties": 4.0, "dare_linear": 4.0, "breadcrumbs": 4.0
 PEAK_TARGET_MIB = 1.5 * 1024
 
 
-def run(preset: str, reps: int, warm: bool, finetunes_only: bool) -> dict[str, Any]:
+def run(preset: str, reps: int, warm: bool, finetunes_only: bool, methods: tuple[str, ...] | None = None) -> dict[str, Any]:
     model = model_for(preset)
     cases: list[tuple[str, str, list[tuple[str, Any]]]] = []
     if not finetunes_only:
@@ -33,6 +33,7 @@ def run(preset: str, reps: int, warm: bool, finetunes_only: bool) -> dict[str, A
         cases += [(m, "4 × r16 LoRA", lora) for m in LORA_METHODS]
     tunes = [("model", p) for p in b.ensure_finetunes(model, 2)]
     cases += [(m, "2 full fine-tunes", tunes) for m in FINETUNE_METHODS]
+    cases = [c for c in cases if methods is None or c[0] in methods]
     predicted = {(m, k): b.predicted_peak_mib(model, inputs, m) for m, k, inputs in cases}
     floors, runs = [], {(m, k): [] for m, k, _ in cases}
     for rep in range(reps):
@@ -81,10 +82,12 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--warm", action="store_true")
     parser.add_argument("--finetunes-only", action="store_true", help="only the full fine-tune rows")
+    parser.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     b.add_source_argument(parser)
     args = parser.parse_args()
     b.use_source(args.source)
-    res = run(args.preset, args.reps, args.warm, args.finetunes_only)
+    res = run(args.preset, args.reps, args.warm, args.finetunes_only,
+              tuple(args.methods.split(",")) if args.methods else None)
     print(b.machine_line(b.machine()))
     print(f"floor {res['floor_s']} s (load avg {res['floor_load_avg']})")
     print(table(res))
