@@ -113,8 +113,8 @@ def tensor_working_set(job: TensorJob, method: MergeMethod,
         assert form is not None
         inputs = {c.input_index for c in job.contributions}
         dense_inputs = {c.input_index for c in job.contributions if not KINDS[c.kind].low_rank}
-        # the base rows are the fp32 block above; per dense input its delta rows, and one block of transients
-        need += (len(dense_inputs) + 1) * 4 * block
+        # the base rows are the fp32 block above (merged in place); per dense input its delta rows
+        need += len(dense_inputs) * 4 * block
         need += form.working_bytes(job.shape, len(inputs), params)
         if params.get("scope", "tensor") == "global":
             need += len(inputs) * MODEL_PASS_INPUT_BYTES
