@@ -73,7 +73,7 @@ def test_unknown_parameter_lists_the_known_ones() -> None:
     ("do_merging", {"steps": -1}, "method 'do_merging': parameter 'steps' must be >= 0, got -1"),
     ("do_merging", {"svd_rank": 0}, "method 'do_merging': parameter 'svd_rank' must be >= 1, got 0"),
     ("ties", {"density": 1.5}, "method 'ties': parameter 'density' must be <= 1.0, got 1.5"),
-    ("ties", {"scope": "global"}, "method 'ties': parameter 'scope' must be one of ['tensor'], got 'global'"),
+    ("ties", {"scope": "layer"}, "method 'ties': parameter 'scope' must be one of ['tensor', 'global'], got 'layer'"),
     ("dare_linear", {"density": 0}, "method 'dare_linear': parameter 'density' must be > 0 "
                                     "(kept entries are rescaled by 1/density), got 0.0"),
     ("breadcrumbs", {"density": 0.5, "gamma": 0.6}, "method 'breadcrumbs': gamma + density must be <= 1 "

@@ -35,6 +35,7 @@ from ..recipe import Recipe
 from ..sinks import Sink, UnitTally, sink_for
 from ..sinks.base import OutputUnit, ProgressCallback
 from .memory import PeakMemoryMonitor
+from .model_pass import prepare_model_statistics
 from .worker import Readers, TensorMerger, resolve_device
 
 if TYPE_CHECKING:  # torch.distributed is imported only by distributed jobs (cli.cmd_merge under torchrun)
@@ -173,6 +174,7 @@ def _follow(plan: MergePlan, sink: Sink, out_dir: Path, device: torch.device, co
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
             merger = TensorMerger(plan, device, readers, check_finite=check_finite)
+            prepare_model_statistics(plan, merger, None, None)  # the same pass as rank 0's, not journaled here
             for unit in sink.units():
                 if unit.file_name in mine and unit.file_name not in done:
                     cohort.check_job(out_dir, start["journal_inode"])
@@ -216,6 +218,7 @@ def _execute(plan: MergePlan, sink: Sink, job: JobStart, journal: Journal, devic
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
             merger = TensorMerger(plan, device, readers, check_finite=check_finite)
+            prepare_model_statistics(plan, merger, job.state, journal)
             mine = cohort.mine(sink.units()) if cohort is not None else None
             done: dict[str, UnitEntry] = {}
             for unit in sink.units():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,25 @@ from ..io.dtypes import DTYPES
 from ..inputs.base_formats import open_reader
 from ..io.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
 from ..io.reader import CheckpointReader
+from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
+from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
+from ..methods.sparsify import as_rows
 from ..planning.budget import rows_per_block, streams_dense_rows, streams_method_rows, tensor_working_set
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
+
+@dataclass(frozen=True)
+class RowSource:
+    """How a dense method's row form reads one tensor: ``updates(start, stop)`` gives each input's rows."""
+
+    updates: Callable[[int, int], tuple[TaskUpdate, ...]]
+    weights: tuple[float, ...]
+    blocks: list[tuple[int, int]]
+
 
 # Stored tensors kept by the worker for kinds whose tensors feed many output tensors (MoE expert factors).
 SHARED_TENSORS_KEPT = 4
@@ -117,6 +130,7 @@ class TensorMerger:
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._fresh_scales: dict[str, list[torch.Tensor]] = {}
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
+        self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -275,48 +289,105 @@ class TensorMerger:
             updates.append(DenseUpdate(total))
         return tuple(updates)
 
+    def _row_inputs(self, job: TensorJob) -> tuple[dict[int, list[Contribution]], RowSource | None]:
+        """``job``'s inputs for a dense method's row form, and what reads their rows (None: no input).
+
+        An input whose saved tensor equals the base (PEFT saves unchanged embedding layers) is left
+        out first, as the whole-tensor path does.
+        """
+        self.device = self.device_for(job)
+        by_input = {i: cs for i, cs in contributions_by_input(job).items() if not self._equals_base(job, cs)}
+        if not by_input:
+            return by_input, None
+        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
+                     for cs in by_input.values() for c in cs if KINDS[c.kind].preload is not None}
+        needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
+        zeros = torch.zeros((), device=self.device)
+
+        def updates_of(start: int, stop: int) -> tuple[TaskUpdate, ...]:
+            base = self._base_rows(job, start, stop) if needs_base else zeros.expand(stop - start, *job.shape[1:])
+            return self._block_updates(job, by_input, preloaded, base, start, stop)
+
+        form = self.method.rows
+        assert form is not None
+        fmt = self.plan.fp8
+        align = math.lcm(form.grid(job.shape), fmt.block_rows if job.scale and fmt is not None else 1)
+        return by_input, RowSource(updates_of, tuple(cs[0].weight for cs in by_input.values()),
+                                   list(row_blocks(job.shape, align)))
+
+    def _given(self, job: TensorJob, inputs: Iterable[int]) -> Any:
+        """Whole-model statistics of ``job`` for its inputs ``inputs`` (``scope: global``), or None."""
+        if self.model_statistics is None:
+            return None
+        return self.model_statistics.for_tensor(job.name, tuple(inputs))
+
     def _two_pass_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
         """A dense method (TIES, DARE, Breadcrumbs, magnitude prune) over row blocks, never whole fp32 tensors.
 
         Pass 1 feeds every block to the method's statistics (each input's exact top-k threshold; none
-        for DARE and Breadcrumbs) until they are final; pass 2 merges each block into the base rows.
-        Blocks start on the method's row grid, so the bytes equal the whole-tensor merge's whatever
-        the block size.  An input whose saved tensor equals the base (PEFT saves unchanged embedding
-        layers) is left out first, as the whole-tensor path does.
+        for DARE and Breadcrumbs, nor under ``scope: global``, whose thresholds come from the
+        whole-model pass) until they are final; pass 2 merges each block into the base rows.  Blocks
+        start on the method's row grid, so the bytes equal the whole-tensor merge's whatever the block size.
         """
-        self.device = self.device_for(job)
         form = self.method.rows
         assert form is not None
-        by_input = {i: cs for i, cs in contributions_by_input(job).items() if not self._equals_base(job, cs)}
-        if not by_input:
+        by_input, source = self._row_inputs(job)
+        if source is None:
             yield from self._blocks(job, None, False, None)
             return
-        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
-                     for cs in by_input.values() for c in cs if KINDS[c.kind].preload is not None}
-        weights = tuple(cs[0].weight for cs in by_input.values())
-        needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params, None)
-        fmt = self.plan.fp8
-        align = math.lcm(form.grid(job.shape), fmt.block_rows if job.scale and fmt is not None else 1)
-        blocks = list(row_blocks(job.shape, align))
-        zeros = torch.zeros((), device=self.device)
+        stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params,
+                                self._given(job, by_input))
+        for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
+            stats.hint(source.updates(start, stop), source.weights)
         while stats.needs_pass():
-            for start, stop in blocks:
-                base = (self._base_rows(job, start, stop) if needs_base
-                        else zeros.expand(stop - start, *job.shape[1:]))
-                updates = self._block_updates(job, by_input, preloaded, base, start, stop)
-                stats.observe(RowBlock(job.name, job.shape, start, updates, weights))
+            for start, stop in source.blocks:
+                stats.observe(RowBlock(job.name, job.shape, start, source.updates(start, stop), source.weights))
             stats.end_pass()
-        for start, stop in blocks:
+        for start, stop in source.blocks:
             base = self._base_rows(job, start, stop)
-            updates = self._block_updates(job, by_input, preloaded, base, start, stop)
-            merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, weights), stats, self.params, base)
+            updates = source.updates(start, stop)
+            merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, source.weights), stats,
+                                     self.params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):
                 self._refuse_non_finite_rows(job, start, stop)
+            kill_point("rows")
             yield self._cast(job, merged, start)
             del base, updates, merged
+
+    def model_segments(self, job: TensorJob) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """For the whole-model pass (``scope: global``): the inputs that change ``job`` and its canonical shape."""
+        if streams_method_rows(job, self.method, self.params):
+            return tuple(self._row_inputs(job)[0]), job.shape
+        transposed = any(c.transposed for c in job.contributions)
+        return tuple(contributions_by_input(job)), tuple(reversed(job.shape)) if transposed else job.shape
+
+    def feed_model_pass(self, trim: ModelTrim, job: TensorJob, first_look: bool) -> None:
+        """Feed ``job``'s task vectors to the whole-model selection: a first look (a few rows) or one pass."""
+        if streams_method_rows(job, self.method, self.params):
+            by_input, source = self._row_inputs(job)
+            if source is None:
+                return
+            ids, shape = tuple(by_input), job.shape
+            if first_look:
+                for start, stop in sample_ranges(shape):
+                    trim.hint(job.name, shape, source.updates(start, stop), source.weights, ids)
+                return
+            for start, stop in source.blocks:
+                trim.observe(RowBlock(job.name, shape, start, source.updates(start, stop), source.weights, ids))
+            return
+        base, updates, _, inputs, transposed = self._whole_updates(job)
+        found = dict(zip(inputs, updates))  # an input whose tensor equals the base: zeros, counted all the same
+        ids = tuple(contributions_by_input(job))
+        shape = tuple(reversed(job.shape)) if transposed else job.shape
+        rows = tuple(DenseUpdate(as_rows(found[i].dense() if i in found else torch.zeros(shape, device=self.device)))
+                     for i in ids)
+        weights = tuple(cs[0].weight for cs in contributions_by_input(job).values())
+        if first_look:
+            trim.hint(job.name, shape, rows, weights, ids)
+        else:
+            trim.observe(RowBlock(job.name, shape, 0, rows, weights, ids))
 
     def _equals_base(self, job: TensorJob, contribs: list[Contribution]) -> bool:
         """An input made only of replacement tensors byte-identical to the base changes nothing."""
@@ -347,25 +418,34 @@ class TensorMerger:
             orientation when they were read (None otherwise), and whether the stored tensor is
             the transpose of the canonical one.
         """
-        self.device = self.device_for(job)
-        transposed = any(c.transposed for c in job.contributions)
-        canonical = tuple(reversed(job.shape)) if transposed else job.shape
+        base, updates, weights, inputs, transposed = self._whole_updates(job)
         needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
-        base = self._base(job, canonical, transposed, needs_values)
-        updates, weights = [], []
-        for contribs in contributions_by_input(job).values():
-            parts = [KINDS[c.kind].update(c, self._loader(c.kind), base, transposed) for c in contribs]
-            update = _combine([p for p in parts if p is not None])
-            if update is not None:
-                updates.append(update)
-                weights.append(contribs[0].weight)  # the plan gives every input its weight per tensor
         stored_base = base if needs_values else None
         if not updates:
             return None, stored_base, transposed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
+        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator,
+                                               self._given(job, inputs)), self.params)
         return result, stored_base, transposed
+
+    def _whole_updates(self, job: TensorJob) -> tuple[torch.Tensor, list[TaskUpdate], list[float], list[int], bool]:
+        """The base as the method sees it, each changing input's whole update of ``job`` in canonical
+        orientation, its weight and index, and whether the stored tensor is the transpose of the canonical one."""
+        self.device = self.device_for(job)
+        transposed = any(c.transposed for c in job.contributions)
+        canonical = tuple(reversed(job.shape)) if transposed else job.shape
+        needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
+        base = self._base(job, canonical, transposed, needs_values)
+        updates, weights, inputs = [], [], []
+        for index, contribs in contributions_by_input(job).items():
+            parts = [KINDS[c.kind].update(c, self._loader(c.kind), base, transposed) for c in contribs]
+            update = _combine([p for p in parts if p is not None])
+            if update is not None:
+                updates.append(update)
+                weights.append(contribs[0].weight)  # the plan gives every input its weight per tensor
+                inputs.append(index)
+        return base, updates, weights, inputs, transposed
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:

@@ -7,7 +7,9 @@ check that re-running the job gives the same bytes as an uninterrupted run.  Poi
   the middle of a shard;
 - ``shard``: after the ``n``-th shard is renamed into place, before its journal record;
 - ``record``: after the ``n``-th journal record is on disk;
-- ``file``: after the ``n``-th config / index / recipe / model card file is written.
+- ``file``: after the ``n``-th config / index / recipe / model card file is written;
+- ``rows``: after the ``n``-th merged row block of a dense method's second pass (its first pass
+  over the tensor done), before the block is handed to the sink.
 
 In a distributed job ``STREAMMERGE_TEST_KILL_RANK=<r>`` arms only the process whose ``RANK``
 is ``r``, and ``STREAMMERGE_TEST_FAULT=raise`` raises ``InjectedFault`` there instead of
@@ -26,7 +28,7 @@ __all__ = ["KILL_ENV", "KILL_RANK_ENV", "FAULT_ENV", "POINTS", "InjectedFault", 
 KILL_ENV = "STREAMMERGE_TEST_KILL_AT"
 KILL_RANK_ENV = "STREAMMERGE_TEST_KILL_RANK"
 FAULT_ENV = "STREAMMERGE_TEST_FAULT"
-POINTS = ("bytes", "shard", "record", "file")
+POINTS = ("bytes", "shard", "record", "file", "rows")
 
 _target: tuple[str, int] | None = None
 _count = 0

@@ -43,6 +43,7 @@ from ..names import (JOURNAL_BASE_KEY, JOURNAL_COMPLETE, JOURNAL_CONTENT_KEY, JO
                     JOURNAL_JOB, JOURNAL_JOB_DIGEST_KEY, JOURNAL_MERGED_KEY, JOURNAL_NAME, JOURNAL_PATH_KEY,
                     JOURNAL_PLAN_FINGERPRINT_KEY, JOURNAL_RECIPE_FINGERPRINT_KEY, JOURNAL_RECIPE_KEY,
                     JOURNAL_RECORD_KEY, JOURNAL_SHA256_KEY, JOURNAL_UNIT, JOURNAL_UNITS_KEY, JOURNAL_SIZE_KEY, JOURNAL_STATS_KEY,
+                    JOURNAL_STATISTICS, JOURNAL_THRESHOLDS_KEY,
                     JOURNAL_VERSION_KEY, JOURNAL_EXTRA_KEY, JOURNAL_OUTPUT_FORMAT_KEY, RANK_JOURNAL_PATTERN,
                     RANK_JOURNAL_TEMPLATE)
 from ..planning.plan import MergePlan
@@ -238,6 +239,8 @@ class JournalState:
     """The other output files, when the last record says the job is complete."""
     intact_bytes: int
     """Length of the journal without a torn last line."""
+    statistics: Any = None
+    """The whole-model first pass's result (``methods.rows.ModelThresholds.record()``), when journaled."""
 
     @property
     def names(self) -> set[str]:
@@ -333,6 +336,7 @@ def read_journal(out_dir: Path) -> JournalState | None:
         raise _corrupt(path, 1, "the first record is not a job record")
     units: dict[str, UnitEntry] = {}
     complete: dict[str, FileEntry] | None = None
+    statistics: Any = None
     for number, rec in enumerate(records[1:], start=2):
         kind = rec.get(JOURNAL_RECORD_KEY)
         try:
@@ -340,6 +344,8 @@ def read_journal(out_dir: Path) -> JournalState | None:
                 entry = UnitEntry.from_record(rec)
                 units[entry.file] = entry
                 complete = None
+            elif kind == JOURNAL_STATISTICS:
+                statistics = rec[JOURNAL_THRESHOLDS_KEY]
             elif kind == JOURNAL_COMPLETE:
                 complete = {name: FileEntry(v[JOURNAL_SIZE_KEY], v[JOURNAL_SHA256_KEY])
                             for name, v in rec[JOURNAL_FILES_KEY].items()}
@@ -349,7 +355,7 @@ def read_journal(out_dir: Path) -> JournalState | None:
             raise _corrupt(path, number, str(e)) from e
     for side in rank_journals(out_dir):  # newer than the journal's records; never reset ``complete``
         units.update((e.file, e) for e in _rank_units(side))
-    return JournalState(path, records[0], units, complete, intact)
+    return JournalState(path, records[0], units, complete, intact, statistics)
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -428,6 +434,10 @@ class Journal:
 
     def add_unit(self, entry: UnitEntry) -> None:
         self.append(entry.record())
+
+    def add_statistics(self, thresholds: Any) -> None:
+        """Record the whole-model first pass's result, so that a resumed job does not run it again."""
+        self.append({JOURNAL_RECORD_KEY: JOURNAL_STATISTICS, JOURNAL_THRESHOLDS_KEY: thresholds})
 
     def add_complete(self, files: dict[str, FileEntry]) -> None:
         self.append({JOURNAL_RECORD_KEY: JOURNAL_COMPLETE, JOURNAL_FILES_KEY: {

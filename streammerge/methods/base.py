@@ -109,12 +109,12 @@ class BlockStatistics(Protocol):
     """What pass 1 accumulates: feed every row block once per pass, then ``end_pass``; repeat
     while ``needs_pass()``.  Blocks may come in any order.
 
-    Before pass 1, ``hint`` may get a first look at the rows ``sample_rows()`` (each input's
+    Before pass 1, ``hint`` may get a first look at each row range of ``sample_ranges()`` (each input's
     update restricted to those rows); it only changes how many passes are needed, never the
     result (a magnitude selection then usually needs one pass instead of two or three).
     """
 
-    def sample_rows(self) -> list[int]: ...
+    def sample_ranges(self) -> list[tuple[int, int]]: ...
 
     def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None: ...
 
@@ -140,12 +140,16 @@ class RowMerge:
         merge_rows: ``merge_rows(block, stats, params, out)`` → the merged update's rows
             (fp32 ``[rows, d_in]``); with ``out`` (the base rows) the update is added into it
             in place and ``out`` is returned.
+        working_bytes: ``working_bytes(shape, count, params)`` → bytes the statistics and the
+            grid-step temporaries hold for a tensor of ``shape`` with ``count`` inputs, beyond the
+            row blocks (for the memory estimate).
     """
 
     supports: Callable[[Mapping[str, Any]], bool]
     grid: Callable[[tuple[int, ...]], int]
     statistics: Callable[[str, tuple[int, ...], int, torch.Generator, Mapping[str, Any], Any], BlockStatistics]
     merge_rows: Callable[[RowBlock, BlockStatistics, Mapping[str, Any], torch.Tensor | None], torch.Tensor]
+    working_bytes: Callable[[tuple[int, ...], int, Mapping[str, Any]], int] = lambda shape, count, params: 0
 
 
 @dataclass

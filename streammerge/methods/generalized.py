@@ -35,8 +35,9 @@ __all__ = ["Variant", "density_param", "GAMMA", "SCOPE", "make_method", "merge",
 GAMMA = Param("gamma", float, 0.01, "fraction of each row's largest |values| dropped as outliers",
               minimum=0.0, maximum=1.0)
 SCOPE = Param("scope", str, "tensor",
-              "where the density threshold applies: per tensor (global, over the whole model as in the "
-              "original TIES code, needs a whole-model pass and is not supported yet)", choices=("tensor",))
+              "where the density threshold applies: per tensor, or global (each input keeps its top density "
+              "over the whole model, as in the original TIES code; one more pass over the inputs first)",
+              choices=("tensor", "global"))
 
 
 def density_param(default: float) -> Param:
@@ -64,6 +65,10 @@ def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
     if variant.sparsify == "random" and density == 0:
         raise MethodParameterError(
             f"method {method!r}: parameter 'density' must be > 0 (kept entries are rescaled by 1/density), got 0.0")
+    if params.get("scope", "tensor") == "global" and (params.get("orthogonalize") or params.get("decouple")):
+        raise MethodParameterError(
+            f"method {method!r}: scope 'global' selects over the raw task vectors, so it cannot be combined with "
+            "orthogonalize or decouple; use scope 'tensor' with them")
     if gamma is not None and density is not None and gamma + density > 1:
         raise MethodParameterError(
             f"method {method!r}: gamma + density must be <= 1 (a row cannot drop {gamma} and keep {density} "
@@ -119,7 +124,7 @@ def _merge_rows(variant: Variant, block: RowBlock, stats: BlockStatistics, param
 def row_merge(variant: Variant) -> RowMerge:
     """The two-pass row-block form of ``variant`` (bit-identical to ``merge``)."""
     return RowMerge(supports=rows.supports_rows, grid=row_grid, statistics=partial(_statistics, variant),
-                    merge_rows=partial(_merge_rows, variant))
+                    merge_rows=partial(_merge_rows, variant), working_bytes=partial(rows.working_bytes, variant.sparsify))
 
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:

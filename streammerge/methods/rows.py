@@ -16,8 +16,8 @@ How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updat
 
     form = method.rows                                   # None: whole-tensor merge only
     stats = form.statistics(name, shape, T, generator, params, given)
-    if rows := stats.sample_rows():                      # optional first look
-        stats.hint(updates restricted to those rows, weights)
+    for lo, hi in stats.sample_ranges():                 # optional first look
+        stats.hint(updates restricted to rows lo:hi, weights)
     while stats.needs_pass():                            # 0 passes (DARE, Breadcrumbs), usually 1
         for each block (start a multiple of form.grid(shape)):
             stats.observe(RowBlock(name, shape, start, updates of the block's rows, weights))
@@ -35,16 +35,27 @@ import torch
 
 from ..errors import MethodParameterError
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
-from .common import block_rows, row_count, row_grid
+from .common import GRID_ELEMENTS, block_rows, row_count, row_grid
 from .consensus import agreeing_mean
-from .selection import Threshold, TopKSelect, trim_rows
+from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
 from .sparsify import Band, RandomDrop, keep_count
 
-__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks"]
+__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks",
+           "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
 
 
-SAMPLE_ROWS = 128
-"""Rows of a tensor in the first look of its magnitude selections (``TensorStatistics.hint``)."""
+SAMPLE_RANGES, SAMPLE_RUN = 16, 8
+"""The first look of a tensor's magnitude selections (``TensorStatistics.hint``): 16 runs of 8 rows
+spread over the tensor (few reads for a full fine-tune, and rows from every part of it)."""
+
+
+def sample_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Row ranges of a tensor of ``shape`` for a first look at its values: ``SAMPLE_RANGES`` runs spread over it."""
+    total = row_count(shape)
+    if total <= SAMPLE_RANGES * SAMPLE_RUN:
+        return [(0, total)]
+    return [(start, start + SAMPLE_RUN)
+            for start in (i * (total - SAMPLE_RUN) // (SAMPLE_RANGES - 1) for i in range(SAMPLE_RANGES))]
 
 
 def _steps(block: RowBlock) -> list[tuple[int, int]]:
@@ -59,16 +70,17 @@ def _columns(shape: tuple[int, ...]) -> int:
 
 
 def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
-    """Feed ``|w_i ΔW_i|`` of every grid step of ``block`` to the selections that still need a pass."""
+    """Feed ``w_i ΔW_i`` of every grid step of ``block`` to the selections that still need a pass (they
+    select by ``|x|`` and never write into the rows: a dense input's rows go in uncopied)."""
     wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
     columns = _columns(block.shape)
     for lo, hi in _steps(block):
         for i in wanted:
             update, weight = block.updates[i], block.weights[i]
             if isinstance(update, DenseUpdate) and weight == 1.0:
-                rows = update.delta[lo:hi].abs()  # no copy to overwrite first
+                rows = update.delta[lo:hi]
             else:
-                rows = block_rows(update, lo, hi, weight).abs_()
+                rows = block_rows(update, lo, hi, weight)
             selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
 
 
@@ -105,17 +117,13 @@ class TensorStatistics:
             self.selects = [TopKSelect(keep_count(self.density, size), {name: row_count(shape)}, size)
                             for _ in range(count)]
 
-    def sample_rows(self) -> list[int]:
-        """Rows whose values would make a good first look (``hint``): spread over the tensor; empty
-        when no selection is needed."""
-        if not any(self.selects):
-            return []
-        total = row_count(self.shape)
-        return list(range(total)) if total <= SAMPLE_ROWS else [i * total // SAMPLE_ROWS for i in range(SAMPLE_ROWS)]
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """Row ranges whose values make a good first look (``hint``); empty when no selection is needed."""
+        return sample_ranges(self.shape) if any(self.selects) else []
 
     def hint(self, updates: Sequence[TaskUpdate], weights: Sequence[float]) -> None:
-        """A first look at the rows ``sample_rows()`` of every input (``DenseUpdate`` of those rows or
-        ``LowRankUpdate(up[rows], down)``): only how many passes pass 1 takes depends on it."""
+        """A first look at one range of ``sample_ranges()`` of every input (``DenseUpdate`` of those rows or
+        ``LowRankUpdate(up[rows], down)``), once per range: only how many passes pass 1 takes depends on it."""
         for select, update, weight in zip(self.selects, updates, weights):
             if select is not None:
                 dense = update.dense() if isinstance(update, LowRankUpdate) else update.delta
@@ -190,6 +198,20 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     return result
 
 
+STEP_BYTES = 3 * 4 * GRID_ELEMENTS
+"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies) and histograms or a mask chunk."""
+
+
+def working_bytes(sparsify: str, shape: tuple[int, ...], count: int, params: Mapping[str, Any]) -> int:
+    """What the statistics and grid steps of ``count`` inputs hold for a tensor of ``shape``, beyond its row
+    blocks: per input the grid-step temporaries and, for a per-tensor magnitude trim, the entries the window
+    pass keeps (``selection.window_entries``, 8 bytes each, doubled while they are joined at the end)."""
+    held = count * (STEP_BYTES + 3 * (HIGH_BINS + LOW_BINS))
+    if sparsify == "magnitude" and params.get("scope", "tensor") == "tensor":
+        held += count * 16 * window_entries(row_count(shape) * _columns(shape))
+    return held
+
+
 def supports_rows(params: Mapping[str, Any]) -> bool:
     """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms, and
     ``lambda: auto`` the norm of the whole merged update."""
@@ -219,6 +241,10 @@ class ModelThresholds:
                          for per in record))
 
 
+MODEL_CANDIDATE_LIMIT = 1 << 23
+"""Entries the window pass of a whole-model selection may keep per input (8 bytes each: 64 MiB)."""
+
+
 class ModelTrim:
     """Pass 1 of ``scope: global``: each input keeps its top ``density`` over every tensor it touches.
 
@@ -226,19 +252,21 @@ class ModelTrim:
         density: fraction kept per input over the whole model.
         tensors: per input (model-wide order), its tensors in tie-breaking order (the plan's),
             name → canonical shape.
+        candidate_limit: entries each input's window pass may keep.
     """
 
-    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]]) -> None:
+    def __init__(self, density: float, tensors: Sequence[Mapping[str, tuple[int, ...]]],
+                 candidate_limit: int = MODEL_CANDIDATE_LIMIT) -> None:
         sizes = [sum(row_count(s) * _columns(s) for s in per.values()) for per in tensors]
-        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size)
-                        for per, size in zip(tensors, sizes)]
+        self.selects = [TopKSelect(keep_count(density, size), {name: row_count(s) for name, s in per.items()}, size,
+                                   candidate_limit) for per, size in zip(tensors, sizes)]
 
     def needs_pass(self) -> bool:
         return any(s.needs_pass() for s in self.selects)
 
     def hint(self, name: str, shape: tuple[int, ...], updates: Sequence[TaskUpdate], weights: Sequence[float],
              inputs: Sequence[int]) -> None:
-        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_rows``) for its
+        """A first look at a few rows of tensor ``name`` (e.g. ``TensorStatistics.sample_ranges``) for its
         inputs ``inputs``; call it for every tensor before pass 1, so that pass 1 usually suffices."""
         size = row_count(shape) * _columns(shape)
         for i, update, weight in zip(inputs, updates, weights):
@@ -284,11 +312,8 @@ def merge_by_blocks(form: RowMerge, inputs: MergeInputs, params: Mapping[str, An
             yield RowBlock(inputs.name, shape, start, updates, inputs.weights)
 
     stats = form.statistics(inputs.name, shape, len(inputs.updates), inputs.generator, params, inputs.statistics)
-    sample = stats.sample_rows()
-    if sample:
-        index = torch.tensor(sample, device=inputs.base.device)
-        stats.hint(tuple(LowRankUpdate(up=u.up[index], down=u.down) if isinstance(u, LowRankUpdate)
-                         else DenseUpdate(u.delta.reshape(-1, columns)[index]) for u in inputs.updates), inputs.weights)
+    for lo, hi in stats.sample_ranges():
+        stats.hint(tuple(_block_of(u, lo, hi, columns) for u in inputs.updates), inputs.weights)
     while stats.needs_pass():
         for block in blocks():
             stats.observe(block)

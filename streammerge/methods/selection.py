@@ -1,20 +1,25 @@
-"""Exact top-``k`` by ``|value|`` over row blocks: a two-level radix select on fp32 bit patterns.
+"""Exact top-``k`` by ``|value|`` over row blocks: a window pass, else a two-level radix select.
 
-Non-negative fp32 values order like their int32 bit patterns.  Pass 1 counts the top 16 bits
-of every ``|δ|`` (32768 bins), which finds the bin holding the k-th largest; pass 2 counts the
-low 16 bits of the entries in that bin, which gives the exact threshold ``t``.  The counts are
-integers, so they add up over blocks (and over tensors, for ``scope: global``) in any order
-and the answer does not depend on the blocking.
+Usually one pass suffices (the window pass): a first look (a few rows spread over the tensor, or
+the first block) predicts the range of ``|δ|`` where the k-th largest lies; the pass counts the
+entries above that window and keeps the ones inside it (value bits and row), using two
+``hardshrink``s and one ``nonzero`` per block — float arithmetic, several times cheaper on CPU
+than a histogram of every entry.  When the answer is among the kept entries the threshold is
+found from them; a window that reaches 0 also finds a threshold among the zeros.
 
-Usually one pass suffices: pass 1 also keeps the few entries in the bins where the first block
-predicts the answer, and finishes from them when the prediction holds (``TopKSelect``).
+Otherwise the exact radix passes follow.  Non-negative fp32 values order like their int32 bit
+patterns: the first counts the top 16 bits of every ``|δ|`` (32768 bins), which finds the bin
+holding the k-th largest; the second counts the low 16 bits of the entries in that bin, which
+gives the exact threshold ``t``.  The counts are integers, so they add up over blocks (and over
+tensors, for ``scope: global``) in any order and the answer does not depend on the blocking.
 
 Exactly ``k`` entries are kept: every ``|δ| > t`` and the first ties ``|δ| == t`` in flat index
 order (row-major over a tensor, then over the segments in the order given).  Which ties those
 are is a :class:`Threshold` per segment: ties in rows before ``tie_row`` are kept, in row
-``tie_row`` the first ``tie_quota``, after it none.  The per-row tie counts come from pass 2
-when the threshold's bin holds a single value (the usual case for task vectors between bf16
-models), otherwise from a third pass; none is needed when every tie is kept.
+``tie_row`` the first ``tie_quota``, after it none.  The per-row tie counts come from the kept
+entries of the window pass, or from the low-bits pass when the threshold's bin holds a single
+value (the usual case for task vectors between bf16 models), otherwise from a third exact pass;
+none is needed when every tie is kept.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows", "trim_rows"]
+__all__ = ["HIGH_BINS", "LOW_BINS", "Threshold", "KEEP_ALL", "KEEP_NONE", "TopKSelect", "keep_rows", "trim_rows",
+           "window_entries"]
 
 HIGH_BINS = 1 << 15
 """Bins of pass 1: bit patterns of non-negative fp32 values have 15 significant top bits."""
 LOW_BINS = 1 << 16
 """Bins of pass 2: the low 16 bits."""
 _LOW_MASK = LOW_BINS - 1
+_INF_BITS = 0x7F800000
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,24 @@ def _locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 WINDOW_MARGIN = 0.01
-"""Pass 1 also keeps the entries whose top-16-bit bin lies within this share of ranks (or 4σ)
-around the answer's rank as the first block predicts it, plus one bin either side."""
+"""The window pass keeps the entries whose top-16-bit bin lies within at least this share of ranks
+(or 4σ) around the answer's rank as a first look predicts it, plus one bin either side."""
+WIDEST_MARGIN = 0.03
+"""The widest margin the room may buy."""
 CANDIDATE_LIMIT = 1 << 22
 """At most this many kept entries (8 bytes each) per selection; beyond it the window is dropped."""
+
+def window_entries(size: int, candidate_limit: int = CANDIDATE_LIMIT) -> int:
+    """About how many entries the window pass keeps for a selection over ``size`` entries (the widest margin
+    the room buys, both sides, plus a bin either side), at most ``candidate_limit``."""
+    margin = max(WINDOW_MARGIN, min(WIDEST_MARGIN, candidate_limit / (4 * max(size, 1))))
+    return min(candidate_limit, int((2 * margin + 0.01) * size))
+
+
+# Passes: the window pass (count above, keep the entries inside), then, only when the answer is not
+# among the kept entries, the exact radix passes: top 16 bits of every entry, low 16 bits in the
+# answer's bin, per-row tie counts.
+_WINDOW, _HIGH, _LOW, _TIES = range(4)
 
 
 class TopKSelect:
@@ -86,9 +107,11 @@ class TopKSelect:
     Feed every row block of every segment once per pass (``observe``), in any order, then call
     ``end_pass``; repeat while ``needs_pass()``.  ``threshold(name)`` then says what to keep.
 
-    Pass 1 also keeps the entries (bits and row) in the bins where a first look (the first block
-    observed, or ``hint``) expects the answer (``WINDOW_MARGIN``): when the answer's bin is
-    among them, the selection finishes after one pass; otherwise the exact passes follow.  The
+    The first pass is a window pass: a first look (``hint``, else the first block observed)
+    predicts the bins where the answer lies (``WINDOW_MARGIN``); the pass counts the entries above
+    them and keeps those inside (bits and row) with two ``hardshrink``s and one ``nonzero`` — no
+    histogram of every entry, which costs several times as much on CPU.  When the answer is among
+    the kept entries the selection ends there; otherwise the exact radix passes follow.  The
     result is the same either way; only the number of passes depends on the data and order.
 
     Args:
@@ -96,7 +119,7 @@ class TopKSelect:
         segments: segment name → number of rows, in tie-breaking order; the columns per row
             are the last axis of the rows observed.
         size: total entries over all segments (for the first look).
-        candidate_limit: most entries kept for the one-pass finish.
+        candidate_limit: most entries kept by the window pass (0: no window pass).
     """
 
     def __init__(self, k: int, segments: Mapping[str, int], size: int,
@@ -105,7 +128,9 @@ class TopKSelect:
         self.rows = dict(segments)
         self.size = size
         self.total = 0
-        self._pass = 0
+        self._collecting = 0 < k < size and candidate_limit > 0
+        self._pass = _WINDOW if self._collecting else _HIGH
+        self._first = True  # the first pass also counts the entries
         self._high = torch.zeros(HIGH_BINS, dtype=torch.int64)
         self._low = torch.zeros(LOW_BINS, dtype=torch.int64)
         self._bin = 0
@@ -115,9 +140,12 @@ class TopKSelect:
         self._row_counts: dict[str, torch.Tensor] = {}
         self._thresholds: dict[str, Threshold] | None = None
         self._window: tuple[int, int] | None = None
+        self._shrink = (0.0, 0.0)  # hardshrink λ of the window's bottom and top
+        self._over = 0.0  # entries above the window
+        self._over_rows: dict[str, torch.Tensor] = {}  # per row, when the window reaches 0
+        self._columns: dict[str, int] = {}
         self._hinted: torch.Tensor | None = None
         self._sampled = 0
-        self._collecting = 0 < k < size
         self._room = candidate_limit
         self._candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -138,66 +166,126 @@ class TopKSelect:
         self._hinted = high if self._hinted is None else self._hinted.add_(high)
         self._sampled += magnitude.numel()
 
-    def _predict(self, high: torch.Tensor, n: int) -> None:
+    def _predict(self, high: torch.Tensor, n: int) -> bool:
+        """Choose the window from a first look's histogram ``high`` (``n`` entries); False when even the
+        answer's predicted bin would not fit in the room (the window pass is then not worth it)."""
         q, total = self.k / self.size, max(1, int(high.sum()))
-        margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n))  # ≥ 4 sampling σ of the sample's quantile
-        top = _locate(high, max(1, min(total, round((q - margin) * total))))[0]
-        bottom = _locate(high, max(1, min(total, round((q + margin) * total))))[0]
-        self._window = (bottom - 1, top + 1)
+        # ≥ 4 sampling σ of the sample's quantile, and wider while the window is predicted to fill at most half
+        # the room (rows of a task vector are not independent samples: a LoRA row's scale is shared).
+        margin = max(WINDOW_MARGIN, 4 * math.sqrt(q * (1 - q) / n), min(WIDEST_MARGIN, self._room / (4 * self.size)))
+        center = _locate(high, max(1, min(total, round(q * total))))[0]
+        top = _locate(high, max(1, min(total, round((q - margin) * total))))[0] + 1
+        bottom = _locate(high, max(1, min(total, round((q + margin) * total))))[0] - 1
+        # Predicted entries per bin; spikes of tied values (task vectors between bf16 models) can hold
+        # several percent of a tensor: shrink the window from its heavier end until it fits the room.
+        counts = (high.double() * (self.size / total)).tolist()
+        budget = self._room
+        predicted = sum(counts[max(bottom, 0):top + 1])
+        while predicted > budget and (bottom < center or top > center):
+            if bottom < center and (top == center or counts[max(bottom, 0)] >= counts[min(top, HIGH_BINS - 1)]):
+                predicted -= counts[max(bottom, 0)] if bottom >= 0 else 0.0
+                bottom += 1
+            else:
+                predicted -= counts[top] if top < HIGH_BINS else 0.0
+                top -= 1
+        if predicted > budget:
+            return False
+        self._window = (bottom, top)
+        # hardshrink keeps |x| > λ: the bottom λ keeps bins >= bottom (zeros are never kept: nonzero()
+        # skips them), the top one keeps the bins above the window (none when it reaches Inf / NaN).
+        low_bits, high_bits = bottom << 16, (top + 1) << 16
+        self._shrink = (_float_of(low_bits - 1) if low_bits > 0 else 0.0,
+                        _float_of(high_bits - 1) if high_bits <= _INF_BITS else math.inf)
+        return True
 
-    def observe(self, name: str, start: int, magnitude: torch.Tensor) -> None:
-        """Count the rows ``start:start + len(magnitude)`` of segment ``name`` (fp32 ``|x|``, 2-D)."""
-        bits = _bit_rows(magnitude)
-        if self._pass == 0:
-            self.total += bits.numel()
-            top = bits >> 16
-            high = torch.bincount(top.flatten(), minlength=HIGH_BINS).cpu()
-            self._high += high
-            if self._window is None and self._collecting:
-                if self._hinted is not None and float(self._hinted.sum()) >= 1:
-                    self._predict(self._hinted.round().long(), self._sampled)
-                else:
-                    self._predict(high, bits.numel())
+    def observe(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Count the rows ``start:start + len(rows)`` of segment ``name`` (fp32 ``x`` or ``|x|``, 2-D; by ``|x|``)."""
+        if self._first:
+            self.total += rows.numel()
+        if self._pass == _WINDOW and self._window is None and not self._choose_window(rows):
+            self._collecting, self._pass = False, _HIGH  # the first block: this pass becomes the first exact one
+        if self._pass == _WINDOW:
             if self._collecting:
-                self._collect(name, start, bits, top)
+                self._collect(name, start, rows)
             return
-        if self._pass == 1:
+        bits = _bit_rows(rows.abs())
+        if self._pass == _HIGH:
+            self._high += torch.bincount((bits >> 16).flatten(), minlength=HIGH_BINS).cpu()
+            return
+        if self._pass == _LOW:
             in_bin = (bits >> 16) == self._bin
             low = bits[in_bin] & _LOW_MASK
             self._low += torch.bincount(low, minlength=LOW_BINS).cpu()
             counts = in_bin.view(torch.uint8).sum(dim=1, dtype=torch.int64)
         else:
             counts = (bits == self._bits).view(torch.uint8).sum(dim=1, dtype=torch.int64)
-        rows = self._row_counts.setdefault(name, torch.zeros(self.rows[name], dtype=torch.int64))
-        rows[start:start + counts.numel()] = counts.cpu()
+        per_row = self._row_counts.setdefault(name, torch.zeros(self.rows[name], dtype=torch.int64))
+        per_row[start:start + counts.numel()] = counts.cpu()
 
-    def _collect(self, name: str, start: int, bits: torch.Tensor, top: torch.Tensor) -> None:
-        assert self._window is not None
-        low, high = self._window
-        flat = torch.nonzero(((top >= low) & (top <= high)).flatten()).flatten()
-        if flat.numel() > self._room:  # too many to keep: the exact passes will follow
+    def _choose_window(self, rows: torch.Tensor) -> bool:
+        """Predict the window from the hint, else from the first block ``rows``."""
+        if self._hinted is not None and float(self._hinted.sum()) >= 1:
+            return self._predict(self._hinted.round().long(), self._sampled)
+        return self._predict(torch.bincount(_bit_rows(rows.abs()).flatten() >> 16, minlength=HIGH_BINS), rows.numel())
+
+    def _collect(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """The window pass on one block: count the entries above the window, keep those inside."""
+        bottom, top = self._shrink
+        above = torch.nn.functional.hardshrink(rows, top)
+        inside = torch.nn.functional.hardshrink(rows, bottom).sub_(above).view(-1)
+        if bottom == 0.0:  # the window reaches 0: per-row counts, for a threshold among the zeros
+            per_row = above.abs_().sign_().sum(dim=1, dtype=torch.float64)
+            counts = self._over_rows.setdefault(name, torch.zeros(self.rows[name], dtype=torch.int64))
+            counts[start:start + per_row.numel()] = per_row.cpu().long()
+            self._columns[name] = rows.shape[-1]
+            over = float(per_row.sum())
+        else:
+            over = float(above.abs_().sign_().sum(dtype=torch.float64 if above.numel() >= 1 << 24 else None))
+        flat = torch.nonzero(inside).view(-1)
+        if flat.numel() > self._room or not math.isfinite(over):  # the exact passes will follow
             self._collecting, self._candidates = False, {}
             return
+        self._over += over
         self._room -= flat.numel()
         if flat.numel():
-            rows = (flat // bits.shape[-1] + start).to(torch.int32).cpu()
-            self._candidates.setdefault(name, []).append((rows, bits.flatten()[flat].cpu()))
+            row = (flat // rows.shape[-1] + start).to(torch.int32).cpu()
+            self._candidates.setdefault(name, []).append((row, _bit_rows(inside[flat].abs_()).cpu()))
 
-    def _finish_from_candidates(self) -> bool:
-        """Finish pass 1 from the kept entries when the answer's bin is among them."""
-        if not self._collecting or self._window is None or not self._window[0] <= self._bin <= self._window[1]:
-            self._candidates = {}
+    def _finish_window(self) -> bool:
+        """End of the window pass: finish from the kept entries when the answer is among them."""
+        if not self._collecting or self._window is None:
             return False
         per = {name: (torch.cat([r for r, _ in parts]), torch.cat([b for _, b in parts]))
                for name, parts in self._candidates.items()}
         self._candidates = {}
+        top = torch.cat([bits for _, bits in per.values()]) >> 16 if per else torch.zeros(0, dtype=torch.int32)
+        kept = top.numel()
+        top = top[(top >= self._window[0]) & (top <= self._window[1])]  # a NaN is kept but is no candidate
+        need = self.k - int(self._over)
+        if need > top.numel() and self._over_rows and kept == top.numel():
+            return self._finish_at_zero(need - top.numel(), per)
+        if not 1 <= need <= top.numel():
+            return False
+        self._bin, above = _locate(torch.bincount(top, minlength=HIGH_BINS), need)
+        self._above = int(self._over) + above
         in_bin = [bits[(bits >> 16) == self._bin] for _, bits in per.values()]
-        low = torch.cat(in_bin) & _LOW_MASK if in_bin else torch.zeros(0, dtype=torch.int32)
-        self._low = torch.bincount(low, minlength=LOW_BINS)
+        self._low = torch.bincount(torch.cat(in_bin) & _LOW_MASK, minlength=LOW_BINS)
         if self._settle():
             return True
         for name, (rows, bits) in per.items():
             self._row_counts[name] = torch.bincount(rows[bits == self._bits].long(), minlength=self.rows[name])
+        self._split_ties()
+        return True
+
+    def _finish_at_zero(self, need: int, per: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """The window reached 0 and holds fewer than ``need`` more entries: the threshold is 0 and the first
+        ``need`` zeros are kept; per row, zeros are what is neither above nor in the window."""
+        zeros = {name: self._columns.get(name, 0) - self._over_rows.get(name, torch.zeros(rows, dtype=torch.int64))
+                 - (torch.bincount(per[name][0].long(), minlength=rows) if name in per else 0)
+                 for name, rows in self.rows.items()}
+        if need > sum(int(z.sum()) for z in zeros.values()):
+            return False
+        self._bits, self._need, self._row_counts = 0, need, zeros
         self._split_ties()
         return True
 
@@ -213,22 +301,27 @@ class TopKSelect:
 
     def end_pass(self) -> None:
         """Close the current pass; decides whether another one is needed."""
-        if self._pass == 0:
+        if self._first:
+            self._first = False
             if self.k == 0 or self.k >= self.total:
                 self._finish(KEEP_NONE if self.k == 0 else KEEP_ALL)
                 return
-            self._bin, self._above = _locate(self._high, self.k)
-            if not self._finish_from_candidates():
-                self._pass = 1
+        if self._pass == _WINDOW:
+            if not self._finish_window():
+                self._candidates, self._pass = {}, _HIGH
             return
-        if self._pass == 1:
+        if self._pass == _HIGH:
+            self._bin, self._above = _locate(self._high, self.k)
+            self._pass = _LOW
+            return
+        if self._pass == _LOW:
             if self._settle():
                 return
             if int((self._low != 0).sum()) == 1:
                 self._split_ties()  # the bin holds only t: in-bin counts are tie counts
                 return
             self._row_counts = {}
-            self._pass = 2
+            self._pass = _TIES
             return
         self._split_ties()
 

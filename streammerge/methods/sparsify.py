@@ -145,13 +145,23 @@ class RandomDrop:
         self.seeds = torch.randint(0, 2**62, (count,), generator=generator, device=self.device).tolist()
         self._last: dict[int, tuple[int, torch.Tensor]] = {}  # input -> (chunk, its mask): block edges reuse it
 
+    def _fill(self, index: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
+        """Chunk ``chunk``'s mask of input ``index`` written into ``out`` (``MASK_CHUNK`` fp32 entries).
+
+        ``ceil(density - r) + 0`` is exactly ``float(r < density)`` for ``r`` in [0, 1): ``density - r``
+        rounds to a value of the same sign (0 only when equal), ``ceil`` maps (0, 1] to 1 and (-1, 0]
+        to ∓0, and ``+ 0`` makes every zero +0; four float ops in place cost less than a compare.
+        """
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(chunk_seed(self.seeds[index], chunk))
+        torch.rand(MASK_CHUNK, generator=generator, device=self.device, out=out)
+        return out.neg_().add_(self.density).ceil_().add_(0.0)
+
     def _chunk(self, index: int, chunk: int) -> torch.Tensor:
         last = self._last.get(index)
         if last is not None and last[0] == chunk:
             return last[1]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(chunk_seed(self.seeds[index], chunk))
-        mask = (torch.rand(MASK_CHUNK, generator=generator, device=self.device) < self.density).float()
+        mask = self._fill(index, chunk, torch.empty(MASK_CHUNK, device=self.device))
         self._last[index] = (chunk, mask)
         return mask
 
@@ -159,9 +169,19 @@ class RandomDrop:
         """The keep mask of flat entries ``start:stop`` of input ``index`` (1-D fp32 ones and zeros:
         multiplying by it is ~3x faster than by a bool mask on CPU)."""
         first, last = start // MASK_CHUNK, (stop - 1) // MASK_CHUNK
-        chunks = [self._chunk(index, c) for c in range(first, last + 1)]
-        joined = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        if first == last:
+            return self._chunk(index, first)[start - first * MASK_CHUNK:stop - first * MASK_CHUNK]
         offset = first * MASK_CHUNK
+        joined = torch.empty((last + 1 - first) * MASK_CHUNK, device=self.device)
+        cached = self._last.get(index)
+        for c in range(first, last + 1):  # drawn in place; a chunk the last range ended inside is reused
+            part = joined[(c - first) * MASK_CHUNK:(c + 1 - first) * MASK_CHUNK]
+            if cached is not None and cached[0] == c:
+                part.copy_(cached[1])
+            else:
+                self._fill(index, c, part)
+        if stop % MASK_CHUNK:
+            self._last[index] = (last, joined[(last - first) * MASK_CHUNK:].clone())
         return joined[start - offset:stop - offset]
 
     def mask(self, shape: torch.Size, index: int) -> torch.Tensor:
@@ -191,8 +211,11 @@ class Band:
         if keep == 0:
             inf = torch.full((rows.shape[0], 1), float("inf"), device=delta.device)
             return inf, -inf
-        top = rows.topk(drop + keep, dim=-1).values  # one partial sort: ~2x faster than two kthvalue
-        return top[:, drop + keep - 1:drop + keep], top[:, drop:drop + 1]
+        # One unsorted top (drop + keep) per row (a selection, no sort: ~2.5x faster than two kthvalue); its
+        # smallest is the low bound, the smallest of its top (drop + 1) the high one.
+        top = rows.topk(drop + keep, dim=-1, sorted=False).values
+        high = top.topk(drop + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+        return top.amin(dim=-1, keepdim=True), high
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._bounds:

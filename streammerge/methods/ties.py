@@ -4,9 +4,9 @@ Per tensor: keep each ``w_i ΔW_i``'s top ``density`` fraction by ``|value|``, e
 ``γ = sign(Σ_i trimmed_i)`` (zeros → +), average the entries that are non-zero and agree with
 γ, ``W = W0 + λ τ*``.  The trim keeps exactly ``int(density · n)`` entries (ties in flat index
 order).  ``scope: global`` (one threshold per input over the whole model, as in the original
-code) needs a whole-model first pass: its pieces are ``rows.ModelTrim`` (statistics over every
-tensor's row blocks) and ``ModelThresholds`` (handed to each tensor as ``MergeInputs.statistics``
-or to the row-block form); the CLI does not offer it until the engine runs that pass.
+code): the engine runs a whole-model first pass (``execution.model_pass``: ``rows.ModelTrim``,
+statistics over every tensor's row blocks), journals its ``ModelThresholds`` and hands each
+tensor its thresholds (``MergeInputs.statistics`` or the row-block form's ``given``).
 """
 
 from __future__ import annotations

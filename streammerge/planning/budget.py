@@ -17,6 +17,7 @@ from ..io.dtypes import DTYPES
 from ..io.reader import BLOCK_BYTES, COPY_CHUNK_BYTES
 from ..inputs.kinds import KINDS
 from ..methods import MergeMethod
+from ..methods.rows import MODEL_CANDIDATE_LIMIT
 
 if TYPE_CHECKING:
     from .plan import TensorJob
@@ -34,10 +35,9 @@ PROCESS_BASELINE_BYTES = 320 * MiB
 # 8192×2048 = 64 MiB fp32): TIES peaked at 978 MiB, i.e. ~7 copies over the baseline and blocks;
 # Breadcrumbs holds ~1 copy more than TIES inside the method, DARE-TIES ~1 less.
 DENSE_METHOD_COPIES = 7
-# The row-block form of a dense method, per input: top-k candidates kept in pass 1 (capped), and the
-# histograms plus grid-step temporaries (measured 2026-12-01 with benchmarks/bench_dense_methods.py).
-ROW_FORM_CANDIDATE_CAP = 32 * MiB
-ROW_FORM_INPUT_BYTES = 5 * MiB
+# The whole-model pass of TIES ``scope: global`` keeps per input at most this many bytes of window entries
+# (methods.rows.MODEL_CANDIDATE_LIMIT entries of 8 bytes, doubled while joined at the end).
+MODEL_PASS_INPUT_BYTES = 16 * MODEL_CANDIDATE_LIMIT
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,18 @@ def tensor_working_set(job: TensorJob, method: MergeMethod,
         reasons.append(f"{len(dense_inputs)} dense input block(s)")
         return need, " + ".join(reasons)
     if params is not None and streams_method_rows(job, method, params):
-        # Two passes over row blocks: base rows, one delta block per dense input, the merged rows; per
-        # input the method's histograms, top-k candidates (~2.5 % of the entries at 8 B, capped) and
-        # grid-step temporaries (methods/rows.py).
+        # Two passes over row blocks: base rows (merged in place), one delta block per dense input; per
+        # input the method's histograms, window entries and grid-step temporaries (RowMerge.working_bytes).
+        form = method.rows
+        assert form is not None
         inputs = {c.input_index for c in job.contributions}
         dense_inputs = {c.input_index for c in job.contributions if not KINDS[c.kind].low_rank}
-        need += (len(dense_inputs) + 2) * 4 * block
-        need += len(inputs) * (min(ROW_FORM_CANDIDATE_CAP, n // 5) + ROW_FORM_INPUT_BYTES)
+        # the base rows are the fp32 block above (merged in place); per dense input its delta rows
+        need += len(dense_inputs) * 4 * block
+        need += form.working_bytes(job.shape, len(inputs), params)
+        if params.get("scope", "tensor") == "global":
+            need += len(inputs) * MODEL_PASS_INPUT_BYTES
+            reasons.append("the whole-model pass's window entries")
         reasons.append(f"two passes over row blocks ({len(dense_inputs)} dense input block(s))")
         return need, " + ".join(reasons)
     if method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions):

@@ -64,7 +64,7 @@ def estimate_seconds(plan: MergePlan, output_bytes: int) -> float:
     merged = [t for t in jobs if t.contributions]
     if method.dense_inputs:
         work = sum(_elements(t.shape) * len({c.input_index for c in t.contributions}) for t in merged)
-        seconds = work / DENSE_ELEMENTS_PER_S
+        seconds = work / DENSE_ELEMENTS_PER_S * (2 if params.get("scope") == "global" else 1)  # + the first pass
     else:
         seconds = sum(_elements(t.shape) for t in merged) / LOW_RANK_ELEMENTS_PER_S
     if isinstance(params.get("steps"), int) and params.get("orthogonalize", True):
@@ -112,6 +112,9 @@ def describe_plan(plan: MergePlan, output_line: str, output_bytes: int) -> str:
                      + (f"\n    {s.key_mapping}" if s.key_mapping else ""))
     lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
                  + (f"; cast only: {cast}" if cast else ""))
+    if dict(plan.method_params).get("scope") == "global":
+        lines.append(f"first pass (scope global): each input's top density over the {plan.merged_count} merged tensors, "
+                     "statistics only; journaled, so a resumed job does not run it again")
     lines.append(output_line)
     disk = f"disk: {format_size(output_bytes)} needed"
     if recipe.out:
