@@ -26,6 +26,7 @@ from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
 from ..planning.budget import rows_per_block, streams_dense_rows, streams_method_rows, tensor_working_set
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
+from .staging import Pending, Staging
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
 
@@ -111,6 +112,7 @@ class TensorMerger:
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._stagings: dict[torch.device, Staging] = {}
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -120,18 +122,23 @@ class TensorMerger:
                 return torch.device("cpu")
         return self.main_device
 
-    def _fetch_rows(self, file: str, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """fp32 rows (or the whole tensor) on the worker device.
+    def _staging(self) -> Staging:
+        """The transfers of the device the current tensor merges on (one per device: the CPU fallback has its own)."""
+        staging = self._stagings.get(self.device)
+        if staging is None:
+            staging = self._stagings[self.device] = Staging(self.device)
+        return staging
 
-        On the CPU the reader converts straight from the memory map (one copy).  On a GPU the stored
-        bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) are copied and converted on the device.
+    def _fetch_rows(self, file: str, key: str, start: int = 0, stop: int | None = None,
+                    work: bool = False) -> torch.Tensor:
+        """fp32 rows (the whole tensor when ``stop`` is None) on the worker device.
+
+        The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
+        they are and are converted there (``Staging.load``); on the CPU that is one conversion
+        straight from the memory map.  ``work``: into the reused row-block work buffer.
         """
-        reader = self.readers.get(file)
-        if self.device.type == "cpu":
-            return reader.read(key, torch.float32) if start is None else reader.read_rows(key, start, stop or 0,
-                                                                                           torch.float32)
-        stored = reader.read(key) if start is None else reader.read_rows(key, start, stop or 0)
-        return stored.to(self.device, non_blocking=True).float()
+        with self.readers.get(file).stored_rows(key, start, stop) as stored:
+            return self._staging().load(stored, work)
 
     def _load(self, file: str, key: str) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
@@ -163,9 +170,10 @@ class TensorMerger:
         base = self._base_rows(job, 0, job.shape[0]) if job.scale else self._fetch_rows(job.source_file, job.source)
         return base.T if transposed else base
 
-    def _base_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the base tensor in fp32 (an FP8 weight dequantized with its block scales)."""
-        rows = self._load_rows(job.source_file, job.source, start, stop)
+    def _base_rows(self, job: TensorJob, start: int, stop: int, work: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of the base tensor in fp32 (an FP8 weight dequantized with its block scales);
+        ``work``: in the reused work buffer, valid until the next such call."""
+        rows = self._fetch_rows(job.source_file, job.source, start, stop, work)
         fmt = self.plan.fp8
         if not job.scale or fmt is None:
             return rows
@@ -345,6 +353,13 @@ class TensorMerger:
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
+        """``W0 + ΔW`` row block by row block: base rows into the work buffer, the update added in place, the
+        cast into a host buffer (``Staging``)."""
+        staging = self._staging()
+        return staging.host_blocks(self._merged_rows(job, base, transposed, update, staging))
+
+    def _merged_rows(self, job: TensorJob, base: torch.Tensor | None, transposed: bool, update: TaskUpdate | None,
+                     staging: Staging) -> Iterator[Pending]:
         out_dtype = DTYPES[job.out_dtype].torch_dtype
         if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
             left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
@@ -352,16 +367,16 @@ class TensorMerger:
             delta = update.delta.T if transposed else update.delta
         stored = None if base is None else (base.T if transposed else base)
         for start, stop in self._row_blocks(job):
-            if stored is not None:
+            if stored is not None:  # base values the method read: a fresh copy, as its layout may be transposed
                 block = stored[start:stop].clone() if job.shape else stored.clone()
             else:
-                block = self._base_rows(job, start, stop)
+                block = self._base_rows(job, start, stop, work=True)
             if isinstance(update, LowRankUpdate):
                 if update.rank:
                     block.addmm_(left[start:stop], right)
             elif isinstance(update, DenseUpdate):
                 block.add_(delta[start:stop] if job.shape else delta)
-            yield block.to(out_dtype).contiguous().cpu()
+            yield staging.unload(block, out_dtype)
             del block
 
     def copy_ranges(self, job: TensorJob) -> Iterator[Callable[[Callable[[str, bytes], None]], None]]:
