@@ -7,6 +7,8 @@ nobody holds them.  On CUDA (``gpu``) the device path must equal the CPU's withi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,31 @@ def test_cuda_staging_matches_the_cpu(world, tmp_path):
     cpu, cuda = read_model(tmp_path / "cpu"), read_model(tmp_path / "cuda")
     for name, tensor in cpu.items():
         torch.testing.assert_close(cuda[name].float(), tensor.float(), rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_do_merging_merges_tensors_ahead_in_batches(world, tmp_path, monkeypatch):
+    """The engine hands the worker each unit's tensors; DO-Merging then merges several per call
+    (``merge_many``), and the output equals one tensor per call up to fp32 reassociation."""
+    root, base, adapters = world
+    recipe = Recipe(base=str(base), inputs=tuple(InputSpec(str(a)) for a in adapters), method="do_merging",
+                    params=(("steps", 30),), device="cpu")
+    plan = build_plan(recipe)
+    batches: list[int] = []
+    method = worker.get_method("do_merging")
+    original = method.merge_many
+
+    def counting(batch, params):
+        batches.append(len(batch))
+        return original(batch, params)
+
+    monkeypatch.setattr(worker, "get_method", lambda name: dataclasses.replace(method, merge_many=counting))
+    run_plan(plan, tmp_path / "ahead")
+    merged = sum(1 for job in plan.tensors if job.contributions)
+    assert sum(batches) == merged and max(batches) > 4, batches
+    batches.clear()
+    monkeypatch.setattr(worker, "LOOKAHEAD_BYTES", 0)  # a window of one tensor
+    run_plan(plan, tmp_path / "alone")
+    assert batches == [1] * merged
+    ahead, alone = read_model(tmp_path / "ahead"), read_model(tmp_path / "alone")
+    for name, tensor in alone.items():
+        torch.testing.assert_close(ahead[name].float(), tensor.float(), rtol=8e-3, atol=1e-6, msg=name)

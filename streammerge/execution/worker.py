@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,8 @@ from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
-from ..planning.budget import rows_per_block, streams_dense_rows, streams_method_rows, tensor_working_set
+from ..planning.budget import (LOOKAHEAD_BYTES, lowrank_factor_bytes, rows_per_block, streams_dense_rows,
+                               streams_method_rows, tensor_working_set)
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
 from .staging import Pending, Staging
 
@@ -113,6 +114,9 @@ class TensorMerger:
         self.params = dict(plan.method_params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._stagings: dict[torch.device, Staging] = {}
+        self._upcoming: list[TensorJob] = []  # see expect()
+        self._position: dict[str, int] = {}
+        self._ready: dict[str, tuple[MergeResult | None, torch.Tensor | None, bool]] = {}
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -323,6 +327,14 @@ class TensorMerger:
             if not bool(torch.isfinite(rows).all()):
                 raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
 
+    def expect(self, jobs: Sequence[TensorJob]) -> None:
+        """The tensors about to be merged, in order (one output unit's).  A method with ``merge_many``
+        then merges a tensor together with the ones that follow it (``_merge_ahead``); what was prepared
+        for earlier tensors is dropped.  Without a call every tensor is merged on its own."""
+        self._upcoming = list(jobs)
+        self._position = {job.name: i for i, job in enumerate(self._upcoming)}
+        self._ready.clear()
+
     def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
         """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.
 
@@ -332,6 +344,18 @@ class TensorMerger:
             the transpose of the canonical one.
         """
         self.device = self.device_for(job)
+        ready = self._ready.pop(job.name, None)
+        if ready is not None:
+            return ready
+        if self._batchable(job):
+            return self._merge_ahead(job)
+        inputs, stored_base, transposed = self._merge_inputs(job)
+        if inputs is None:
+            return None, stored_base, transposed
+        return self.method.merge(inputs, self.params), stored_base, transposed
+
+    def _merge_inputs(self, job: TensorJob) -> tuple[MergeInputs | None, torch.Tensor | None, bool]:
+        """What the method sees for ``job`` (None when no input changes it), the base values if read, transposed."""
         transposed = any(c.transposed for c in job.contributions)
         canonical = tuple(reversed(job.shape)) if transposed else job.shape
         needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
@@ -348,8 +372,41 @@ class TensorMerger:
             return None, stored_base, transposed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), self.params)
-        return result, stored_base, transposed
+        return MergeInputs(job.name, base, tuple(updates), tuple(weights), generator), stored_base, transposed
+
+    def _batchable(self, job: TensorJob) -> bool:
+        """Whether ``job`` may be merged in a batch: the method has ``merge_many``, the tensor merges on the
+        worker device from factors alone (small to keep for a while), not in row blocks."""
+        return (self.method.merge_many is not None and bool(job.contributions) and not self.method.reads_base
+                and all(KINDS[c.kind].low_rank for c in job.contributions)
+                and not streams_method_rows(job, self.method, self.params)
+                and self.device_for(job) == self.main_device)
+
+    def _merge_ahead(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
+        """Merge ``job`` and the batchable tensors after it in the expected order, up to ``LOOKAHEAD_BYTES``
+        of factors, in one ``merge_many`` call; keep the others' results for their turn.
+
+        The window depends only on the unit's tensors (never on memory limits or ranks), and a unit is
+        always written from its start, so the bytes do not depend on how a job was run or resumed.
+        """
+        window = [job]
+        size = lowrank_factor_bytes(job)
+        position = self._position.get(job.name)
+        for later in self._upcoming[position + 1:] if position is not None else ():
+            if later.name in self._ready or not self._batchable(later):
+                continue
+            size += lowrank_factor_bytes(later)
+            if size > LOOKAHEAD_BYTES:
+                break
+            window.append(later)
+        built = [self._merge_inputs(j) for j in window]
+        given = [inputs for inputs, _, _ in built if inputs is not None]
+        results = iter(self.method.merge_many(given, self.params) if given else [])  # type: ignore[misc]
+        answers = [(next(results) if inputs is not None else None, base, transposed)
+                   for inputs, base, transposed in built]
+        for later, answer in zip(window[1:], answers[1:]):
+            self._ready[later.name] = answer
+        return answers[0]
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
