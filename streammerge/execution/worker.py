@@ -144,24 +144,27 @@ class TensorMerger:
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
             return self._staging().load(stored, work)
 
-    def _load(self, file: str, key: str) -> torch.Tensor:
+    def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
-        if self.check_finite and not bool(torch.isfinite(tensor).all()):
+        if check and self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
 
-    def _load_shared(self, file: str, key: str) -> torch.Tensor:
+    def _load_shared(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         """``_load`` for tensors many output tensors read (``InputKind.shared_tensors``): the last few are kept."""
         tensor = self._shared.pop((file, key), None)
         if tensor is None or tensor.device != self.device:
-            tensor = self._load(file, key)
+            tensor = self._load(file, key, check)
         self._shared[(file, key)] = tensor
         while len(self._shared) > SHARED_TENSORS_KEPT:
             self._shared.popitem(last=False)
         return tensor
 
     def _loader(self, kind: str) -> Callable[[str, str], torch.Tensor]:
-        return self._load_shared if KINDS[kind].shared_tensors else self._load
+        """How a kind's tensors are loaded.  Small adapter tensors were checked for NaN / Inf before the job
+        (``jobs.preflight``, rank 0 of a distributed job): they are not checked a second time here."""
+        load = self._load_shared if KINDS[kind].shared_tensors else self._load
+        return partial(load, check=False) if KINDS[kind].checked_before_job else load
 
     def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
         return self._fetch_rows(file, key, start, stop)
