@@ -24,9 +24,10 @@ from ..io.reader import CheckpointReader, open_checkpoint
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
-from ..planning.budget import (LOOKAHEAD_BYTES, lowrank_factor_bytes, rows_per_block, streams_dense_rows,
-                               streams_method_rows, tensor_working_set)
+from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
+                               tensor_working_set)
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
+from .lookahead import Lookahead
 from .staging import Pending, Staging
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
@@ -114,9 +115,7 @@ class TensorMerger:
         self.params = dict(plan.method_params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._stagings: dict[torch.device, Staging] = {}
-        self._upcoming: list[TensorJob] = []  # see expect()
-        self._position: dict[str, int] = {}
-        self._ready: dict[str, tuple[MergeResult | None, torch.Tensor | None, bool]] = {}
+        self._ahead = Lookahead()
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -331,12 +330,9 @@ class TensorMerger:
                 raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
 
     def expect(self, jobs: Sequence[TensorJob]) -> None:
-        """The tensors about to be merged, in order (one output unit's).  A method with ``merge_many``
-        then merges a tensor together with the ones that follow it (``_merge_ahead``); what was prepared
-        for earlier tensors is dropped.  Without a call every tensor is merged on its own."""
-        self._upcoming = list(jobs)
-        self._position = {job.name: i for i, job in enumerate(self._upcoming)}
-        self._ready.clear()
+        """The tensors about to be merged, in order (one output unit's): a method with ``merge_many`` then
+        merges several at once (``lookahead.py``).  Without a call every tensor is merged on its own."""
+        self._ahead.expect(jobs)
 
     def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
         """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.
@@ -347,7 +343,7 @@ class TensorMerger:
             the transpose of the canonical one.
         """
         self.device = self.device_for(job)
-        ready = self._ready.pop(job.name, None)
+        ready = self._ahead.pop(job.name)
         if ready is not None:
             return ready
         if self._batchable(job):
@@ -386,29 +382,15 @@ class TensorMerger:
                 and self.device_for(job) == self.main_device)
 
     def _merge_ahead(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
-        """Merge ``job`` and the batchable tensors after it in the expected order, up to ``LOOKAHEAD_BYTES``
-        of factors, in one ``merge_many`` call; keep the others' results for their turn.
-
-        The window depends only on the unit's tensors (never on memory limits or ranks), and a unit is
-        always written from its start, so the bytes do not depend on how a job was run or resumed.
-        """
-        window = [job]
-        size = lowrank_factor_bytes(job)
-        position = self._position.get(job.name)
-        for later in self._upcoming[position + 1:] if position is not None else ():
-            if later.name in self._ready or not self._batchable(later):
-                continue
-            size += lowrank_factor_bytes(later)
-            if size > LOOKAHEAD_BYTES:
-                break
-            window.append(later)
+        """Merge ``job`` with the batchable tensors after it in its unit in one ``merge_many`` call; the
+        others' results are kept for their turn (``lookahead.py``)."""
+        window = self._ahead.window(job, self._batchable, LOOKAHEAD_BYTES)
         built = [self._merge_inputs(j) for j in window]
         given = [inputs for inputs, _, _ in built if inputs is not None]
         results = iter(self.method.merge_many(given, self.params) if given else [])  # type: ignore[misc]
         answers = [(next(results) if inputs is not None else None, base, transposed)
                    for inputs, base, transposed in built]
-        for later, answer in zip(window[1:], answers[1:]):
-            self._ready[later.name] = answer
+        self._ahead.keep(window[1:], answers[1:])
         return answers[0]
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
