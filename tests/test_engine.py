@@ -68,9 +68,9 @@ def test_row_block_streaming_matches_whole_tensors(world, tmp_path, monkeypatch)
     blocks = list(worker.row_blocks((128, 64)))
     assert len(blocks) == 43 and blocks[-1] == (126, 128)
     calls = []
-    read_rows = worker.CheckpointReader.read_rows
-    monkeypatch.setattr(worker.CheckpointReader, "read_rows",
-                        lambda self, *a, **k: calls.append(a) or read_rows(self, *a, **k))
+    stored_rows = worker.CheckpointReader.stored_rows
+    monkeypatch.setattr(worker.CheckpointReader, "stored_rows",
+                        lambda self, *a, **k: calls.append(a) or stored_rows(self, *a, **k))
     run_plan(build_plan(recipe), tmp_path / "blocks")
     assert len(calls) > 200, "merged tensors must have been streamed in many row blocks"
     # A GEMM over fewer rows may pick another BLAS kernel, so equality is to fp32 rounding, not bytes;

@@ -321,3 +321,60 @@ def test_cuda_matches_cpu() -> None:
     torch.testing.assert_close(gpu.update.dense().cpu(), cpu.update.dense(), rtol=1e-3, atol=1e-4)
     for key, value in cpu.stats.items():
         assert gpu.stats[key] == pytest.approx(value, rel=1e-3, abs=1e-6)
+
+
+# ---- batched: many tensors at once -------------------------------------------------------------------
+
+def _module_batch() -> list[MergeInputs]:
+    """Tensors of mixed shapes and ranks (q/k/v/o/mlp-like), an untrained adapter (B = 0), one that
+    needs a large δ (warn_skip on it alone), a dense input and a 1-D tensor."""
+    shapes = [(64, 48), (16, 48), (64, 48), (96, 48), (48, 96), (64, 48)]
+    batch = []
+    for k, (d_out, d_in) in enumerate(shapes):
+        ranks = (4, 4, 2) if k % 2 else (4, 4, 4)
+        updates = [lora(d_out, d_in, r, seed=10 * k + i) for i, r in enumerate(ranks)]
+        batch.append(inputs_of(updates, [1.0, 0.5, -0.7]))
+    untrained = LowRankUpdate(up=torch.zeros(64, 4), down=torch.randn(4, 48))
+    batch.append(inputs_of([lora(64, 48, 4, seed=90), untrained, lora(64, 48, 4, seed=91)]))
+    hard = overlapping_loras(shared=0.97)
+    batch.append(inputs_of(hard))
+    batch.append(inputs_of([lora(64, 48, 4, seed=92), DenseUpdate(torch.randn(64, 48) * 0.1)]))
+    batch.append(MergeInputs("layers.0.norm.weight", torch.randn(48), (DenseUpdate(torch.randn(48)),
+                                                                        DenseUpdate(torch.randn(48))),
+                             (1.0, 1.0), torch.Generator().manual_seed(0)))
+    return batch
+
+
+@pytest.mark.parametrize("search_space", ["rowspace", "full"])
+def test_merge_many_equals_merge_per_tensor(search_space: str) -> None:
+    """The batched problems (equal shapes and ranks stacked) give each tensor's own result."""
+    params = METHOD.resolve_params({"search_space": search_space, "max_delta": 0.05, "steps": 60})
+    batch = _module_batch()
+    with warnings.catch_warnings(record=True) as batched_warnings:
+        warnings.simplefilter("always", RuntimeWarning)
+        batched = METHOD.merge_many(batch, params)
+    with warnings.catch_warnings(record=True) as single_warnings:
+        warnings.simplefilter("always", RuntimeWarning)
+        single = [METHOD.merge(inputs, params) for inputs in batch]
+    assert sorted(str(w.message) for w in batched_warnings) == sorted(str(w.message) for w in single_warnings)
+    assert batched_warnings, "the hard tensor exceeded max_delta"
+    for inputs, ours, ref in zip(batch, batched, single):
+        torch.testing.assert_close(ours.update.dense(), ref.update.dense(), rtol=1e-5, atol=1e-6, msg=inputs.name)
+        assert ours.stats.keys() == ref.stats.keys()
+        for key, value in ref.stats.items():
+            assert ours.stats[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_orthogonalize_many_batches_equal_problems_only() -> None:
+    """Problems are grouped by (ranks, width): a group's result equals each problem solved alone."""
+    from streammerge.methods.orthogonalize import RowProblem, orthogonalize_many
+    settings = OrthoSettings(steps=50)
+    problems = [RowProblem([lora(1, 40, r, seed=s).down for s, r in zip(range(k, k + 3), ranks)], "A", f"t{k}")
+                for k, ranks in enumerate([(4, 4, 4), (4, 2, 4), (4, 4, 4), (4, 4, 4), (4, 2, 4)])]
+    batched = orthogonalize_many(problems, settings)
+    for problem, ours in zip(problems, batched):
+        ref = orthogonalize_rows(problem.mats, settings, problem.side, problem.name)
+        for a, b in zip(ours.factors, ref.factors):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert ours.cross_after == pytest.approx(ref.cross_after, rel=1e-5)
+        assert ours.cross_after < ours.cross_before

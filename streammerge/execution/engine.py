@@ -79,6 +79,7 @@ def _write_and_record(unit: OutputUnit, out_dir: Path, sink: Sink, merger: Tenso
                       progress: ProgressCallback | None) -> UnitEntry:
     """Write one unit, then journal it (with its counts, stats and the sink's notes, which a resumed run reuses)."""
     tally = UnitTally()
+    merger.expect(unit.tensors)
     written = sink.write_unit(unit, out_dir, merger, tally, progress)
     kill_point("shard")
     entry = UnitEntry(unit.file_name, written.size, written.sha256, tally.tensors_merged, tally.tensors_copied,

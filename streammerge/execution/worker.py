@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,8 +30,11 @@ from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
 from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
-from ..planning.budget import rows_per_block, streams_dense_rows, streams_method_rows, tensor_working_set
+from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
+                               tensor_working_set)
 from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
+from .lookahead import Lookahead
+from .staging import Pending, Staging
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
 
@@ -131,6 +134,8 @@ class TensorMerger:
         self._fresh_scales: dict[str, list[torch.Tensor]] = {}
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
         self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
+        self._stagings: dict[torch.device, Staging] = {}
+        self._ahead = Lookahead()
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -140,37 +145,45 @@ class TensorMerger:
                 return torch.device("cpu")
         return self.main_device
 
-    def _fetch_rows(self, file: str, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
-        """fp32 rows (or the whole tensor) on the worker device.
+    def _staging(self) -> Staging:
+        """The transfers of the device the current tensor merges on (one per device: the CPU fallback has its own)."""
+        staging = self._stagings.get(self.device)
+        if staging is None:
+            staging = self._stagings[self.device] = Staging(self.device)
+        return staging
 
-        On the CPU the reader converts straight from the memory map (one copy).  On a GPU the stored
-        bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) are copied and converted on the device.
+    def _fetch_rows(self, file: str, key: str, start: int = 0, stop: int | None = None,
+                    work: bool = False) -> torch.Tensor:
+        """fp32 rows (the whole tensor when ``stop`` is None) on the worker device.
+
+        The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
+        they are and are converted there (``Staging.load``); on the CPU that is one conversion
+        straight from the memory map.  ``work``: into the reused row-block work buffer.
         """
-        reader = self.readers.get(file)
-        if self.device.type == "cpu":
-            return reader.read(key, torch.float32) if start is None else reader.read_rows(key, start, stop or 0,
-                                                                                           torch.float32)
-        stored = reader.read(key) if start is None else reader.read_rows(key, start, stop or 0)
-        return stored.to(self.device, non_blocking=True).float()
+        with self.readers.get(file).stored_rows(key, start, stop) as stored:
+            return self._staging().load(stored, work)
 
-    def _load(self, file: str, key: str) -> torch.Tensor:
+    def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
-        if self.check_finite and not bool(torch.isfinite(tensor).all()):
+        if check and self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
 
-    def _load_shared(self, file: str, key: str) -> torch.Tensor:
+    def _load_shared(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         """``_load`` for tensors many output tensors read (``InputKind.shared_tensors``): the last few are kept."""
         tensor = self._shared.pop((file, key), None)
         if tensor is None or tensor.device != self.device:
-            tensor = self._load(file, key)
+            tensor = self._load(file, key, check)
         self._shared[(file, key)] = tensor
         while len(self._shared) > SHARED_TENSORS_KEPT:
             self._shared.popitem(last=False)
         return tensor
 
     def _loader(self, kind: str) -> Callable[[str, str], torch.Tensor]:
-        return self._load_shared if KINDS[kind].shared_tensors else self._load
+        """How a kind's tensors are loaded.  Small adapter tensors were checked for NaN / Inf before the job
+        (``jobs.preflight``, rank 0 of a distributed job): they are not checked a second time here."""
+        load = self._load_shared if KINDS[kind].shared_tensors else self._load
+        return partial(load, check=False) if KINDS[kind].checked_before_job else load
 
     def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
         return self._fetch_rows(file, key, start, stop)
@@ -183,9 +196,10 @@ class TensorMerger:
         base = self._base_rows(job, 0, job.shape[0]) if job.scale else self._fetch_rows(job.source_file, job.source)
         return base.T if transposed else base
 
-    def _base_rows(self, job: TensorJob, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the base tensor in fp32 (an FP8 weight dequantized with its block scales)."""
-        rows = self._load_rows(job.source_file, job.source, start, stop)
+    def _base_rows(self, job: TensorJob, start: int, stop: int, work: bool = False) -> torch.Tensor:
+        """Rows ``start:stop`` of the base tensor in fp32 (an FP8 weight dequantized with its block scales);
+        ``work``: in the reused work buffer, valid until the next such call."""
+        rows = self._fetch_rows(job.source_file, job.source, start, stop, work)
         fmt = self.plan.fp8
         if not job.scale or fmt is None:
             return rows
@@ -217,11 +231,15 @@ class TensorMerger:
         stats = result.stats if result is not None else {}
         return self._blocks(job, base, transposed, update), stats
 
+    def _requantizes(self, job: TensorJob) -> bool:
+        """Whether ``job`` is an FP8 weight written as FP8 again (requantized on its scale grid)."""
+        return bool(job.scale) and self.plan.fp8 is not None and DTYPES[job.out_dtype].torch_dtype == FP8_DTYPE
+
     def _cast(self, job: TensorJob, block: torch.Tensor, start: int) -> torch.Tensor:
         """A merged fp32 row block in the output dtype, on the CPU.  FP8 output: requantized on the base's scale
         grid (``start`` is on it), its fresh scale rows kept for ``job.scale``'s own job, which follows."""
         fmt = self.plan.fp8
-        if not (job.scale and fmt is not None and DTYPES[job.out_dtype].torch_dtype == FP8_DTYPE):
+        if fmt is None or not self._requantizes(job):
             return block.to(DTYPES[job.out_dtype].torch_dtype).contiguous().cpu()
         scale_dtype = DTYPES[self.readers.get(job.scale_file).layout.info(job.scale).dtype].torch_dtype
         quantized, scale = quantize_rows(block, start, fmt, scale_dtype)
@@ -410,6 +428,11 @@ class TensorMerger:
             if not bool(torch.isfinite(rows).all()):
                 raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
 
+    def expect(self, jobs: Sequence[TensorJob]) -> None:
+        """The tensors about to be merged, in order (one output unit's): a method with ``merge_many`` then
+        merges several at once (``lookahead.py``).  Without a call every tensor is merged on its own."""
+        self._ahead.expect(jobs)
+
     def merge_update(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
         """The method's result for ``job`` in canonical ``[d_out, d_in]`` orientation.
 
@@ -418,16 +441,48 @@ class TensorMerger:
             orientation when they were read (None otherwise), and whether the stored tensor is
             the transpose of the canonical one.
         """
-        base, updates, weights, inputs, transposed = self._whole_updates(job)
+        self.device = self.device_for(job)
+        ready = self._ahead.pop(job.name)
+        if ready is not None:
+            return ready
+        if self._batchable(job):
+            return self._merge_ahead(job)
+        inputs, stored_base, transposed = self._merge_inputs(job)
+        if inputs is None:
+            return None, stored_base, transposed
+        return self.method.merge(inputs, self.params), stored_base, transposed
+
+    def _merge_inputs(self, job: TensorJob) -> tuple[MergeInputs | None, torch.Tensor | None, bool]:
+        """What the method sees for ``job`` (None when no input changes it), the base values if read, transposed."""
+        base, updates, weights, indices, transposed = self._whole_updates(job)
         needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
         stored_base = base if needs_values else None
         if not updates:
             return None, stored_base, transposed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        result = self.method.merge(MergeInputs(job.name, base, tuple(updates), tuple(weights), generator,
-                                               self._given(job, inputs)), self.params)
-        return result, stored_base, transposed
+        return (MergeInputs(job.name, base, tuple(updates), tuple(weights), generator, self._given(job, indices)),
+                stored_base, transposed)
+
+    def _batchable(self, job: TensorJob) -> bool:
+        """Whether ``job`` may be merged in a batch: the method has ``merge_many``, the tensor merges on the
+        worker device from factors alone (small to keep for a while), not in row blocks."""
+        return (self.method.merge_many is not None and bool(job.contributions) and not self.method.reads_base
+                and all(KINDS[c.kind].low_rank for c in job.contributions)
+                and not streams_method_rows(job, self.method, self.params)
+                and self.device_for(job) == self.main_device)
+
+    def _merge_ahead(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
+        """Merge ``job`` with the batchable tensors after it in its unit in one ``merge_many`` call; the
+        others' results are kept for their turn (``lookahead.py``)."""
+        window = self._ahead.window(job, self._batchable, LOOKAHEAD_BYTES)
+        built = [self._merge_inputs(j) for j in window]
+        given = [inputs for inputs, _, _ in built if inputs is not None]
+        results = iter(self.method.merge_many(given, self.params) if given else [])  # type: ignore[misc]
+        answers = [(next(results) if inputs is not None else None, base, transposed)
+                   for inputs, base, transposed in built]
+        self._ahead.keep(window[1:], answers[1:])
+        return answers[0]
 
     def _whole_updates(self, job: TensorJob) -> tuple[torch.Tensor, list[TaskUpdate], list[float], list[int], bool]:
         """The base as the method sees it, each changing input's whole update of ``job`` in canonical
@@ -449,22 +504,30 @@ class TensorMerger:
 
     def _blocks(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
+        """``W0 + ΔW`` row block by row block: base rows into the work buffer, the update added in place, the
+        cast into a host buffer (``Staging``)."""
+        staging = self._staging()
+        return staging.host_blocks(self._merged_rows(job, base, transposed, update, staging))
+
+    def _merged_rows(self, job: TensorJob, base: torch.Tensor | None, transposed: bool, update: TaskUpdate | None,
+                     staging: Staging) -> Iterator[Pending]:
+        out_dtype = DTYPES[job.out_dtype].torch_dtype
         if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
             left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
         elif isinstance(update, DenseUpdate):
             delta = update.delta.T if transposed else update.delta
         stored = None if base is None else (base.T if transposed else base)
         for start, stop in self._row_blocks(job):
-            if stored is not None:
+            if stored is not None:  # base values the method read: a fresh copy, as its layout may be transposed
                 block = stored[start:stop].clone() if job.shape else stored.clone()
             else:
-                block = self._base_rows(job, start, stop)
+                block = self._base_rows(job, start, stop, work=True)
             if isinstance(update, LowRankUpdate):
                 if update.rank:
                     block.addmm_(left[start:stop], right)
             elif isinstance(update, DenseUpdate):
                 block.add_(delta[start:stop] if job.shape else delta)
-            yield self._cast(job, block, start)
+            yield Pending(self._cast(job, block, start)) if self._requantizes(job) else staging.unload(block, out_dtype)
             del block
 
     def copy_ranges(self, job: TensorJob) -> Iterator[Callable[[Callable[[str, bytes], None]], None]]:

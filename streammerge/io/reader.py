@@ -16,6 +16,7 @@ import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -200,26 +201,39 @@ class CheckpointReader:
         Rows are contiguous on disk, so a block of a huge tensor (a 128k-row embedding) is
         read without touching the rest of it.
         """
+        with self.stored_rows(name, start, stop) as view:
+            return view.to(dtype or view.dtype, copy=True)
+
+    @contextmanager
+    def stored_rows(self, name: str, start: int, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Rows ``start:stop`` of tensor ``name`` (all rows when ``stop`` is None) as a read-only view of the
+        memory map, in the stored dtype; its pages are released when the block ends.
+
+        The view must only be copied from, and not kept: the worker stages or converts it (``execution.staging``).
+        """
         info = self.layout.info(name)
         mm = self._map(self.layout.shard_of[name])
         torch_dtype = DTYPES[info.dtype].torch_dtype
         if torch_dtype is None:
             raise SafetensorsFormatError(f"tensor {name!r} has dtype {info.dtype}, which torch cannot represent")
-        target = dtype or torch_dtype
+        if stop is None:
+            stop = info.shape[0] if info.shape else 1
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
         row_numel = info.numel // info.shape[0] if info.shape and info.shape[0] else 1
         count = (stop - start) * row_numel if info.shape else info.numel
         if count == 0:
-            return torch.empty(shape, dtype=target)
+            yield torch.empty(shape, dtype=torch_dtype)
+            return
         begin = info.begin + start * row_numel * torch_dtype.itemsize
         with warnings.catch_warnings():
             # frombuffer warns that the map is read-only; the view is only ever copied from.
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(mm, dtype=torch_dtype, count=count, offset=begin)
-        tensor = view.reshape(shape).to(target, copy=True)
-        del view
-        self._release(mm, begin, begin + count * torch_dtype.itemsize)
-        return tensor
+        try:
+            yield view.reshape(shape)
+        finally:
+            del view
+            self._release(mm, begin, begin + count * torch_dtype.itemsize)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to read tensor ``name`` ahead (``MADV_WILLNEED``): no memory of ours is used."""

@@ -246,6 +246,10 @@ class MergeMethod:
             fine-tunes, replaced tensors) one row block at a time instead of whole tensors.
         rows: the row-block (two-pass) form, for methods that need whole-tensor statistics
             of dense deltas; None if the method has none.
+        merge_many: ``merge`` of several tensors at once (``(list of MergeInputs, params) -> list of
+            MergeResult``), for methods whose per-tensor work is many tiny ops (DO-Merging's Adam steps):
+            equal tensor problems run as batched ops.  Each result equals ``merge``'s up to floating-point
+            reassociation.  None: the engine calls ``merge`` per tensor.
     """
 
     name: str
@@ -258,6 +262,7 @@ class MergeMethod:
     reads_base: bool = False
     elementwise: bool = False
     rows: RowMerge | None = None
+    merge_many: Callable[[Sequence[MergeInputs], Mapping[str, Any]], list[MergeResult]] | None = None
 
     def resolve_params(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``given``, every value validated.

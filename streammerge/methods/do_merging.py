@@ -15,11 +15,11 @@ User weights ``w_i`` are folded into ``ΔW_i`` first (rule 1): they scale task i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import decouple, orthogonalize
-from .base import LAMBDA, MergeInputs, MergeMethod, MergeResult, Param, weighted_sum
+from .base import LAMBDA, MergeInputs, MergeMethod, MergeResult, Param, TaskUpdate, weighted_sum
 from .common import fold_weights, is_matrix, weighted_average
 
 PARAMS: tuple[Param, ...] = (
@@ -35,19 +35,32 @@ PARAMS: tuple[Param, ...] = (
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     """DO-Merging of one tensor; see the module docstring."""
-    if not is_matrix(inputs):
-        return MergeResult(weighted_average(inputs, "do_merging"))
-    updates = fold_weights(inputs)
-    stats: dict[str, float] = {}
-    if params["orthogonalize"]:
+    return merge_many([inputs], params)[0]
+
+
+def merge_many(batch: Sequence[MergeInputs], params: Mapping[str, Any]) -> list[MergeResult]:
+    """DO-Merging of several tensors: their orthogonalization problems of equal shape run as one batch."""
+    matrices = [k for k, inputs in enumerate(batch) if is_matrix(inputs)]
+    folded = {k: fold_weights(batch[k]) for k in matrices}
+    ortho: dict[int, tuple[list[TaskUpdate], dict[str, float]]] = {k: (folded[k], {}) for k in matrices}
+    if params["orthogonalize"] and matrices:
         settings = orthogonalize.OrthoSettings.from_params(params)
-        updates, stats = orthogonalize.orthogonalize_updates(updates, settings, inputs.name)
-    if params["decouple"]:
-        update = decouple.decoupled_merge(updates, params["norm_axis"], params["direction_reduce"],
-                                          params["eps"], params["lambda"])
-    else:
-        update = weighted_sum(updates, [params["lambda"]] * len(updates))
-    return MergeResult(update, stats)
+        done = orthogonalize.orthogonalize_updates_many([folded[k] for k in matrices], settings,
+                                                        [batch[k].name for k in matrices])
+        ortho = dict(zip(matrices, done))
+    results = []
+    for k, inputs in enumerate(batch):
+        if k not in ortho:
+            results.append(MergeResult(weighted_average(inputs, "do_merging")))
+            continue
+        updates, stats = ortho[k]
+        if params["decouple"]:
+            update = decouple.decoupled_merge(updates, params["norm_axis"], params["direction_reduce"],
+                                              params["eps"], params["lambda"])
+        else:
+            update = weighted_sum(updates, [params["lambda"]] * len(updates))
+        results.append(MergeResult(update, stats))
+    return results
 
 
 METHOD = MergeMethod(
@@ -55,4 +68,5 @@ METHOD = MergeMethod(
     summary="DO-Merging: orthogonalize factors, average magnitudes, sum directions; exact rank-Σr for LoRA",
     params=PARAMS,
     merge=merge,
+    merge_many=merge_many,
 )

@@ -38,6 +38,12 @@ DENSE_METHOD_COPIES = 7
 # The whole-model pass of TIES ``scope: global`` keeps per input at most this many bytes of window entries
 # (methods.rows.MODEL_CANDIDATE_LIMIT entries of 8 bytes, doubled while joined at the end).
 MODEL_PASS_INPUT_BYTES = 16 * MODEL_CANDIDATE_LIMIT
+# Factor bytes of the tensors a method with ``merge_many`` merges at once (worker ``_merge_ahead``). Fixed,
+# like the block size: the window decides which problems are batched, so it must not depend on the budget.
+LOOKAHEAD_BYTES = 32 * MiB
+# What such a window holds at its peak, in windows: the loaded and weighted factors, the orthogonalized ones, the
+# results, the batch's temporaries (measured: DO-Merging on the 1b preset, 4 × r16, +140 MiB anonymous RSS).
+LOOKAHEAD_COPIES = 5
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,14 @@ def streams_method_rows(job: TensorJob, method: MergeMethod, params: Mapping[str
             and not any(c.transposed for c in job.contributions))
 
 
+def lowrank_factor_bytes(job: TensorJob) -> int:
+    """fp32 bytes of ``job``'s low-rank factors (``[d_out, r]`` and ``[r, d_in]`` per contribution)."""
+    n = _numel(job.shape)
+    d_out = job.shape[0] if job.shape else 1
+    d_in = n // d_out if d_out else 0
+    return 4 * sum((d_out + d_in) * c.rank for c in job.contributions if KINDS[c.kind].low_rank)
+
+
 def tensor_working_set(job: TensorJob, method: MergeMethod,
                        params: Mapping[str, Any] | None = None) -> tuple[int, str]:
     """Bytes the worker device holds to merge ``job``, and why (``params``: the method's, for its row form)."""
@@ -95,11 +109,11 @@ def tensor_working_set(job: TensorJob, method: MergeMethod,
     out_size = DTYPES[job.out_dtype].bits // 8 or 1
     block = block_numel(job.shape)
     need = block * (4 + out_size)  # the fp32 block and its cast copy
-    d_out = job.shape[0] if job.shape else 1
-    d_in = n // d_out if d_out else 0
-    factor_elems = sum((d_out + d_in) * c.rank for c in job.contributions if KINDS[c.kind].low_rank)
-    need += 3 * 4 * factor_elems  # loaded factors, the method's intermediates, its concatenated result
+    need += 3 * lowrank_factor_bytes(job)  # loaded factors, the method's intermediates, its concatenated result
     reasons = ["row blocks"]
+    if method.merge_many is not None:
+        need += LOOKAHEAD_COPIES * LOOKAHEAD_BYTES
+        reasons.append("tensors merged ahead in a batch")
     if streams_dense_rows(job, method):
         # Row block by row block: the base rows, one delta per input, the merged rows.
         dense_inputs = {c.input_index for c in job.contributions if not KINDS[c.kind].low_rank}
