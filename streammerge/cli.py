@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
+from .conventions import CONVENTIONS
 from .jobs.modelcard import stats_summary
 from .osrm.commands import add_osrm_commands
 from .planning.describe import describe_plan
@@ -76,7 +77,7 @@ class _InputAction(argparse.Action):
 
 
 _CHOICES: dict[str, Any] = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "method": sorted(REGISTRY),
-                           "gguf_type": GGUF_TYPES}
+                           "gguf_type": GGUF_TYPES, "conventions": CONVENTIONS}
 _TYPES: dict[type, Any] = {int: int}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import InputError, PlanError, StreamMergeError
+from .conventions import CONVENTIONS, convention_defaults
 
 __all__ = [
     "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
@@ -130,6 +131,10 @@ class Recipe:
                                           "default: each base tensor's own dtype (float32 for adapter output)",
                                flag="--dtype")
     seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
+    conventions: str = _field("streammerge", help="parameter defaults of the merge method: 'streammerge' (its own) or "
+                                                  "'mergekit' (mergekit 0.1.5's normalizations, rescale, banding and "
+                                                  "trims; see README, \"Coming from mergekit\"); params given win",
+                              flag="--conventions")
     max_shard_size: int | None = _field(None, help="reshard the output into files of at most SIZE (e.g. 5GB); "
                                                    "default: the base's layout", flag="--max-shard-size",
                                         metavar="SIZE", parse="size")
@@ -192,8 +197,15 @@ class Recipe:
             problems.append(f"gguf_type: {self.gguf_type!r} must be one of {list(GGUF_TYPES)}")
         if self.rank is not None and self.rank <= 0:
             problems.append(f"rank: must be a positive integer, got {self.rank}")
-        problems += _method_problems(self.method, self.params)
+        if self.conventions not in CONVENTIONS:
+            problems.append(f"conventions: {self.conventions!r} must be one of {list(CONVENTIONS)}")
+        problems += _method_problems(self.method, self.given_params())
         return problems
+
+    def given_params(self) -> tuple[tuple[str, Any], ...]:
+        """The method parameters to resolve: the convention's defaults overlaid with ``params``."""
+        given = {**convention_defaults(self.method, self.conventions), **dict(self.params)}
+        return tuple(sorted(given.items()))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, scalars) that ``recipe_from_dict`` and YAML read back."""
