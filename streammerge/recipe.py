@@ -23,7 +23,7 @@ from .conventions import CONVENTIONS, convention_defaults
 
 __all__ = [
     "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
-    "recipe_from_dict", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate", "format_weight",
+    "recipe_from_dict", "read_document", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate", "format_weight",
 ]
 
 INPUT_KINDS = ("adapter", "model")
@@ -384,12 +384,11 @@ def recipe_from_dict(doc: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe_file(path: str | Path) -> Recipe:
-    """Read a YAML (or JSON) recipe file; every structural problem is reported at once.
+def read_document(path: str | Path) -> Any:
+    """The parsed YAML (or JSON) document of a recipe or config file.
 
     Raises:
         InputError: the file cannot be read or parsed.
-        PlanError: listing every problem with its YAML path.
     """
     import yaml
 
@@ -400,12 +399,21 @@ def load_recipe_file(path: str | Path) -> Recipe:
         raise InputError(f"cannot read recipe file {str(path)!r}: {e}") from e
     try:
         # JSON is YAML, but YAML 1.1 reads JSON's 1e-06 as a string: parse .json files as JSON.
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise InputError(f"recipe file {str(path)!r} is not valid JSON: {e}") from e
     except yaml.YAMLError as e:
         raise InputError(f"recipe file {str(path)!r} is not valid YAML: {e}") from e
-    return recipe_from_dict(doc, source=str(path))
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """Read a YAML (or JSON) recipe file; every structural problem is reported at once.
+
+    Raises:
+        InputError: the file cannot be read or parsed.
+        PlanError: listing every problem with its YAML path.
+    """
+    return recipe_from_dict(read_document(path), source=str(path))
 
 
 def dump_recipe_yaml(recipe: Recipe) -> str:
