@@ -52,7 +52,6 @@ _TOP_FIELDS = ("merge_method", "base_model", "models", "parameters", "dtype", "o
                "tokenizer", "chat_template", "slices", "modules")
 _MODEL_FIELDS = ("model", "parameters")
 _SHARED = ("normalize", "rescale", "int8_mask", "lambda")
-_PER_INPUT = {"weight", "density", "gamma", "epsilon"}
 
 
 def _sparsify_names(method: str) -> tuple[str, ...]:
@@ -260,15 +259,15 @@ class _Translator:
         if not isinstance(given, dict):
             self.problems.append(f"parameters: expected a mapping of name: value, got {given!r}")
             return {}
-        allowed = {"normalize"} if method == "linear" else set(_SHARED)
-        allowed |= _PER_INPUT if method != "linear" else {"weight"}
+        per_input = {"weight", *_sparsify_names(method)}
+        allowed = ({"normalize"} if method == "linear" else set(_SHARED)) | per_input
         result: dict[str, Any] = {}
         for name, value in given.items():
             where = f"parameters.{name}"
             if name not in allowed:
                 self.notes.append(f"{where}: {method} takes no parameter {name!r}; ignored (as mergekit does)")
                 continue
-            if name in _PER_INPUT:
+            if name in per_input:
                 continue  # a fallback of the per-model chains
             if isinstance(value, (list, dict)):
                 self.problems.append(f"{where}: a gradient or filter list for {name!r} is not supported yet; "
@@ -331,7 +330,7 @@ class _Translator:
             if ref.lora is None and ref.model_key() == base.model_key():
                 continue  # the base itself: mergekit ignores its per-input parameters
             for name in params:
-                if name not in _PER_INPUT and name not in _SHARED:
+                if name not in {"weight", *_sparsify_names(method)} and name not in _SHARED:
                     self.notes.append(f"models[{i}].parameters.{name}: {method} takes no parameter {name!r}; "
                                       "ignored (as mergekit does)")
                 elif name in _SHARED:

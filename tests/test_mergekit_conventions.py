@@ -87,7 +87,7 @@ def mk_l1(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def mk_combine(sparse: list[torch.Tensor], weights: list[float], consensus: bool, normalize: bool,
                lam: float = 1.0) -> torch.Tensor:
     stacked = torch.stack(sparse)
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * sparse[0].dim())
     stacked = stacked * w
     if consensus:
         majority = (stacked.sum(dim=0) >= 0).float() * 2 - 1
