@@ -349,8 +349,14 @@ class _Translator:
         normalize = shared.get("normalize")
         normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
         if normalize and method not in _ELECTING:
-            inputs = self.fold_divisor(method, inputs)
-            method_params["normalize"] = "weights" if inputs and all(s.kind == "model" for s in inputs) else "none"
+            scalar = all(not isinstance(s.weight, tuple) and not s.overrides for s in inputs)
+            if scalar or any(s.kind == "adapter" for s in inputs):
+                inputs = self.fold_divisor(method, inputs)
+            else:
+                method_params["normalize"] = "weights"
+                self.notes.append(f"parameters.normalize: per tensor, streammerge divides by the weights of the "
+                                  f"models that change it; a model whose tensor equals the base's is left out of "
+                                  f"that sum (mergekit counts it)")
         if self.problems:
             return None
         return self.recipe(base, inputs, method, method_params)
@@ -388,25 +394,27 @@ class _Translator:
 
     def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
         """``normalize: true`` without sign election divides by the sum of **all** models' weights.
-        Full models touch every tensor, so the method's ``normalize: weights`` sees them all; a LoRA
-        touches only its target modules, so the divisor is folded into constant weights instead."""
-        if all(s.kind == "model" for s in inputs):
-            return inputs
+        The method's ``normalize: weights`` sees only the inputs that change a tensor (a LoRA touches
+        only its target modules, a copy of the base nothing), so the sum is folded into constant
+        weights instead."""
         if any(isinstance(s.weight, tuple) or s.overrides for s in inputs):
-            self.problems.append(f"models: {method} with normalize: true divides by the sum of every model's weight; "
-                                 "with LoRA inputs streammerge folds that sum into the weights, which needs plain "
-                                 "numbers (not gradients or filters); not yet supported")
+            self.problems.append(f"models: {method} divides by the sum of every model's weight; streammerge folds "
+                                 "that sum into the weights here, which needs plain numbers (not gradients or "
+                                 "filters); not yet supported")
             return inputs
         total = sum(float(s.weight) for s in inputs)  # type: ignore[arg-type]
         if abs(total) < 1e-8:
+            if method == "linear":
+                self.problems.append("models: the weights sum to 0; mergekit's linear average divides by it")
             return inputs
         return [InputSpec(path=s.path, kind=s.kind, weight=float(s.weight) / total, revision=s.revision)  # type: ignore[arg-type]
                 for s in inputs]
 
     def linear(self, entries: list[tuple[int, Any]], base: _Ref | None, shared: dict[str, Any]) -> Recipe | None:
         """mergekit's linear: ``Σ_i w_i M_i / Σ_i w_i`` over every listed model (the base included when
-        named). Our base is the first model's checkpoint; listed plain copies of it become zero task
-        vectors that still count in the divisor."""
+        named).  Our base is ``base_model`` or the first model's checkpoint; ``M_i = W0 + ΔW_i``, so the
+        average is Task Arithmetic with weights ``w_i / Σ_j w_j``, copies of the base adding nothing
+        but their weight to the sum."""
         if shared.get("normalize") is False:
             self.problems.append("parameters.normalize: linear with normalize: false (Σ w_i M_i, not an average) "
                                  "is not a task-vector merge; not supported")
@@ -420,15 +428,11 @@ class _Translator:
         inputs = [s for i, r, p in refs if r is not None and (s := self.input_spec(i, r, anchor, p)) is not None]
         if self.problems:
             return None
-        if any(s.kind == "adapter" for s in inputs):
-            # A LoRA touches only its targets, the average is over every model: fold the sum of the
-            # weights into constant weights (copies of the base add nothing but their weight).
-            folded = self.fold_divisor("linear", inputs)
-            inputs = [s for s in folded if s.kind == "adapter"]
-            if self.problems:
-                return None
-            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
-        return self.recipe(anchor, inputs, "linear", {})
+        folded = self.fold_divisor("linear", inputs)
+        kept = [s for s in folded if not (s.kind == "model" and (s.path.rstrip("/"), s.revision) == anchor.model_key())]
+        if self.problems:
+            return None
+        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
 
     def recipe(self, base: _Ref, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
         doc = self.doc

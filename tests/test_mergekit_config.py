@@ -91,12 +91,20 @@ def test_mergekit_defaults_per_method(method: str, expected: dict) -> None:
     assert dict(translate(doc).recipe.params) == expected
 
 
-def test_normalize_true_on_full_models_divides_by_the_weights() -> None:
+def test_normalize_true_folds_the_sum_of_all_weights() -> None:
     doc = {"merge_method": "dare_linear", "base_model": "b", "parameters": {"normalize": "true"},
            "models": [{"model": "m1", "parameters": {"weight": 1, "density": 0.3}},
                       {"model": "m2", "parameters": {"weight": 3, "density": 0.3}}]}
     r = translate(doc).recipe
-    assert dict(r.params)["normalize"] == "weights" and [s.weight for s in r.inputs] == [1.0, 3.0]
+    assert dict(r.params)["normalize"] == "none" and [s.weight for s in r.inputs] == [0.25, 0.75]
+
+
+def test_normalize_true_with_gradients_on_full_models_divides_per_tensor() -> None:
+    doc = {"merge_method": "task_arithmetic", "base_model": "b", "parameters": {"normalize": True},
+           "models": [{"model": "m1", "parameters": {"weight": [1, 2]}}, {"model": "m2", "parameters": {"weight": 3}}]}
+    result = translate(doc)
+    assert dict(result.recipe.params)["normalize"] == "weights"
+    assert any("left out of that sum" in n for n in result.notes)
 
 
 def test_normalize_true_with_loras_folds_the_sum_of_weights() -> None:
@@ -213,12 +221,18 @@ def test_unknown_fields_are_noted_not_refused() -> None:
     assert any("epsilon" in n for n in result.notes)
 
 
-def test_linear_uses_the_first_model_as_base_and_keeps_its_weight() -> None:
+def test_linear_is_task_arithmetic_against_the_first_model_with_averaged_weights() -> None:
+    doc = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
+                                                {"model": "b", "parameters": {"weight": 3}}]}
+    r = translate(doc).recipe
+    assert (r.base, r.method, dict(r.params)["normalize"]) == ("a", "task_arithmetic", "none")
+    assert [(s.path, s.kind, s.weight) for s in r.inputs] == [("b", "model", 0.75)]
+
+
+def test_linear_with_gradient_weights_is_refused() -> None:
     doc = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                 {"model": "b", "parameters": {"weight": [0, 2]}}]}
-    r = translate(doc).recipe
-    assert (r.base, r.method) == ("a", "linear")
-    assert [(s.path, s.kind, s.weight) for s in r.inputs] == [("a", "model", 1.0), ("b", "model", (0.0, 2.0))]
+    assert any(p.startswith("mk.yml: models: linear divides by the sum") for p in problems(doc))
 
 
 def test_linear_of_loras_becomes_task_arithmetic_with_averaged_weights() -> None:
