@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--restart", action="store_true", help="discard a job found in --out and start over")
     extract.set_defaults(handler=cmd_extract)
 
-    convert = sub.add_parser("convert-config", help="print the streammerge recipe (YAML) equivalent to a mergekit config",
+    convert = sub.add_parser("convert-config",
+                             help="print the streammerge recipe (YAML) equivalent to a mergekit config",
                              description="Translate a mergekit YAML config into a streammerge recipe with "
                                          "conventions: mergekit; every problem is reported with its field path.")
     convert.add_argument("config", metavar="MERGEKIT.yml", help="a mergekit configuration file")

@@ -17,14 +17,13 @@ as are ``slices`` / ``modules`` and methods streammerge does not have.  Every me
 
 from __future__ import annotations
 
-import glob
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .conventions import MERGEKIT
 from .errors import PlanError
-from .recipe import InputSpec, Recipe, Weight, WeightOverride
+from .mergekit_settings import ModelRef, SettingReader
+from .recipe import InputSpec, Recipe
 
 __all__ = ["MergekitTranslation", "is_mergekit_document", "translate_mergekit", "SUPPORTED_METHODS"]
 
@@ -66,19 +65,6 @@ def is_mergekit_document(doc: Any) -> bool:
     return isinstance(doc, dict) and "merge_method" in doc
 
 
-@dataclass(frozen=True)
-class _Ref:
-    """A parsed mergekit model reference ``path[@rev][+lora[@rev]]``."""
-
-    path: str
-    revision: str | None
-    lora: str | None = None
-    lora_revision: str | None = None
-
-    def model_key(self) -> tuple[str, str | None]:
-        return self.path.rstrip("/"), self.revision
-
-
 @dataclass
 class MergekitTranslation:
     """A translated config: the recipe, and notes on what mergekit does that needs no counterpart."""
@@ -87,129 +73,10 @@ class MergekitTranslation:
     notes: list[str] = field(default_factory=list)
 
 
-class _Translator:
+class _Translator(SettingReader):
     def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__()
         self.doc = doc
-        self.problems: list[str] = []
-        self.notes: list[str] = []
-
-    # --- small readers -------------------------------------------------------------------
-
-    def ref(self, value: Any, where: str) -> _Ref | None:
-        if isinstance(value, dict):
-            extra = sorted(set(value) - {"model", "lora", "override_architecture"})
-            if extra or "override_architecture" in value:
-                self.problems.append(f"{where}: only 'model' and 'lora' are supported in a model mapping, got "
-                                     f"{sorted(value)}")
-                return None
-            value = str(value.get("model", "")) + (f"+{value['lora']}" if value.get("lora") else "")
-        if not isinstance(value, str) or not value.strip():
-            self.problems.append(f"{where}: expected a model path or Hub id (optionally 'model+lora'), got {value!r}")
-            return None
-        chunks = value.split("+")
-        if len(chunks) > 2:
-            self.problems.append(f"{where}: {value!r} has more than one '+'; write 'model' or 'model+lora'")
-            return None
-        parts = []
-        for chunk in chunks:
-            path, sep, rev = chunk.partition("@")
-            if "@" in rev:
-                self.problems.append(f"{where}: {chunk!r} has more than one '@' (path@revision)")
-                return None
-            parts.append((path.strip(), rev.strip() if sep else None))
-        (path, rev), lora = parts[0], parts[1] if len(parts) == 2 else (None, None)
-        return _Ref(path, rev, lora[0], lora[1])
-
-    def number(self, value: Any, where: str) -> float | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            self.problems.append(f"{where}: expected a number, got {value!r}")
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            self.problems.append(f"{where}: expected a number, got {value!r}")
-            return None
-        if not math.isfinite(number):
-            self.problems.append(f"{where}: {value!r} is not finite")
-            return None
-        return number
-
-    def flag(self, value: Any, where: str) -> bool | None:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        self.problems.append(f"{where}: expected true or false, got {value!r}")
-        return None
-
-    def gradient(self, value: Any, where: str) -> Weight | None:
-        """A scalar or a gradient list (mergekit interpolates it over layers exactly as ``interpolate``)."""
-        if isinstance(value, list):
-            if not value:
-                return None
-            values = [self.number(v, f"{where}[{i}]") for i, v in enumerate(value)]
-            if any(v is None for v in values):
-                return None
-            return tuple(values) if len(values) > 1 else values[0]  # type: ignore[return-value]
-        return self.number(value, where)
-
-    def conditional(self, setting: Any, where: str) -> tuple[list[tuple[str, Any, str]], Any, str] | None:
-        """A setting as (filtered entries before the catch-all, the catch-all value or None, its path)."""
-        entries = setting if isinstance(setting, list) else [setting]
-        filtered: list[tuple[str, Any, str]] = []
-        for j, entry in enumerate(entries):
-            at = f"{where}[{j}]" if isinstance(setting, list) else where
-            extra = sorted(set(entry) - {"filter", "value"})
-            if extra or "value" not in entry:
-                self.problems.append(f"{at}: a conditional parameter is {{filter: SUBSTRING, value: V}}, got {entry!r}")
-                return None
-            text = entry.get("filter")
-            if text is None or text == "*":
-                return filtered, entry["value"], f"{at}.value"
-            if not isinstance(text, str) or not text:
-                self.problems.append(f"{at}.filter: expected a substring of tensor names, got {text!r}")
-                return None
-            filtered.append((text, entry["value"], f"{at}.value"))
-        return filtered, None, ""
-
-    def weight(self, chain: list[tuple[Any, str]], where: str) -> tuple[Weight | None, tuple[WeightOverride, ...]]:
-        """A per-input ``weight`` through mergekit's precedence chain → our weight and overrides."""
-        overrides: list[WeightOverride] = []
-        for setting, at in chain:
-            if setting is None or setting == []:
-                continue
-            if isinstance(setting, dict) or (isinstance(setting, list) and any(isinstance(e, dict) for e in setting)):
-                if isinstance(setting, list) and not all(isinstance(e, dict) for e in setting):
-                    self.problems.append(f"{at}: mixes numbers and {{filter, value}} entries")
-                    return None, ()
-                parsed = self.conditional(setting, at)
-                if parsed is None:
-                    return None, ()
-                filtered, rest, rest_at = parsed
-                for text, value, value_at in filtered:
-                    w = self.gradient(value, value_at)
-                    if w is not None:  # mergekit's filter is a substring test: the glob *text*
-                        overrides.append(WeightOverride(match=f"*{glob.escape(text)}*", weight=w))
-                if rest is not None:
-                    return self.gradient(rest, rest_at), tuple(overrides)
-                continue
-            return self.gradient(setting, at), tuple(overrides)
-        return None, tuple(overrides)
-
-    def scalar(self, chain: list[tuple[Any, str]], name: str) -> tuple[float | None, str]:
-        """A per-input parameter other than weight: one number (gradients and filters: not yet)."""
-        for setting, at in chain:
-            if setting is None or setting == []:
-                continue
-            if isinstance(setting, (list, dict)):
-                self.problems.append(
-                    f"{at}: {name} as a gradient or a filter list is not supported yet (streammerge has one {name} "
-                    f"per merge); give a number")
-                return None, at
-            return self.number(setting, at), at
-        return None, ""
 
     # --- the document ----------------------------------------------------------------------
 
@@ -278,7 +145,7 @@ class _Translator:
             self.notes.append("parameters.int8_mask: only the dtype of mergekit's sign mask; no effect on the result")
         return result
 
-    def model_entry(self, i: int, entry: Any) -> tuple[_Ref | None, dict[str, Any]]:
+    def model_entry(self, i: int, entry: Any) -> tuple[ModelRef | None, dict[str, Any]]:
         where = f"models[{i}]"
         if isinstance(entry, str):
             entry = {"model": entry}
@@ -301,7 +168,7 @@ class _Translator:
         return [(params.get(name), f"models[{i}].parameters.{name}"),
                 (globals_.get(name) if isinstance(globals_, dict) else None, f"parameters.{name}")]
 
-    def input_spec(self, i: int, ref: _Ref, base: _Ref, params: dict[str, Any]) -> InputSpec | None:
+    def input_spec(self, i: int, ref: ModelRef, base: ModelRef, params: dict[str, Any]) -> InputSpec | None:
         where = f"models[{i}]"
         weight, overrides = self.weight(self.chain(i, params, "weight"), where)
         if weight is None:
@@ -319,7 +186,7 @@ class _Translator:
         return InputSpec(path=ref.lora, kind="adapter", weight=weight, revision=ref.lora_revision,
                          overrides=overrides)
 
-    def task_vectors(self, method: str, entries: list[tuple[int, Any]], base: _Ref,
+    def task_vectors(self, method: str, entries: list[tuple[int, Any]], base: ModelRef,
                      shared: dict[str, Any]) -> Recipe | None:
         inputs: list[InputSpec] = []
         per_input: dict[str, list[tuple[float, str]]] = {"density": [], "gamma": []}
@@ -407,10 +274,10 @@ class _Translator:
             if method == "linear":
                 self.problems.append("models: the weights sum to 0; mergekit's linear average divides by it")
             return inputs
-        return [InputSpec(path=s.path, kind=s.kind, weight=float(s.weight) / total, revision=s.revision)  # type: ignore[arg-type]
-                for s in inputs]
+        return [InputSpec(path=s.path, kind=s.kind, weight=float(s.weight) / total,  # type: ignore[arg-type]
+                          revision=s.revision) for s in inputs]
 
-    def linear(self, entries: list[tuple[int, Any]], base: _Ref | None, shared: dict[str, Any]) -> Recipe | None:
+    def linear(self, entries: list[tuple[int, Any]], base: ModelRef | None, shared: dict[str, Any]) -> Recipe | None:
         """mergekit's linear: ``Σ_i w_i M_i / Σ_i w_i`` over every listed model (the base included when
         named).  Our base is ``base_model`` or the first model's checkpoint; ``M_i = W0 + ΔW_i``, so the
         average is Task Arithmetic with weights ``w_i / Σ_j w_j``, copies of the base adding nothing
@@ -434,7 +301,7 @@ class _Translator:
             return None
         return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
 
-    def recipe(self, base: _Ref, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
+    def recipe(self, base: ModelRef, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
         doc = self.doc
         dtype = doc.get("out_dtype") or doc.get("dtype")
         if doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":

@@ -23,7 +23,8 @@ from .conventions import CONVENTIONS, convention_defaults
 
 __all__ = [
     "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
-    "recipe_from_dict", "read_document", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate", "format_weight",
+    "recipe_from_dict", "read_document", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate",
+    "format_weight",
 ]
 
 INPUT_KINDS = ("adapter", "model")

@@ -117,7 +117,8 @@ def test_normalize_true_with_loras_folds_the_sum_of_weights() -> None:
 
 def test_model_plus_lora_on_the_base_is_an_adapter_input() -> None:
     doc = ties(models=[{"model": "org/base+org/lora@abc", "parameters": {"weight": 0.5, "density": 0.5}},
-                       {"model": {"model": "org/base", "lora": "./lora2"}, "parameters": {"weight": 1, "density": 0.5}}])
+                       {"model": {"model": "org/base", "lora": "./lora2"},
+                        "parameters": {"weight": 1, "density": 0.5}}])
     r = translate(doc).recipe
     assert r.inputs == (InputSpec("org/lora", kind="adapter", weight=0.5, revision="abc"),
                         InputSpec("./lora2", kind="adapter", weight=1.0))

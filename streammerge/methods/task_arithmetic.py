@@ -37,8 +37,8 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
         # so a per-tensor norm rule would silently become a per-block one.
         raise MethodParameterError(
             f"method 'task_arithmetic': lambda=auto needs LoRA (low-rank) inputs, but tensor {inputs.name!r} "
-            "has a dense update (a full fine-tune, modules_to_save or a bias) or normalize: weights; give lambda a number, or use "
-            "ties/tsv/iso_c with their auto scale")
+            "has a dense update (a full fine-tune, modules_to_save or a bias) or normalize: weights; give lambda a "
+            "number, or use ties/tsv/iso_c with their auto scale")
     weighted = [LowRankUpdate(up=u.up * w, down=u.down) for u, w in zip(inputs.updates, inputs.weights)]
     stats: dict[str, float] = {}
     merged = apply_scale(AUTO, weighted, weighted_sum(weighted, [1.0] * len(weighted)), stats)
