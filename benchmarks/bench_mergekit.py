@@ -85,10 +85,14 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
     a, b, w0 = tensors(ours), tensors(theirs), tensors(base)
     names = sorted(set(a) & set(b))
-    identical, max_abs, max_ulp, l1_ours, l1_theirs, changed_ours, changed_theirs, total = 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0
+    identical, max_abs, max_ulp, l1_ours, l1_theirs = 0, 0.0, 0.0, 0.0, 0.0
+    changed_ours, changed_theirs, total, differing, differ = 0, 0, 0, 0, []
     for name in names:
         x, y = a[name].float(), b[name].float()
         identical += int(torch.equal(a[name], b[name]))
+        if not torch.equal(a[name], b[name]):
+            differ.append(name)
+        differing += int((x != y).sum())
         diff = (x - y).abs()
         max_abs = max(max_abs, float(diff.max()))
         base = w0[name].float() if name in w0 else torch.zeros_like(x)
@@ -102,7 +106,8 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
         changed_theirs += int((y != base).sum())
         total += x.numel()
     return {"tensors": len(names), "only_ours": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a)),
-            "identical": identical, "max_abs_diff": max_abs, "max_ulp": max_ulp,
+            "identical": identical, "differing_entries": differing, "entries": total, "differing_tensors": differ,
+            "max_abs_diff": max_abs, "max_ulp": max_ulp,
             "l1_ratio": l1_ours / l1_theirs if l1_theirs else float("nan"),
             "changed_ours": changed_ours / total, "changed_mergekit": changed_theirs / total}
 
@@ -128,16 +133,18 @@ def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path) -> di
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "inputs", "identical tensors", "max abs diff", "max diff (fp32 ulp of max(|W0|, |out|))", "‖Δ‖₁ ours/mk",
-              "changed ours / mk", "mergekit s", "streammerge s", "mergekit peak RSS", "streammerge peak RSS"]
+    header = ["method", "inputs", "identical tensors", "differing entries", "max abs diff",
+              "max diff (fp32 ulps of max(|W0|, |out|))", "‖Δ‖₁ ours/mk", "changed ours / mk", "mergekit s",
+              "streammerge s", "mergekit peak RSS", "streammerge peak RSS"]
     body = []
     for r in rows:
         c = r.get("compare")
         mk, sm = r["mergekit"], r["streammerge"]
         if c is None:
-            body.append([r["method"], r["inputs"], f"failed (rc {mk['rc']} / {sm['rc']})"] + [""] * 8)
+            body.append([r["method"], r["inputs"], f"failed (rc {mk['rc']} / {sm['rc']})"] + [""] * 9)
             continue
-        body.append([r["method"], r["inputs"], f"{c['identical']}/{c['tensors']}", f"{c['max_abs_diff']:.3g}",
+        body.append([r["method"], r["inputs"], f"{c['identical']}/{c['tensors']}",
+                     f"{c['differing_entries']:,} of {c['entries']:,}", f"{c['max_abs_diff']:.3g}",
                      f"{c['max_ulp']:.3g}", f"{c['l1_ratio']:.4f}",
                      f"{100 * c['changed_ours']:.1f}% / {100 * c['changed_mergekit']:.1f}%",
                      bl.fmt_s(mk["wall_s"]), bl.fmt_s(sm["wall_s"]), bl.fmt_mib(mk["maxrss_mib"]),
@@ -153,8 +160,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the outputs under the data dir")
     args = parser.parse_args()
     if not (bl.PEERS_BIN / "mergekit-yaml").exists():
-        raise SystemExit(f"mergekit is not installed in {bl.PEERS_BIN.parent}: create it with "
-                         "`python -m venv benchmarks/.venv-peers`, then pip install torch==2.13.0, then mergekit==0.1.5")
+        raise SystemExit(f"mergekit is not installed in {bl.PEERS_BIN.parent}: create it with `python -m venv "
+                         "benchmarks/.venv-peers`, then pip install torch==2.13.0, then mergekit==0.1.5")
     paths = prepare(args.preset)
     work = ROOT / args.preset / "runs"
     rows = []
