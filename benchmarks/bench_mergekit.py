@@ -36,22 +36,26 @@ RANDOM = {"dare_linear", "dare_ties"}
 ROOT = bl.DATA / "mergekit"
 
 
-def prepare(preset: str) -> dict[str, Path]:
-    """fp32 base, two full fine-tunes and two rank-16 LoRAs (generated once)."""
-    paths = {name: ROOT / preset / name for name in ("base", "ft1", "ft2", "l1", "l2")}
-    if not (ROOT / preset / ".complete").is_file():
-        shutil.rmtree(ROOT / preset, ignore_errors=True)
-        bl.synthetic("model", "--preset", preset, "--dtype", "F32", "--out", str(paths["base"]))
+DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def prepare(preset: str, dtype: str) -> dict[str, Path]:
+    """A base in ``dtype``, two full fine-tunes and two rank-16 LoRAs (generated once)."""
+    root = ROOT / (preset if dtype == "float32" else f"{preset}-{dtype}")
+    paths = {name: root / name for name in ("base", "ft1", "ft2", "l1", "l2")}
+    if not (root / ".complete").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        bl.synthetic("model", "--preset", preset, "--dtype", DTYPES[dtype], "--out", str(paths["base"]))
         for seed in (1, 2):
             bl.synthetic("finetune", "--model", str(paths["base"]), "--out", str(paths[f"ft{seed}"]),
                          "--seed", str(seed))
             bl.synthetic("adapter", "--model", str(paths["base"]), "--out", str(paths[f"l{seed}"]), "--rank", "16",
                          "--seed", str(seed), "--targets", bl.ADAPTER_TARGETS)
-        (ROOT / preset / ".complete").touch()
+        (root / ".complete").touch()
     return paths
 
 
-def config(method: str, paths: dict[str, Path], inputs: str) -> dict[str, Any]:
+def config(method: str, paths: dict[str, Path], inputs: str, dtype: str = "float32") -> dict[str, Any]:
     """One mergekit config: model 1 has a per-layer gradient weight, model 2 a filtered weight."""
     first, second = ((str(paths["ft1"]), str(paths["ft2"])) if inputs == "full" else
                      (f"{paths['base']}+{paths['l1']}", f"{paths['base']}+{paths['l2']}"))
@@ -61,7 +65,7 @@ def config(method: str, paths: dict[str, Path], inputs: str) -> dict[str, Any]:
         p1["density"] = p2["density"] = 0.5
     if method.startswith("breadcrumbs"):
         p1["gamma"] = p2["gamma"] = 0.05
-    doc: dict[str, Any] = {"merge_method": method, "dtype": "float32",
+    doc: dict[str, Any] = {"merge_method": method, "dtype": dtype,
                            "models": [{"model": first, "parameters": p1}, {"model": second, "parameters": p2}]}
     if method == "linear":
         doc["models"] = [{"model": first, "parameters": {"weight": 0.6}},
@@ -98,7 +102,8 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
         base = w0[name].float() if name in w0 else torch.zeros_like(x)
         # ulps of the operands (W0 + Δ rounds at |W0|, as mergekit's fl(W + s·B·A) − W does)
         magnitude = torch.maximum(torch.maximum(x.abs(), y.abs()), base.abs())
-        ulp = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
+        stored = magnitude.to(a[name].dtype)  # ulps of the output dtype
+        ulp = (torch.nextafter(stored, torch.full_like(stored, float("inf"))) - stored).float()
         max_ulp = max(max_ulp, float((diff / ulp).max()))
         l1_ours += float((x - base).abs().sum())
         l1_theirs += float((y - base).abs().sum())
@@ -112,15 +117,15 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
             "changed_ours": changed_ours / total, "changed_mergekit": changed_theirs / total}
 
 
-def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path) -> dict[str, Any]:
+def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path, dtype: str) -> dict[str, Any]:
     case = work / f"{method}-{inputs}"
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
     cfg = case / "config.yml"
-    cfg.write_text(yaml.safe_dump(config(method, paths, inputs), sort_keys=False))
+    cfg.write_text(yaml.safe_dump(config(method, paths, inputs, dtype), sort_keys=False))
     mk = bl.run_measured(f"mergekit {method} {inputs}", [
         str(bl.PEERS_BIN / "mergekit-yaml"), str(cfg), str(case / "mergekit"), "--lora-merge-cache",
-        str(case / "lora-cache"), "--lora-merge-dtype", "float32", "--random-seed", "0", "--quiet",
+        str(case / "lora-cache"), "--lora-merge-dtype", dtype, "--random-seed", "0", "--quiet",
         "--no-write-model-card"], case / "mergekit.log")
     sm = bl.run_measured(f"streammerge {method} {inputs}", [
         str(bl.MAIN_PY), "-m", "streammerge", "merge", str(cfg), "--out", str(case / "streammerge"),
@@ -134,7 +139,7 @@ def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path) -> di
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = ["method", "inputs", "identical tensors", "differing entries", "max abs diff",
-              "max diff (fp32 ulps of max(|W0|, |out|))", "‖Δ‖₁ ours/mk", "changed ours / mk", "mergekit s",
+              "max diff (ulps of max(|W0|, |out|))", "‖Δ‖₁ ours/mk", "changed ours / mk", "mergekit s",
               "streammerge s", "mergekit peak RSS", "streammerge peak RSS"]
     body = []
     for r in rows:
@@ -158,20 +163,23 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--inputs", default="full,lora", help="full, lora or both")
     parser.add_argument("--keep", action="store_true", help="keep the outputs under the data dir")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="models and config dtype (mergekit computes in it; streammerge in fp32)")
     args = parser.parse_args()
     if not (bl.PEERS_BIN / "mergekit-yaml").exists():
         raise SystemExit(f"mergekit is not installed in {bl.PEERS_BIN.parent}: create it with `python -m venv "
                          "benchmarks/.venv-peers`, then pip install torch==2.13.0, then mergekit==0.1.5")
-    paths = prepare(args.preset)
-    work = ROOT / args.preset / "runs"
+    paths = prepare(args.preset, args.dtype)
+    work = paths["base"].parent / "runs"
     rows = []
     for inputs in args.inputs.split(","):
         for method in args.methods.split(","):
-            rows.append(run_pair(method, inputs, paths, work))
+            rows.append(run_pair(method, inputs, paths, work, args.dtype))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if not args.keep:
                 shutil.rmtree(work / f"{method}-{inputs}", ignore_errors=True)
     doc = {"machine": bl.machine(), "peers": bl.peer_versions(), "command": bl.invocation(), "preset": args.preset,
+           "dtype": args.dtype,
            "rows": rows, "load_avg_end": bl.loadavg()}
     path = bl.save_results("mergekit", doc)
     print(f"\n{bl.machine_line(doc['machine'])}; load average at start {rows[0]['mergekit']['load_avg']}, "
