@@ -90,7 +90,7 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
     a, b, w0 = tensors(ours), tensors(theirs), tensors(base)
     names = sorted(set(a) & set(b))
     identical, max_abs, max_ulp, l1_ours, l1_theirs = 0, 0.0, 0.0, 0.0, 0.0
-    changed_ours, changed_theirs, total, differing, differ = 0, 0, 0, 0, []
+    changed_ours, changed_theirs, total, differing, differ, beyond = 0, 0, 0, 0, [], 0
     for name in names:
         x, y = a[name].float(), b[name].float()
         identical += int(torch.equal(a[name], b[name]))
@@ -104,7 +104,9 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
         magnitude = torch.maximum(torch.maximum(x.abs(), y.abs()), base.abs())
         stored = magnitude.to(a[name].dtype)  # ulps of the output dtype
         ulp = (torch.nextafter(stored, torch.full_like(stored, float("inf"))) - stored).float()
-        max_ulp = max(max_ulp, float((diff / ulp).max()))
+        ulps = diff / ulp
+        max_ulp = max(max_ulp, float(ulps.max()))
+        beyond += int((ulps > 1).sum())
         l1_ours += float((x - base).abs().sum())
         l1_theirs += float((y - base).abs().sum())
         changed_ours += int((x != base).sum())
@@ -112,7 +114,7 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
         total += x.numel()
     return {"tensors": len(names), "only_ours": sorted(set(a) - set(b)), "only_mergekit": sorted(set(b) - set(a)),
             "identical": identical, "differing_entries": differing, "entries": total, "differing_tensors": differ,
-            "max_abs_diff": max_abs, "max_ulp": max_ulp,
+            "max_abs_diff": max_abs, "max_ulp": max_ulp, "beyond_one_ulp": beyond,
             "l1_ratio": l1_ours / l1_theirs if l1_theirs else float("nan"),
             "changed_ours": changed_ours / total, "changed_mergekit": changed_theirs / total}
 
@@ -138,7 +140,7 @@ def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path, dtype
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "inputs", "identical tensors", "differing entries", "max abs diff",
+    header = ["method", "inputs", "identical tensors", "differing entries", "> 1 ulp", "max abs diff",
               "max diff (ulps of max(|W0|, |out|))", "‖Δ‖₁ ours/mk", "changed ours / mk", "mergekit s",
               "streammerge s", "mergekit peak RSS", "streammerge peak RSS"]
     body = []
@@ -146,10 +148,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         c = r.get("compare")
         mk, sm = r["mergekit"], r["streammerge"]
         if c is None:
-            body.append([r["method"], r["inputs"], f"failed (rc {mk['rc']} / {sm['rc']})"] + [""] * 9)
+            body.append([r["method"], r["inputs"], f"failed (rc {mk['rc']} / {sm['rc']})"] + [""] * 10)
             continue
         body.append([r["method"], r["inputs"], f"{c['identical']}/{c['tensors']}",
-                     f"{c['differing_entries']:,} of {c['entries']:,}", f"{c['max_abs_diff']:.3g}",
+                     f"{c['differing_entries']:,} of {c['entries']:,}", f"{c['beyond_one_ulp']:,}",
+                     f"{c['max_abs_diff']:.3g}",
                      f"{c['max_ulp']:.3g}", f"{c['l1_ratio']:.4f}",
                      f"{100 * c['changed_ours']:.1f}% / {100 * c['changed_mergekit']:.1f}%",
                      bl.fmt_s(mk["wall_s"]), bl.fmt_s(sm["wall_s"]), bl.fmt_mib(mk["maxrss_mib"]),
