@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InputError, StreamMergeError, exit_code_for
 from .methods import REGISTRY, parse_param_assignment
+from .conventions import CONVENTIONS
 from .jobs.modelcard import stats_summary
 from .methods.extraction import SKIPPED_STAT
 from .osrm.commands import add_osrm_commands
@@ -25,8 +26,9 @@ from .execution.engine import build_plan
 from .sinks import sink_for
 from .io.reader import open_checkpoint
 from .names import EMBEDDING_SUFFIXES
-from .recipe import (DEVICES, GGUF_TYPES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, load_recipe_file,
-                     parse_size)
+from .mergekit_config import is_mergekit_document, translate_mergekit
+from .recipe import (DEVICES, GGUF_TYPES, OUTPUT_FORMATS, InputSpec, Recipe, Weight, dump_recipe_yaml, parse_size,
+                     read_document, recipe_from_dict)
 
 ALLOW_PICKLE_HELP = ("read pickle-only adapters (adapter_model.bin) with torch.load(weights_only=True); without it "
                      "they are refused unread, as a pickle can run code when loaded. Base models and full "
@@ -77,14 +79,17 @@ class _InputAction(argparse.Action):
 
 
 _CHOICES: dict[str, Any] = {"device": DEVICES, "output_format": OUTPUT_FORMATS, "method": sorted(REGISTRY),
-                           "gguf_type": GGUF_TYPES}
+                           "gguf_type": GGUF_TYPES, "conventions": CONVENTIONS}
 _TYPES: dict[type, Any] = {int: int}
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """One flag per Recipe field that has one; help text from the dataclass (the one source of truth)."""
     p.add_argument("recipe", nargs="?", default=None, metavar="RECIPE.yaml",
-                   help="a recipe file (YAML or JSON); the flags below override its values")
+                   help="a recipe file (YAML or JSON), or a mergekit config (recognised by its merge_method); "
+                        "the flags below override its values")
+    p.add_argument("--mergekit", action="store_true",
+                   help="read RECIPE.yaml as a mergekit config (the default when it names a merge_method)")
     defaults = {f.name: f.default for f in fields(Recipe)}
     for f in fields(Recipe):
         flag = f.metadata.get("flag")
@@ -116,9 +121,21 @@ def _parse_weight(text: str) -> Weight:
     return values[0] if len(values) == 1 else values
 
 
+def load_recipe_or_config(path: str, mergekit: bool = False) -> Recipe:
+    """A recipe file, or a mergekit config translated (its notes printed to stderr)."""
+    doc = read_document(path)
+    if not (mergekit or is_mergekit_document(doc)):
+        return recipe_from_dict(doc, source=path)
+    translation = translate_mergekit(doc, source=path)
+    for note in translation.notes:
+        print(f"streammerge: {path}: {note}", file=sys.stderr)
+    return translation.recipe
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The recipe file (if any) with the command line's values laid over it."""
-    recipe = load_recipe_file(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    recipe = (load_recipe_or_config(args.recipe, getattr(args, "mergekit", False)) if getattr(args, "recipe", None)
+              else Recipe())
     changes: dict[str, Any] = {}
     for f in fields(Recipe):
         value = getattr(args, f.name, None)
@@ -269,6 +286,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_convert_config(args: argparse.Namespace) -> int:
+    """Print the native recipe that a mergekit config translates to."""
+    recipe = load_recipe_or_config(args.config, mergekit=True)
+    print(dump_recipe_yaml(recipe), end="")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     for method in REGISTRY.values():
         print(f"{method.name}: {method.summary}")
@@ -347,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--restart", action="store_true", help="discard a job found in --out and start over")
     extract.set_defaults(handler=cmd_extract)
+
+    convert = sub.add_parser("convert-config",
+                             help="print the streammerge recipe (YAML) equivalent to a mergekit config",
+                             description="Translate a mergekit YAML config into a streammerge recipe with "
+                                         "conventions: mergekit; every problem is reported with its field path.")
+    convert.add_argument("config", metavar="MERGEKIT.yml", help="a mergekit configuration file")
+    convert.set_defaults(handler=cmd_convert_config)
 
     methods = sub.add_parser("methods", help="list merge methods with their parameters and defaults")
     methods.set_defaults(handler=cmd_methods)

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import InputError, PlanError, StreamMergeError
+from .conventions import CONVENTIONS, convention_defaults
 
 __all__ = [
     "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
-    "recipe_from_dict", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate", "format_weight",
+    "recipe_from_dict", "read_document", "load_recipe_file", "dump_recipe_yaml", "parse_size", "interpolate",
+    "format_weight",
 ]
 
 INPUT_KINDS = ("adapter", "model")
@@ -133,6 +135,10 @@ class Recipe:
                                           "GGUF base's tensors)",
                                flag="--dtype")
     seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
+    conventions: str = _field("streammerge", help="parameter defaults of the merge method: 'streammerge' (its own) or "
+                                                  "'mergekit' (mergekit 0.1.5's normalizations, rescale, banding and "
+                                                  "trims; see README, \"Coming from mergekit\"); params given win",
+                              flag="--conventions")
     max_shard_size: int | None = _field(None, help="reshard the output into files of at most SIZE (e.g. 5GB); "
                                                    "default: the base's layout", flag="--max-shard-size",
                                         metavar="SIZE", parse="size")
@@ -206,8 +212,15 @@ class Recipe:
             if self.output_format != "adapter":
                 problems.append("min_relative_norm: only applies with output_format 'adapter' (it leaves small "
                                 "updates out of an extracted adapter); drop --min-relative-norm")
-        problems += _method_problems(self.method, self.params)
+        if self.conventions not in CONVENTIONS:
+            problems.append(f"conventions: {self.conventions!r} must be one of {list(CONVENTIONS)}")
+        problems += _method_problems(self.method, self.given_params())
         return problems
+
+    def given_params(self) -> tuple[tuple[str, Any], ...]:
+        """The method parameters to resolve: the convention's defaults overlaid with ``params``."""
+        given = {**convention_defaults(self.method, self.conventions), **dict(self.params)}
+        return tuple(sorted(given.items()))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (dicts, lists, scalars) that ``recipe_from_dict`` and YAML read back."""
@@ -386,12 +399,11 @@ def recipe_from_dict(doc: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe_file(path: str | Path) -> Recipe:
-    """Read a YAML (or JSON) recipe file; every structural problem is reported at once.
+def read_document(path: str | Path) -> Any:
+    """The parsed YAML (or JSON) document of a recipe or config file.
 
     Raises:
         InputError: the file cannot be read or parsed.
-        PlanError: listing every problem with its YAML path.
     """
     import yaml
 
@@ -402,12 +414,21 @@ def load_recipe_file(path: str | Path) -> Recipe:
         raise InputError(f"cannot read recipe file {str(path)!r}: {e}") from e
     try:
         # JSON is YAML, but YAML 1.1 reads JSON's 1e-06 as a string: parse .json files as JSON.
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:
         raise InputError(f"recipe file {str(path)!r} is not valid JSON: {e}") from e
     except yaml.YAMLError as e:
         raise InputError(f"recipe file {str(path)!r} is not valid YAML: {e}") from e
-    return recipe_from_dict(doc, source=str(path))
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """Read a YAML (or JSON) recipe file; every structural problem is reported at once.
+
+    Raises:
+        InputError: the file cannot be read or parsed.
+        PlanError: listing every problem with its YAML path.
+    """
+    return recipe_from_dict(read_document(path), source=str(path))
 
 
 def dump_recipe_yaml(recipe: Recipe) -> str:

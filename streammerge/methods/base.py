@@ -310,7 +310,9 @@ def weighted_sum(updates: Sequence[TaskUpdate], coefficients: Sequence[float]) -
         return stack_low_rank(updates, coefficients)  # type: ignore[arg-type]
     total: torch.Tensor | None = None
     for update, c in zip(updates, coefficients):
-        total = update.dense() * c if total is None else total.add_(update.dense(), alpha=c)
+        # Multiply, then add (not add_(alpha=c)): the fused form rounds differently on the vector path
+        # than on the tail, and mergekit (deltas * weights, then sum) rounds this way.
+        total = update.dense() * c if total is None else total.add_(update.dense() * c)
     assert total is not None
     return DenseUpdate(total)
 

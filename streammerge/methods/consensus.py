@@ -8,14 +8,14 @@ two passes over the inputs; the sparsifiers make the second pass see the same en
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .common import accumulate
 from .sparsify import Sparsifier
 
-__all__ = ["Term", "elect_sign", "agreeing_mean", "disjoint_mean", "combine"]
+__all__ = ["Term", "elect_sign", "weight_sum", "agreeing_mean", "disjoint_mean", "combine"]
 
 Term = Callable[[int], torch.Tensor]
 
@@ -30,29 +30,51 @@ def elect_sign(count: int, term: Term, sparsify: Sparsifier) -> torch.Tensor:
     return torch.copysign(torch.ones((), device=total.device), total, out=total)
 
 
-def agreeing_mean(terms: Iterable[torch.Tensor], sign: torch.Tensor) -> torch.Tensor:
-    """Mean of the non-zero entries that have the elected ``sign`` (0 where none does); overwrites the terms.
+def weight_sum(weights: Sequence[float], device: torch.device) -> torch.Tensor:
+    """``Σ_i w_i`` in fp32, summed in input order (as mergekit's ``weights.sum(dim=0)``); a sum
+    below 1e-8 in magnitude becomes 1 (mergekit's guard), so dividing by it is always defined."""
+    total = torch.tensor(list(weights), dtype=torch.float32, device=device).reshape(-1, 1).sum(dim=0).reshape(())
+    return total if float(total.abs()) >= 1e-8 else torch.ones((), device=device)
+
+
+def agreeing_mean(terms: Iterable[torch.Tensor], sign: torch.Tensor, normalize: str = "count",
+                  weights: Sequence[float] = ()) -> torch.Tensor:
+    """The entries that are non-zero and have the elected ``sign``, summed and divided by ``normalize``:
+    ``count`` the number of agreeing inputs (TIES' disjoint mean), ``weights`` the sum of their user
+    weights (mergekit), ``none`` nothing (mergekit's ``normalize: false``); 0 where none agrees.
+    Overwrites the terms.
 
     In float arithmetic, no bool masks: ``relu(δ·γ)`` is ``|δ|`` where δ agrees with γ, else 0;
-    its ``sign`` counts the agreeing inputs; ``γ · Σ / count`` restores the sign.
+    its ``sign`` marks the agreeing inputs; ``γ · Σ / divisor`` restores the sign.
     """
     total: torch.Tensor | None = None
     agreeing: torch.Tensor | None = None
-    for delta in terms:
+    for i, delta in enumerate(terms):
         kept = delta.mul_(sign).relu_()
-        agreeing = kept.sign() if agreeing is None else agreeing.add_(kept.sign())
+        if normalize != "none":
+            mark = kept.sign()
+            if normalize == "weights":
+                mark.mul_(float(weights[i]))
+            agreeing = mark if agreeing is None else agreeing.add_(mark)
         total = kept if total is None else total.add_(kept)
         del delta, kept
-    assert total is not None and agreeing is not None, "agreeing_mean() needs at least one input"
-    return total.mul_(sign).div_(agreeing.clamp_min_(1))
+    assert total is not None, "agreeing_mean() needs at least one input"
+    total.mul_(sign)
+    if agreeing is None:
+        return total
+    if normalize == "weights":
+        return total.div_(agreeing.masked_fill_(agreeing == 0, 1.0))
+    return total.div_(agreeing.clamp_min_(1))
 
 
-def disjoint_mean(count: int, term: Term, sparsify: Sparsifier, sign: torch.Tensor) -> torch.Tensor:
-    """Mean over the inputs whose entry is non-zero and has the elected ``sign`` (0 where none does)."""
-    return agreeing_mean((sparsify(term(i), i) for i in range(count)), sign)
+def disjoint_mean(count: int, term: Term, sparsify: Sparsifier, sign: torch.Tensor, normalize: str = "count",
+                  weights: Sequence[float] = ()) -> torch.Tensor:
+    """Agreeing entries over the inputs (``agreeing_mean``), built one input at a time."""
+    return agreeing_mean((sparsify(term(i), i) for i in range(count)), sign, normalize, weights)
 
 
-def combine(count: int, term: Term, sparsify: Sparsifier, elect: bool) -> torch.Tensor:
+def combine(count: int, term: Term, sparsify: Sparsifier, elect: bool, normalize: str = "count",
+            weights: Sequence[float] = ()) -> torch.Tensor:
     """``Σ_i sparsify(ΔW_i)``, or with ``elect`` the TIES disjoint mean under the elected sign.
 
     Args:
@@ -60,8 +82,12 @@ def combine(count: int, term: Term, sparsify: Sparsifier, elect: bool) -> torch.
         term: ``term(i)`` builds input i's dense delta as a fresh tensor.
         sparsify: applied to every delta (``identity`` for none).
         elect: TIES sign election + disjoint mean instead of the sum.
+        normalize: divisor of the agreeing sum (``agreeing_mean``); without ``elect``, ``weights``
+            divides the sum by ``weight_sum(weights)`` and anything else leaves it as it is.
+        weights: the user weights ``w_i`` (for ``normalize: weights``).
     """
     if not elect:
-        return accumulate(lambda i=i: sparsify(term(i), i) for i in range(count))
+        total = accumulate(lambda i=i: sparsify(term(i), i) for i in range(count))
+        return total.div_(weight_sum(weights, total.device)) if normalize == "weights" else total
     sign = elect_sign(count, term, sparsify)
-    return disjoint_mean(count, term, sparsify, sign)
+    return disjoint_mean(count, term, sparsify, sign, normalize, weights)

@@ -13,7 +13,7 @@ also has a row-block form (``MergeMethod.rows``, in ``rows.py``) that gives the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -30,7 +30,8 @@ from .rows import TensorStatistics
 from .selection import Threshold
 from .sparsify import MagnitudeTrim, Sparsifier, build_sparsifier
 
-__all__ = ["Variant", "density_param", "GAMMA", "SCOPE", "make_method", "merge", "row_merge"]
+__all__ = ["Variant", "density_param", "normalize_param", "convention_params", "GAMMA", "SCOPE", "RESCALE", "BAND",
+           "MIN_KEEP", "make_method", "merge", "row_merge"]
 
 GAMMA = Param("gamma", float, 0.01, "fraction of each row's largest |values| dropped as outliers",
               minimum=0.0, maximum=1.0)
@@ -38,6 +39,41 @@ SCOPE = Param("scope", str, "tensor",
               "where the density threshold applies: per tensor, or global (each input keeps its top density "
               "over the whole model, as in the original TIES code; one more pass over the inputs first)",
               choices=("tensor", "global"))
+
+
+RESCALE = Param("rescale", str, "none",
+                "after sparsifying, rescale each delta: 'density' multiplies kept entries by 1/density (DARE), "
+                "'l1' restores its L1 norm (mergekit's rescale: true; whole-tensor merge only), 'none'",
+                choices=("none", "density", "l1"))
+BAND = Param("band", str, "row", "where Breadcrumbs' band applies: per output 'row', or over the whole flattened "
+             "'tensor' (mergekit; whole-tensor merge only)", choices=("row", "tensor"))
+MIN_KEEP = Param("min_keep", int, 0, "a trim with density > 0 keeps at least this many entries (mergekit: 1)",
+                 choices=(0, 1))
+
+
+def normalize_param(elect: bool) -> Param:
+    """How the combined deltas are divided: by the agreeing count (TIES), the (agreeing) weights
+    (mergekit's normalize: true) or not at all."""
+    if elect:
+        return Param("normalize", str, "count", "divide the agreeing sum by the number of agreeing inputs "
+                     "('count', TIES), by the sum of their weights ('weights', mergekit) or not at all ('none')",
+                     choices=("count", "weights", "none"))
+    return Param("normalize", str, "none", "divide the summed deltas by the sum of the inputs' weights "
+                 "('weights', mergekit's normalize: true) or not ('none')", choices=("none", "weights"))
+
+
+def convention_params(variant: Variant) -> tuple[Param, ...]:
+    """The parameters that select a convention (``conventions.py``) for ``variant``."""
+    params = [normalize_param(variant.elect_sign)]
+    if variant.sparsify == "random":
+        params.append(replace(RESCALE, default="density"))
+    elif variant.sparsify != "none":
+        params.append(replace(RESCALE, choices=("none", "l1")))
+    if variant.sparsify == "band":
+        params.append(BAND)
+    if variant.sparsify == "magnitude":
+        params.append(MIN_KEEP)
+    return tuple(params)
 
 
 def density_param(default: float) -> Param:
@@ -62,14 +98,14 @@ class Variant:
 
 def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
     density, gamma = params.get("density"), params.get("gamma")
-    if variant.sparsify == "random" and density == 0:
+    if variant.sparsify == "random" and density == 0 and params.get("rescale") == "density":
         raise MethodParameterError(
             f"method {method!r}: parameter 'density' must be > 0 (kept entries are rescaled by 1/density), got 0.0")
     if params.get("scope", "tensor") == "global" and (params.get("orthogonalize") or params.get("decouple")):
         raise MethodParameterError(
             f"method {method!r}: scope 'global' selects over the raw task vectors, so it cannot be combined with "
             "orthogonalize or decouple; use scope 'tensor' with them")
-    if gamma is not None and density is not None and gamma + density > 1:
+    if gamma is not None and density is not None and gamma + density > 1 and params.get("band") != "tensor":
         raise MethodParameterError(
             f"method {method!r}: gamma + density must be <= 1 (a row cannot drop {gamma} and keep {density} "
             f"of its entries), got {gamma + density}")
@@ -80,23 +116,26 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
     updates: list[TaskUpdate] = fold_weights(inputs)
     given = list(updates)
     count = len(updates)
+    normalize = params.get("normalize", "count" if variant.elect_sign else "none")
     stats: dict[str, float] = {}
     components = variant.composable and is_matrix(inputs)
     if components and params["orthogonalize"]:
         settings = orthogonalize.OrthoSettings.from_params(params)
         updates, stats = orthogonalize.orthogonalize_updates(updates, settings, inputs.name)
     if variant.sparsify == "magnitude" and (inputs.statistics is not None or params.get("scope", "tensor") != "tensor"):
-        sparsify: Sparsifier = MagnitudeTrim(params["density"], _given_thresholds(inputs, params))
+        sparsify: Sparsifier = MagnitudeTrim(params["density"], _given_thresholds(inputs, params),
+                                             params.get("min_keep", 0))
     else:
         sparsify = build_sparsifier(variant.sparsify, params, inputs.generator, count)
     if components and params["decouple"]:
         axis, eps = params["norm_axis"], params["eps"]
         mags, mbar = decouple.mean_magnitude(updates, axis)
         directions = combine(count, lambda i: decouple.unit_direction(updates[i], mags[i], axis, eps),
-                             sparsify, variant.elect_sign)
+                             sparsify, variant.elect_sign, normalize, inputs.weights)
         merged = decouple.recombine(directions, mbar, axis)
     else:
-        merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign)
+        merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign, normalize,
+                         inputs.weights)
     factor = scale_factor(params["lambda"], given, DenseUpdate(merged), stats)
     return MergeResult(DenseUpdate(merged.mul_(factor)), stats)
 
@@ -129,6 +168,7 @@ def row_merge(variant: Variant) -> RowMerge:
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:
     """A registered method for ``variant``; composable variants get the DO-Merging switches appended."""
+    params = (*params, *convention_params(variant))
     if variant.composable:
         params = (*params, orthogonalize.switch(False), decouple.switch(False), *decouple.DECOUPLE_PARAMS,
                   *orthogonalize.ORTHOGONALIZE_PARAMS)

@@ -36,7 +36,7 @@ import torch
 from ..errors import MethodParameterError
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
 from .common import GRID_ELEMENTS, block_rows, row_count, row_grid
-from .consensus import agreeing_mean
+from .consensus import agreeing_mean, weight_sum
 from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
 from .sparsify import Band, RandomDrop, keep_count
 
@@ -105,7 +105,8 @@ class TensorStatistics:
         self.shape = shape
         self.density = params.get("density", 1.0)
         self.gamma = params.get("gamma", 0.0)
-        self.drop = RandomDrop(self.density, generator, count) if sparsify == "random" else None
+        self.rescale = params.get("rescale", "density" if sparsify == "random" else "none")
+        self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
         self.given = tuple(given) if given is not None else None
         self.selects: list[TopKSelect | None] = [None] * count
         if sparsify == "magnitude" and self.given is None:
@@ -114,7 +115,8 @@ class TensorStatistics:
                     f"tensor {name!r}: scope {params['scope']!r} needs the whole-model thresholds "
                     f"(ModelTrim) of a first pass over every tensor; none were given")
             size = row_count(shape) * _columns(shape)
-            self.selects = [TopKSelect(keep_count(self.density, size), {name: row_count(shape)}, size)
+            k = keep_count(self.density, size, params.get("min_keep", 0))
+            self.selects = [TopKSelect(k, {name: row_count(shape)}, size)
                             for _ in range(count)]
 
     def sample_ranges(self) -> list[tuple[int, int]]:
@@ -156,7 +158,8 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
         assert stats.drop is not None
         flat = first_row * rows.shape[-1]
         mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
-        return rows.mul_(mask).div_(stats.density)
+        rows = rows.mul_(mask)
+        return rows.div_(stats.density) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
         low, high = Band(stats.density, stats.gamma).bounds(rows)
         magnitude = rows.abs()
@@ -164,15 +167,15 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     return rows
 
 
-def _combine_rows(terms: list[torch.Tensor], elect: bool) -> torch.Tensor:
+def _combine_rows(terms: list[torch.Tensor], elect: bool, normalize: str, weights: Sequence[float]) -> torch.Tensor:
     """``consensus.combine`` on rows held at once: the same ops, in the same order."""
     total = terms[0] if not elect else terms[0].clone()
     for term in terms[1:]:
         total.add_(term)
     if not elect:
-        return total
+        return total.div_(weight_sum(weights, total.device)) if normalize == "weights" else total
     sign = torch.copysign(torch.ones((), device=total.device), total, out=total)
-    return agreeing_mean(terms, sign)
+    return agreeing_mean(terms, sign, normalize, weights)
 
 
 def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,
@@ -181,6 +184,7 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     columns = _columns(block.shape)
     thresholds = stats.thresholds() if stats.sparsify == "magnitude" else ()
     scale = params["lambda"]
+    normalize = params.get("normalize", "count" if elect else "none")
     first = block.updates[0]
     device = first.up.device if isinstance(first, LowRankUpdate) else first.delta.device
     result = out if out is not None else torch.empty(block.rows, columns, device=device)
@@ -189,7 +193,7 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
         terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
                                 block.start + lo)
                  for i, (u, w) in enumerate(zip(block.updates, block.weights))]
-        merged = _combine_rows(terms, elect).mul_(scale)
+        merged = _combine_rows(terms, elect, normalize, block.weights).mul_(scale)
         if out is not None:
             target[lo:hi].add_(merged)
         else:
@@ -213,10 +217,13 @@ def working_bytes(sparsify: str, shape: tuple[int, ...], count: int, params: Map
 
 
 def supports_rows(params: Mapping[str, Any]) -> bool:
-    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms, and
-    ``lambda: auto`` the norm of the whole merged update."""
+    """Row blocks cover the plain variants; DO-Merging's components need whole factors / row norms,
+    ``lambda: auto`` the norm of the whole merged update.  mergekit's ``rescale: l1`` needs each
+    input's L1 norm before and after sparsifying (fp32 sums whose rounding would depend on the
+    blocking) and ``band: tensor`` two exact selections over the whole flattened tensor with an
+    inclusive band that ``TopKSelect``'s exact-count thresholds do not express: both run whole-tensor."""
     return (not params.get("orthogonalize", False) and not params.get("decouple", False)
-            and params.get("lambda") != "auto")
+            and params.get("lambda") != "auto" and params.get("rescale") != "l1" and params.get("band") != "tensor")
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,18 @@ import torch
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
-           "chunk_seed", "MagnitudeTrim", "RandomDrop", "Band", "identity", "build_sparsifier"]
+           "chunk_seed", "MagnitudeTrim", "RandomDrop", "Band", "L1Rescale", "identity", "build_sparsifier"]
 
 Sparsifier = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def keep_count(fraction: float, n: int) -> int:
-    """How many of ``n`` entries a ``fraction`` keeps (floor, like mergekit and PEFT)."""
-    return min(n, int(fraction * n))
+def keep_count(fraction: float, n: int, at_least: int = 0) -> int:
+    """How many of ``n`` entries a ``fraction`` keeps: the floor (like PEFT), raised to ``at_least``
+    when ``fraction > 0`` (mergekit's magnitude trim keeps ``max(1, int(density·n))``)."""
+    k = int(fraction * n)
+    if fraction > 0:
+        k = max(k, at_least)
+    return min(n, k)
 
 
 SELECT_SAMPLE = 1 << 16
@@ -103,13 +107,14 @@ class MagnitudeTrim:
     apply instead of the tensor's own.
     """
 
-    def __init__(self, density: float, thresholds: Sequence[Threshold] | None = None) -> None:
+    def __init__(self, density: float, thresholds: Sequence[Threshold] | None = None, at_least: int = 0) -> None:
         self.density = density
+        self.at_least = at_least
         self._thresholds: dict[int, Threshold] = dict(enumerate(thresholds)) if thresholds is not None else {}
 
     def threshold(self, delta: torch.Tensor) -> Threshold:
         """What this trim keeps of ``delta`` (any shape; rows along the last axis)."""
-        return top_k_threshold(as_rows(delta.abs()), keep_count(self.density, delta.numel()))
+        return top_k_threshold(as_rows(delta.abs()), keep_count(self.density, delta.numel(), self.at_least))
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._thresholds:
@@ -139,8 +144,9 @@ class RandomDrop:
     passes, a re-run and every row blocking see the same mask.
     """
 
-    def __init__(self, density: float, generator: torch.Generator, count: int) -> None:
+    def __init__(self, density: float, generator: torch.Generator, count: int, rescale: str = "density") -> None:
         self.density = density
+        self.rescale = rescale
         self.device = generator.device
         self.seeds = torch.randint(0, 2**62, (count,), generator=generator, device=self.device).tolist()
         self._last: dict[int, tuple[int, torch.Tensor]] = {}  # input -> (chunk, its mask): block edges reuse it
@@ -191,26 +197,44 @@ class RandomDrop:
         return self.mask_range(index, 0, shape.numel()).view(shape)
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
-        return delta.mul_(self.mask(delta.shape, index)).div_(self.density)
+        delta = delta.mul_(self.mask(delta.shape, index))
+        return delta.div_(self.density) if self.rescale == "density" else delta
 
 
 class Band:
-    """Breadcrumbs: per output row (slice along the last axis) drop the largest ``gamma`` fraction
-    by ``|value|`` and keep the next ``density`` fraction; 1-D tensors are one row."""
+    """Breadcrumbs: drop the largest ``gamma`` fraction by ``|value|`` and keep the next ``density``
+    fraction, per output row (``scope="row"``, slices along the last axis; 1-D tensors are one row)
+    or over the whole flattened tensor (``scope="tensor"``, mergekit's ``magnitude_outliers``: there
+    ``density >= 1`` keeps everything and the outlier drop shrinks to fit ``n - keep``)."""
 
-    def __init__(self, density: float, gamma: float) -> None:
+    def __init__(self, density: float, gamma: float, scope: str = "row") -> None:
         self.density = density
         self.gamma = gamma
+        self.scope = scope
         self._bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def _rows(self, delta: torch.Tensor) -> torch.Tensor:
+        if self.scope == "tensor" or not delta.dim():
+            return delta.reshape(1, -1)
+        return delta.reshape(-1, delta.shape[-1])
+
     def bounds(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row ``(low, high)``: kept entries have ``low <= |value| <= high``."""
-        rows = delta.abs().reshape(-1, delta.shape[-1]) if delta.dim() else delta.abs().reshape(1, 1)
+        """Per row ``(low, high)``, each ``[rows, 1]``: kept entries have ``low <= |value| <= high``."""
+        rows = self._rows(delta).abs()
         n = rows.shape[-1]
         drop, keep = keep_count(self.gamma, n), keep_count(self.density, n)
+        if self.scope == "tensor":
+            if self.density >= 1:
+                inf = torch.full((1, 1), float("inf"), device=delta.device)
+                return -inf, inf
+            drop = min(drop, n - keep)
         if keep == 0:
             inf = torch.full((rows.shape[0], 1), float("inf"), device=delta.device)
             return inf, -inf
+        if self.scope == "tensor":  # one exact selection over the flattened tensor, no sort
+            flat = rows.flatten()
+            high = kth_largest(flat, drop + 1) if drop else flat.max()
+            return kth_largest(flat, drop + keep).reshape(1, 1), high.reshape(1, 1)
         # One unsorted top (drop + keep) per row (a selection, no sort: ~2.5x faster than two kthvalue); its
         # smallest is the low bound, the smallest of its top (drop + 1) the high one.
         top = rows.topk(drop + keep, dim=-1, sorted=False).values
@@ -222,22 +246,40 @@ class Band:
             self._bounds[index] = self.bounds(delta)
         low, high = self._bounds[index]
         delta = delta.contiguous()  # a transposed (Conv1D) task vector arrives strided
-        rows = delta.view(-1, delta.shape[-1]) if delta.dim() else delta.view(1, 1)
+        rows = self._rows(delta)
         magnitude = rows.abs()
         rows.mul_((magnitude >= low) & (magnitude <= high))
         return delta
 
 
+class L1Rescale:
+    """mergekit's ``rescale``: after ``inner``, multiply input ``i``'s kept entries by
+    ``‖δ_i‖₁ / ‖sparsified δ_i‖₁`` (unchanged when either norm is below ``eps``), so each
+    sparsified delta keeps its L1 norm.  A whole-tensor statistic: no row-block form."""
+
+    def __init__(self, inner: Sparsifier, eps: float = 1e-7) -> None:
+        self.inner = inner
+        self.eps = eps
+
+    def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
+        before = delta.abs().sum()
+        kept = self.inner(delta, index)
+        after = kept.abs().sum()
+        if before < self.eps or after < self.eps:
+            return kept
+        return kept.mul_(before / after)
+
+
 def _magnitude(params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
-    return MagnitudeTrim(params["density"])
+    return MagnitudeTrim(params["density"], at_least=params.get("min_keep", 0))
 
 
 def _random(params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
-    return RandomDrop(params["density"], generator, count)
+    return RandomDrop(params["density"], generator, count, params.get("rescale", "density"))
 
 
 def _band(params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
-    return Band(params["density"], params["gamma"])
+    return Band(params["density"], params["gamma"], params.get("band", "row"))
 
 
 def _none(params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
@@ -253,5 +295,7 @@ SPARSIFIERS: dict[str, Callable[[Mapping[str, Any], torch.Generator, int], Spars
 
 
 def build_sparsifier(kind: str, params: Mapping[str, Any], generator: torch.Generator, count: int) -> Sparsifier:
-    """The sparsifier ``kind`` (a key of ``SPARSIFIERS``) configured from a method's parameters."""
-    return SPARSIFIERS[kind](params, generator, count)
+    """The sparsifier ``kind`` (a key of ``SPARSIFIERS``) configured from a method's parameters
+    (``rescale: l1`` wraps it in ``L1Rescale``)."""
+    sparsify = SPARSIFIERS[kind](params, generator, count)
+    return L1Rescale(sparsify) if params.get("rescale") == "l1" else sparsify

@@ -1,4 +1,6 @@
-"""Task Arithmetic: ``W = W0 + λ Σ_i w_i ΔW_i`` (Ilharco et al., 2023).
+"""Task Arithmetic: ``W = W0 + λ Σ_i w_i ΔW_i`` (Ilharco et al., 2023); with ``normalize: weights``
+(mergekit's ``normalize: true``) ``W0 + λ Σ_i w_i ΔW_i / Σ_i w_i``.  Dense deltas are weighted,
+summed, divided and scaled in that order, as mergekit does.
 
 Exact low-rank for LoRA inputs: the merged update is ``[λ w_1 s_1 B_1 … λ w_T s_T B_T] @
 [A_1; …; A_T]``, one GEMM, no dense delta per adapter.
@@ -11,22 +13,32 @@ from typing import Any
 
 from ..errors import MethodParameterError
 from .autoscale import AUTO, apply_scale, scale_param
-from .base import LowRankUpdate, MergeInputs, MergeMethod, MergeResult, weighted_sum
+from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, weighted_sum
+from .consensus import weight_sum
+from .generalized import normalize_param
 
 LAMBDA = scale_param("lambda", 1.0, "global scale λ of the merged update")
 
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     scale = params["lambda"]
+    normalize = params.get("normalize", "none") == "weights"
     if scale != AUTO:
-        return MergeResult(weighted_sum(inputs.updates, [scale * w for w in inputs.weights]))
-    if not all(isinstance(u, LowRankUpdate) for u in inputs.updates):
+        if all(isinstance(u, LowRankUpdate) for u in inputs.updates):
+            divisor = float(weight_sum(inputs.weights, inputs.base.device)) if normalize else 1.0
+            return MergeResult(weighted_sum(inputs.updates, [scale * w / divisor for w in inputs.weights]))
+        total = weighted_sum(inputs.updates, inputs.weights)
+        assert isinstance(total, DenseUpdate)
+        if normalize:
+            total.delta.div_(weight_sum(inputs.weights, total.delta.device))
+        return MergeResult(DenseUpdate(total.delta.mul_(scale)) if scale != 1.0 else total)
+    if normalize or not all(isinstance(u, LowRankUpdate) for u in inputs.updates):
         # The engine merges whole-tensor inputs of an elementwise method one row block at a time,
         # so a per-tensor norm rule would silently become a per-block one.
         raise MethodParameterError(
             f"method 'task_arithmetic': lambda=auto needs LoRA (low-rank) inputs, but tensor {inputs.name!r} "
-            "has a dense update (a full fine-tune, modules_to_save or a bias); give lambda a number, or use "
-            "ties/tsv/iso_c with their auto scale")
+            "has a dense update (a full fine-tune, modules_to_save or a bias) or normalize: weights; give lambda a "
+            "number, or use ties/tsv/iso_c with their auto scale")
     weighted = [LowRankUpdate(up=u.up * w, down=u.down) for u, w in zip(inputs.updates, inputs.weights)]
     stats: dict[str, float] = {}
     merged = apply_scale(AUTO, weighted, weighted_sum(weighted, [1.0] * len(weighted)), stats)
@@ -36,7 +48,7 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
 METHOD = MergeMethod(
     name="task_arithmetic",
     summary="W0 + λ Σ w_i ΔW_i (λ a number or auto); exact rank-Σr for LoRA inputs",
-    params=(LAMBDA,),
+    params=(LAMBDA, normalize_param(False)),
     merge=merge,
     elementwise=True,
 )

@@ -409,7 +409,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
     method_params: dict[str, Any] = {}
     try:
         method = get_method(recipe.method)
-        method_params = method.resolve_params(dict(recipe.params))
+        method_params = method.resolve_params(dict(recipe.given_params()))
     except StreamMergeError:
         method = None  # recipe.validate() reported it
     try:

@@ -1,0 +1,356 @@
+"""mergekit YAML configs, translated into a ``Recipe`` that computes the same merge.
+
+mergekit 0.1.5's schema (``config.py``): ``merge_method``, ``base_model``, ``models[].model`` with
+``parameters``, global ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` /
+``tokenizer``, ``chat_template``.  A parameter is a scalar, a gradient (a list interpolated from
+the first layer to the last, as our per-layer weights are), or a list of ``{filter, value}``
+entries: the first entry whose ``filter`` is a substring of the tensor name (or is absent / ``*``)
+applies; a model's own setting wins over the global one, which wins over the default.
+
+``model+lora`` references become adapter inputs whose task vector is ``s·B·A`` relative to the
+base, merged by streaming (mergekit merges the LoRA into a full copy first, ``merge_and_unload``,
+and takes ``(W + s·B·A) − W`` in the model's dtype).  That is the same math only when the LoRA
+sits on the base model itself; anything else is refused with the field path and the reason,
+as are ``slices`` / ``modules`` and methods streammerge does not have.  Every method runs with
+``conventions: mergekit`` (``conventions.py``), and the translation writes every parameter out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .conventions import MERGEKIT
+from .errors import PlanError
+from .mergekit_settings import ModelRef, SettingReader
+from .recipe import InputSpec, Recipe
+
+__all__ = ["MergekitTranslation", "is_mergekit_document", "translate_mergekit", "SUPPORTED_METHODS"]
+
+SUPPORTED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                     "breadcrumbs_ties")
+_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"}
+_ELECTING = {"ties", "dare_ties", "breadcrumbs_ties"}
+_NORMALIZE_DEFAULT = {"linear": True, "task_arithmetic": False, "ties": True, "dare_ties": False,
+                      "dare_linear": False, "breadcrumbs": False, "breadcrumbs_ties": False}
+_RESCALE_DEFAULT = {"dare_ties": True, "dare_linear": True}
+_REFUSED_METHODS = {
+    "slerp": "spherical interpolation of two full models, not a task-vector merge",
+    "nuslerp": "spherical interpolation, not a task-vector merge",
+    "multislerp": "spherical interpolation, not a task-vector merge",
+    "karcher": "a Karcher mean on the sphere, not a task-vector merge",
+    "model_stock": "needs the angle between fine-tunes per tensor (not implemented)",
+    "della": "DELLA's rank-dependent random drop is not implemented",
+    "della_linear": "DELLA's rank-dependent random drop is not implemented",
+    "sce": "SCE's variance-based selection is not implemented",
+    "passthrough": "copies layers unchanged (frankenmerges); streammerge merges every tensor of one base",
+    "nearswap": "not implemented", "arcee_fusion": "not implemented", "ram": "not implemented",
+    "ramplus_tl": "not implemented",
+}
+_TOP_FIELDS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+               "tokenizer", "chat_template", "slices", "modules")
+_MODEL_FIELDS = ("model", "parameters")
+_SHARED = ("normalize", "rescale", "int8_mask", "lambda")
+
+
+def _sparsify_names(method: str) -> tuple[str, ...]:
+    """The per-input parameters of ``method`` besides weight that streammerge takes (one per merge)."""
+    if method.startswith("breadcrumbs"):
+        return ("density", "gamma")
+    return ("density",) if method in _SPARSIFYING else ()
+
+
+def is_mergekit_document(doc: Any) -> bool:
+    """Whether a YAML document is a mergekit config (it names a ``merge_method``)."""
+    return isinstance(doc, dict) and "merge_method" in doc
+
+
+@dataclass
+class MergekitTranslation:
+    """A translated config: the recipe, and notes on what mergekit does that needs no counterpart."""
+
+    recipe: Recipe
+    notes: list[str] = field(default_factory=list)
+
+
+class _Translator(SettingReader):
+    def __init__(self, doc: dict[str, Any]) -> None:
+        super().__init__()
+        self.doc = doc
+
+    # --- the document ----------------------------------------------------------------------
+
+    def translate(self) -> Recipe | None:
+        doc = self.doc
+        for key in doc:
+            if key not in _TOP_FIELDS:
+                self.notes.append(f"{key}: not a mergekit 0.1.5 field; ignored (mergekit ignores it too)")
+        method = doc.get("merge_method")
+        if not isinstance(method, str):
+            self.problems.append(f"merge_method: expected a method name, got {method!r}")
+            return None
+        if method not in SUPPORTED_METHODS:
+            reason = _REFUSED_METHODS.get(method, "not a mergekit 0.1.5 method")
+            self.problems.append(f"merge_method: {method!r} is not supported ({reason}); streammerge runs "
+                                 f"{', '.join(SUPPORTED_METHODS)}")
+            return None
+        for key in ("slices", "modules"):
+            if doc.get(key):
+                self.problems.append(f"{key}: layer slices (layer_range, frankenmerges) and per-module definitions "
+                                     "are not supported: streammerge merges every tensor of one base architecture; "
+                                     "use `models:`")
+        models = doc.get("models")
+        if not isinstance(models, list) or not models:
+            if not doc.get("slices") and not doc.get("modules"):
+                self.problems.append("models: expected a list of {model: ..., parameters: ...}")
+            return None
+        shared = self.shared_parameters(method)
+        base = self.ref(doc["base_model"], "base_model") if doc.get("base_model") is not None else None
+        if base is not None and base.lora:
+            self.problems.append(
+                f"base_model: {doc['base_model']!r} puts a LoRA on the base. mergekit merges it into a full copy "
+                "that becomes the base, so every task vector is taken against W + s·B·A; streammerge's base is one "
+                "checkpoint. Merge it first (`streammerge merge --base MODEL --adapter LORA --out BASE_WITH_LORA`) "
+                "and name that directory as base_model")
+            return None
+        entries = [(i, entry) for i, entry in enumerate(models)]
+        if method == "linear":
+            return self.linear(entries, base, shared)
+        if base is None:
+            self.problems.append(f"base_model: missing; {method} takes task vectors against a base model")
+            return None
+        return self.task_vectors(method, entries, base, shared)
+
+    def shared_parameters(self, method: str) -> dict[str, Any]:
+        given = self.doc.get("parameters") or {}
+        if not isinstance(given, dict):
+            self.problems.append(f"parameters: expected a mapping of name: value, got {given!r}")
+            return {}
+        per_input = {"weight", *_sparsify_names(method)}
+        allowed = ({"normalize"} if method == "linear" else set(_SHARED)) | per_input
+        result: dict[str, Any] = {}
+        for name, value in given.items():
+            where = f"parameters.{name}"
+            if name not in allowed:
+                self.notes.append(f"{where}: {method} takes no parameter {name!r}; ignored (as mergekit does)")
+                continue
+            if name in per_input:
+                continue  # a fallback of the per-model chains
+            if isinstance(value, (list, dict)):
+                self.problems.append(f"{where}: a gradient or filter list for {name!r} is not supported yet; "
+                                     "give one value")
+                continue
+            result[name] = self.number(value, where) if name == "lambda" else self.flag(value, where)
+        if result.get("int8_mask") is not None:
+            self.notes.append("parameters.int8_mask: only the dtype of mergekit's sign mask; no effect on the result")
+        return result
+
+    def model_entry(self, i: int, entry: Any) -> tuple[ModelRef | None, dict[str, Any]]:
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            self.problems.append(f"{where}: expected {{model: PATH_OR_ID, parameters: {{...}}}}, got {entry!r}")
+            return None, {}
+        for key in entry:
+            if key not in _MODEL_FIELDS:
+                reason = " (layer slices need `slices:`, which is not supported)" if key == "layer_range" else ""
+                self.problems.append(f"{where}.{key}: unknown field{reason}; known fields: model, parameters")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            self.problems.append(f"{where}.parameters: expected a mapping of name: value, got {params!r}")
+            params = {}
+        return self.ref(entry["model"], f"{where}.model"), params
+
+    def chain(self, i: int, params: dict[str, Any], name: str) -> list[tuple[Any, str]]:
+        """mergekit's precedence for a per-input parameter: the model's own, then the global one."""
+        globals_ = self.doc.get("parameters") or {}
+        return [(params.get(name), f"models[{i}].parameters.{name}"),
+                (globals_.get(name) if isinstance(globals_, dict) else None, f"parameters.{name}")]
+
+    def input_spec(self, i: int, ref: ModelRef, base: ModelRef, params: dict[str, Any]) -> InputSpec | None:
+        where = f"models[{i}]"
+        weight, overrides = self.weight(self.chain(i, params, "weight"), where)
+        if weight is None:
+            self.problems.append(f"{where}.parameters.weight: missing; mergekit requires a weight for every model "
+                                 "(per model or under the global parameters)")
+            return None
+        if ref.lora is None:
+            return InputSpec(path=ref.path, kind="model", weight=weight, revision=ref.revision, overrides=overrides)
+        if ref.model_key() != base.model_key():
+            self.problems.append(
+                f"{where}.model: the LoRA {ref.lora!r} sits on {ref.path!r}, not on the base {base.path!r}. mergekit "
+                f"takes (that model + s·B·A) − base; streammerge applies LoRA inputs to the base only. Merge it "
+                f"first (`streammerge merge --base {ref.path} --adapter {ref.lora} --out DIR`) and list DIR")
+            return None
+        return InputSpec(path=ref.lora, kind="adapter", weight=weight, revision=ref.lora_revision,
+                         overrides=overrides)
+
+    def task_vectors(self, method: str, entries: list[tuple[int, Any]], base: ModelRef,
+                     shared: dict[str, Any]) -> Recipe | None:
+        inputs: list[InputSpec] = []
+        per_input: dict[str, list[tuple[float, str]]] = {"density": [], "gamma": []}
+        for i, entry in entries:
+            ref, params = self.model_entry(i, entry)
+            if ref is None:
+                continue
+            if ref.lora is None and ref.model_key() == base.model_key():
+                continue  # the base itself: mergekit ignores its per-input parameters
+            for name in params:
+                if name not in {"weight", *_sparsify_names(method)} and name not in _SHARED:
+                    self.notes.append(f"models[{i}].parameters.{name}: {method} takes no parameter {name!r}; "
+                                      "ignored (as mergekit does)")
+                elif name in _SHARED:
+                    self.notes.append(f"models[{i}].parameters.{name}: a global parameter; mergekit ignores it per "
+                                      "model, and so does streammerge")
+            for name in _sparsify_names(method):
+                value, at = self.scalar(self.chain(i, params, name), name)
+                if value is not None:
+                    per_input[name].append((value, at))
+            spec = self.input_spec(i, ref, base, params)
+            if spec is not None:
+                inputs.append(spec)
+        if not inputs and not self.problems:
+            self.problems.append("models: no model besides the base; nothing to merge")
+        method_params = self.gta_params(method, shared, per_input, len(inputs))
+        normalize = shared.get("normalize")
+        normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
+        if normalize and method not in _ELECTING:
+            scalar = all(not isinstance(s.weight, tuple) and not s.overrides for s in inputs)
+            if scalar or any(s.kind == "adapter" for s in inputs):
+                inputs = self.fold_divisor(method, inputs)
+            else:
+                method_params["normalize"] = "weights"
+                self.notes.append(f"parameters.normalize: per tensor, streammerge divides by the weights of the "
+                                  f"models that change it; a model whose tensor equals the base's is left out of "
+                                  f"that sum (mergekit counts it)")
+        if self.problems:
+            return None
+        return self.recipe(base, inputs, method, method_params)
+
+    def gta_params(self, method: str, shared: dict[str, Any], per_input: dict[str, list[tuple[float, str]]],
+                   count: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"lambda": shared.get("lambda") if shared.get("lambda") is not None else 1.0}
+        normalize = shared.get("normalize")
+        normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
+        params["normalize"] = "weights" if normalize and method in _ELECTING else "none"
+        if method in _SPARSIFYING:
+            rescale = shared.get("rescale")
+            rescale = _RESCALE_DEFAULT.get(method, False) if rescale is None else rescale
+            params["rescale"] = "l1" if rescale else "none"
+            for name in _sparsify_names(method):
+                params[name] = self.uniform(per_input[name], name, count, 1.0 if name == "density" else 0.01)
+            if method == "ties":
+                params["min_keep"] = 1
+            if method.startswith("breadcrumbs"):
+                params["band"] = "tensor"
+        return params
+
+    def uniform(self, values: list[tuple[float, str]], name: str, count: int, default: float) -> float:
+        """One value of a per-input parameter for the whole merge (streammerge has one per method)."""
+        distinct = sorted({v for v, _ in values})
+        if len(distinct) > 1:
+            where = ", ".join(f"{at} = {v:g}" for v, at in values)
+            self.problems.append(f"{values[0][1]}: the models give different {name}s ({where}); streammerge has one "
+                                 f"{name} per merge, not yet one per model; give them the same value")
+            return default
+        if values and len(values) < count:
+            self.problems.append(f"{values[0][1]}: only some models give a {name} (the others default to "
+                                 f"{default:g}); streammerge has one {name} per merge; give every model the same value")
+        return distinct[0] if distinct else default
+
+    def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
+        """``normalize: true`` without sign election divides by the sum of **all** models' weights.
+        The method's ``normalize: weights`` sees only the inputs that change a tensor (a LoRA touches
+        only its target modules, a copy of the base nothing), so the sum is folded into constant
+        weights instead."""
+        if any(isinstance(s.weight, tuple) or s.overrides for s in inputs):
+            self.problems.append(f"models: {method} divides by the sum of every model's weight; streammerge folds "
+                                 "that sum into the weights here, which needs plain numbers (not gradients or "
+                                 "filters); not yet supported")
+            return inputs
+        total = sum(float(s.weight) for s in inputs)  # type: ignore[arg-type]
+        if abs(total) < 1e-8:
+            if method == "linear":
+                self.problems.append("models: the weights sum to 0; mergekit's linear average divides by it")
+            return inputs
+        return [InputSpec(path=s.path, kind=s.kind, weight=float(s.weight) / total,  # type: ignore[arg-type]
+                          revision=s.revision) for s in inputs]
+
+    def linear(self, entries: list[tuple[int, Any]], base: ModelRef | None, shared: dict[str, Any]) -> Recipe | None:
+        """mergekit's linear: ``Σ_i w_i M_i / Σ_i w_i`` over every listed model (the base included when
+        named).  Our base is ``base_model`` or the first model's checkpoint; ``M_i = W0 + ΔW_i``, so the
+        average is Task Arithmetic with weights ``w_i / Σ_j w_j``, copies of the base adding nothing
+        but their weight to the sum."""
+        if shared.get("normalize") is False:
+            self.problems.append("parameters.normalize: linear with normalize: false (Σ w_i M_i, not an average) "
+                                 "is not a task-vector merge; not supported")
+            return None
+        refs = [(i, *self.model_entry(i, entry)) for i, entry in entries]
+        if base is not None and all(r is None or r.model_key() != base.model_key() or r.lora for _, r, _ in refs):
+            refs.append((len(entries), base, {}))  # mergekit adds base_model as one more input
+        anchor = base or next((r for _, r, _ in refs if r is not None), None)
+        if anchor is None:
+            return None
+        inputs = [s for i, r, p in refs if r is not None and (s := self.input_spec(i, r, anchor, p)) is not None]
+        if self.problems:
+            return None
+        folded = self.fold_divisor("linear", inputs)
+        kept = [s for s in folded if not (s.kind == "model" and (s.path.rstrip("/"), s.revision) == anchor.model_key())]
+        if self.problems:
+            return None
+        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
+
+    def recipe(self, base: ModelRef, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
+        doc = self.doc
+        dtype = doc.get("out_dtype") or doc.get("dtype")
+        if doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":
+            self.notes.append(f"dtype: mergekit computes in {doc['dtype']}; streammerge computes in float32 and "
+                              f"casts once to out_dtype {doc['out_dtype']}")
+        elif doc.get("dtype") and doc["dtype"] != "float32":
+            self.notes.append(f"dtype: mergekit computes in {doc['dtype']}; streammerge computes in float32 and "
+                              f"casts once to {doc['dtype']} (results may differ from mergekit's in the last bits)")
+        self.tokenizer()
+        if doc.get("chat_template") is not None:
+            self.problems.append("chat_template: not supported yet: streammerge copies the base's tokenizer files "
+                                 "unchanged; remove it, or edit tokenizer_config.json of the output")
+        if self.problems:
+            return None
+        return Recipe(base=base.path, revision=base.revision, inputs=tuple(inputs), method=method,
+                      params=tuple(sorted(params.items())), dtype=str(dtype) if dtype else None, conventions=MERGEKIT)
+
+    def tokenizer(self) -> None:
+        doc = self.doc
+        source = doc.get("tokenizer_source")
+        tokenizer = doc.get("tokenizer")
+        if tokenizer is not None:
+            if not isinstance(tokenizer, dict):
+                self.problems.append(f"tokenizer: expected a mapping, got {tokenizer!r}")
+                return
+            if tokenizer.get("tokens") or tokenizer.get("pad_to_multiple_of"):
+                self.problems.append("tokenizer.tokens / tokenizer.pad_to_multiple_of: changing the vocabulary is "
+                                     "not supported; streammerge keeps the base's tokenizer and embeddings")
+            source = tokenizer.get("source", source)
+            where = "tokenizer.source"
+        else:
+            where = "tokenizer_source"
+        if source not in (None, "base"):
+            self.problems.append(f"{where}: {source!r} is not supported (a union or another model's vocabulary "
+                                 "permutes the embeddings); only 'base' (the base's tokenizer, copied unchanged)")
+
+
+def translate_mergekit(doc: Any, source: str = "config") -> MergekitTranslation:
+    """Translate a mergekit config document into a recipe with ``conventions: mergekit``.
+
+    Raises:
+        PlanError: listing every problem, each with its field path (``models[1].parameters.density``).
+    """
+    if not isinstance(doc, dict):
+        raise PlanError([f"{source}: a mergekit config is a mapping (merge_method, models, ...), "
+                         f"got {type(doc).__name__}"])
+    translator = _Translator(doc)
+    recipe = translator.translate()
+    if recipe is None or translator.problems:
+        problems = translator.problems or ["merge_method: nothing to translate"]
+        raise PlanError([f"{source}: {p}" for p in problems])
+    return MergekitTranslation(recipe, translator.notes)
