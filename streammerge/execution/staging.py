@@ -101,7 +101,10 @@ class Staging:
         otherwise into a fresh tensor.
         """
         moved = self._move(self._stage(stored))
-        target = self._work_view(moved.shape) if work else torch.empty(moved.shape, device=self.device)
+        if work:
+            target = self._work_view(moved.shape)
+        else:
+            target = torch.empty(moved.shape, dtype=torch.float32, device=self.device)
         return target.copy_(moved)
 
     def _stage(self, stored: torch.Tensor) -> torch.Tensor:
@@ -122,9 +125,9 @@ class Staging:
     def _work_view(self, shape: torch.Size) -> torch.Tensor:
         numel = shape.numel()
         if self._work is None:
-            self._work = torch.empty(BLOCK_BYTES // 4, device=self.device)
+            self._work = torch.empty(BLOCK_BYTES // 4, dtype=torch.float32, device=self.device)
         if numel > self._work.numel():
-            return torch.empty(shape, device=self.device)  # one row larger than a block
+            return torch.empty(shape, dtype=torch.float32, device=self.device)  # one row larger than a block
         return self._work[:numel].view(shape)
 
     def unload(self, block: torch.Tensor, dtype: torch.dtype) -> Pending:
