@@ -105,13 +105,17 @@ def gridded_dense(update: LowRankUpdate) -> torch.Tensor:
     return out
 
 
-def block_rows(update: TaskUpdate, lo: int, hi: int, weight: float) -> torch.Tensor:
+def block_rows(update: TaskUpdate, lo: int, hi: int, weight: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Fresh fp32 rows ``lo:hi`` (of a row block) of ``weight · ΔW``, as ``fold_weights`` + ``as_dense`` give them.
 
-    A low-rank update is ``(w · up[lo:hi]) @ down``: ``lo:hi`` must be one grid step.
+    A low-rank update is ``(w · up[lo:hi]) @ down``: ``lo:hi`` must be one grid step; ``out`` (at least
+    ``(hi - lo) · d_in`` fp32 entries) receives it, sparing a fresh allocation (page faults) per step.
     """
     if isinstance(update, LowRankUpdate):
         up = update.up[lo:hi]
-        return (up if weight == 1.0 else up * weight) @ update.down
+        up = up if weight == 1.0 else up * weight
+        if out is None:
+            return up @ update.down
+        return torch.mm(up, update.down, out=out[:up.shape[0] * update.down.shape[1]].view(up.shape[0], -1))
     rows = update.delta[lo:hi]
     return rows.clone(memory_format=torch.contiguous_format) if weight == 1.0 else rows * weight

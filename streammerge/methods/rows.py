@@ -65,6 +65,11 @@ def _steps(block: RowBlock) -> list[tuple[int, int]]:
     return [(lo, min(lo + step, block.rows)) for lo in range(0, block.rows, step)]
 
 
+def _device(block: RowBlock) -> torch.device:
+    first = block.updates[0]
+    return first.up.device if isinstance(first, LowRankUpdate) else first.delta.device
+
+
 def _columns(shape: tuple[int, ...]) -> int:
     return shape[-1] if shape else 1
 
@@ -74,13 +79,15 @@ def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: 
     select by ``|x|`` and never write into the rows: a dense input's rows go in uncopied)."""
     wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
     columns = _columns(block.shape)
-    for lo, hi in _steps(block):
+    steps = _steps(block)
+    scratch = torch.empty((steps[0][1] - steps[0][0]) * columns, device=_device(block)) if steps else None
+    for lo, hi in steps:
         for i in wanted:
             update, weight = block.updates[i], block.weights[i]
             if isinstance(update, DenseUpdate) and weight == 1.0:
                 rows = update.delta[lo:hi]
             else:
-                rows = block_rows(update, lo, hi, weight)
+                rows = block_rows(update, lo, hi, weight, scratch)
             selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
 
 
@@ -185,9 +192,7 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     thresholds = stats.thresholds() if stats.sparsify == "magnitude" else ()
     scale = params["lambda"]
     normalize = params.get("normalize", "count" if elect else "none")
-    first = block.updates[0]
-    device = first.up.device if isinstance(first, LowRankUpdate) else first.delta.device
-    result = out if out is not None else torch.empty(block.rows, columns, device=device)
+    result = out if out is not None else torch.empty(block.rows, columns, device=_device(block))
     target = result.view(block.rows, columns)
     for lo, hi in _steps(block):
         terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,

@@ -148,6 +148,7 @@ class TopKSelect:
         self._sampled = 0
         self._room = candidate_limit
         self._candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._scratch: torch.Tensor | None = None  # the window pass's two shrunk copies of a block
 
     def needs_pass(self) -> bool:
         """True while another pass over the row blocks is needed."""
@@ -231,8 +232,11 @@ class TopKSelect:
     def _collect(self, name: str, start: int, rows: torch.Tensor) -> None:
         """The window pass on one block: count the entries above the window, keep those inside."""
         bottom, top = self._shrink
-        above = torch.nn.functional.hardshrink(rows, top)
-        inside = torch.nn.functional.hardshrink(rows, bottom).sub_(above).view(-1)
+        if self._scratch is None or self._scratch.numel() < 2 * rows.numel() or self._scratch.device != rows.device:
+            self._scratch = torch.empty(2 * rows.numel(), device=rows.device)  # reused: no page faults per block
+        above = torch.hardshrink(rows, top, out=self._scratch[:rows.numel()].view(rows.shape))
+        inside = torch.hardshrink(rows, bottom, out=self._scratch[rows.numel():2 * rows.numel()].view(rows.shape))
+        inside = inside.sub_(above).view(-1)
         if bottom == 0.0:  # the window reaches 0: per-row counts, for a threshold among the zeros
             per_row = above.abs_().sign_().sum(dim=1, dtype=torch.float64)
             counts = self._over_rows.setdefault(name, torch.zeros(self.rows[name], dtype=torch.int64))
@@ -306,6 +310,7 @@ class TopKSelect:
             if self.k == 0 or self.k >= self.total:
                 self._finish(KEEP_NONE if self.k == 0 else KEEP_ALL)
                 return
+        self._scratch = None
         if self._pass == _WINDOW:
             if not self._finish_window():
                 self._candidates, self._pass = {}, _HIGH
