@@ -13,8 +13,10 @@ of rows dequantizes on its own; permuted Q/K rows are read in whole heads and cu
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 import warnings
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +161,15 @@ class GGUFCheckpointReader(CheckpointReader):
         if (first, end) != (start, stop):
             out = out[start - first:stop - first].clone()
         return out if dtype is None else out.to(dtype)
+
+    @contextmanager
+    def stored_rows(self, name: str, start: int, stop: int | None = None) -> Iterator[torch.Tensor]:
+        """Rows ``start:stop`` as the worker's transfer path reads them: a GGUF tensor has no torch dtype
+        to move as stored, so its rows come dequantized to float32 (a fresh tensor, not a view of the map)."""
+        info = self.layout.info(name)
+        if stop is None:
+            stop = info.shape[0] if info.shape else 1
+        yield self.read_rows(name, start, stop)
 
     def _dequantize(self, name: str, first: int, end: int, qtype: object) -> torch.Tensor:
         """Stored rows ``first:end`` of ``name`` (a 1-D tensor is one row) as float32, still in GGUF order."""
