@@ -147,7 +147,9 @@ class TopKSelect:
         self._hinted: torch.Tensor | None = None
         self._sampled = 0
         self._room = candidate_limit
-        self._candidates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._kept: torch.Tensor | None = None  # [3, capacity] int32: row, |x| bits, segment of each kept entry
+        self._used = 0
+        self._segments: dict[str, int] = {}
         self._scratch: torch.Tensor | None = None  # the window pass's two shrunk copies of a block
 
     def needs_pass(self) -> bool:
@@ -247,21 +249,46 @@ class TopKSelect:
             over = float(above.abs_().sign_().sum(dtype=torch.float64 if above.numel() >= 1 << 24 else None))
         flat = torch.nonzero(inside).view(-1)
         if flat.numel() > self._room or not math.isfinite(over):  # the exact passes will follow
-            self._collecting, self._candidates = False, {}
+            self._collecting = False
+            self._drop_kept()
             return
         self._over += over
         self._room -= flat.numel()
         if flat.numel():
-            row = (flat // rows.shape[-1] + start).to(torch.int32).cpu()
-            self._candidates.setdefault(name, []).append((row, _bit_rows(inside[flat].abs_()).cpu()))
+            self._keep(name, (flat // rows.shape[-1] + start).to(torch.int32), _bit_rows(inside[flat].abs_()))
+
+    def _keep(self, name: str, rows: torch.Tensor, bits: torch.Tensor) -> None:
+        """Append kept entries (row, bits, segment) to one growing buffer: small tensors kept per block,
+        interleaved with each block's temporaries, would fragment the heap (measured: 1.7 GB of it at 70B)."""
+        n, used = rows.numel(), self._used
+        if self._kept is None or used + n > self._kept.shape[1]:
+            grown = torch.empty(3, max(2 * (used + n), 1 << 16), dtype=torch.int32)
+            if self._kept is not None:
+                grown[:, :used] = self._kept[:, :used]
+            self._kept = grown
+        self._kept[0, used:used + n] = rows.cpu()
+        self._kept[1, used:used + n] = bits.cpu()
+        self._kept[2, used:used + n] = self._segments.setdefault(name, len(self._segments))
+        self._used = used + n
+
+    def _drop_kept(self) -> None:
+        self._kept, self._used, self._segments = None, 0, {}
+
+    def _kept_by_segment(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The kept entries per segment: (rows, bits), in the order kept."""
+        kept = self._kept[:, :self._used] if self._kept is not None else torch.zeros(3, 0, dtype=torch.int32)
+        per = {}
+        for name, segment in self._segments.items():
+            mine = kept[2] == segment
+            per[name] = (kept[0][mine], kept[1][mine])
+        self._drop_kept()
+        return per
 
     def _finish_window(self) -> bool:
         """End of the window pass: finish from the kept entries when the answer is among them."""
         if not self._collecting or self._window is None:
             return False
-        per = {name: (torch.cat([r for r, _ in parts]), torch.cat([b for _, b in parts]))
-               for name, parts in self._candidates.items()}
-        self._candidates = {}
+        per = self._kept_by_segment()
         top = torch.cat([bits for _, bits in per.values()]) >> 16 if per else torch.zeros(0, dtype=torch.int32)
         kept = top.numel()
         top = top[(top >= self._window[0]) & (top <= self._window[1])]  # a NaN is kept but is no candidate
@@ -313,7 +340,8 @@ class TopKSelect:
         self._scratch = None
         if self._pass == _WINDOW:
             if not self._finish_window():
-                self._candidates, self._pass = {}, _HIGH
+                self._drop_kept()
+                self._pass = _HIGH
             return
         if self._pass == _HIGH:
             self._bin, self._above = _locate(self._high, self.k)
