@@ -293,9 +293,11 @@ def remove(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> float:
-    """fsync every file under ``path`` (a peer that does not make its output durable); returns seconds."""
+    """fsync ``path`` if it is a file, else every file under it (a peer that does not make its output durable);
+    returns seconds."""
     start = time.perf_counter()
-    for f in sorted(Path(path).rglob("*")):
+    path = Path(path)
+    for f in [path] if path.is_file() else sorted(path.rglob("*")):
         if f.is_file():
             fd = os.open(f, os.O_RDONLY)
             try:

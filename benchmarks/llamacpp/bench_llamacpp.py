@@ -80,17 +80,6 @@ def measured(label: str, cmd: list[str], inputs: list[Path], log: Path) -> b.Run
     return run
 
 
-def fsync_file(path: Path) -> float:
-    """fsync one file (the converter's output; ``benchlib.fsync_tree`` walks directories); returns seconds."""
-    start = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start
-
-
 def timed_round(rep: int, types: list[str], method: str) -> dict[str, Any]:
     """One repetition: (a) merge -> GGUF per type, (b) merge -> HF then the converter per type."""
     rnd = WORK / f"rep{rep}"
@@ -110,7 +99,7 @@ def timed_round(rep: int, types: list[str], method: str) -> dict[str, Any]:
         out = rnd / f"converter-{t}.gguf"
         r = measured(f"convert {t}", [*env_conv, str(hf), "--outtype", t, "--outfile", str(out)], [hf],
                      logs / f"rep{rep}-convert-{t}.log")
-        r.summary["fsync_s"] = round(fsync_file(out), 3)
+        r.summary["fsync_s"] = round(b.fsync_tree(out), 3)
         runs[f"b:{t}"] = r
     return runs
 
