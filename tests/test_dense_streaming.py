@@ -7,22 +7,19 @@ row-block update (factor rows and dense delta rows) go through pass 1 and pass 2
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 from streammerge import InputSpec, Recipe, build_plan, run_plan
 from streammerge.execution import worker
-from streammerge.jobs import faults
 from streammerge.jobs.journal import read_journal
 from streammerge.methods import REGISTRY, DenseUpdate, LowRankUpdate, MergeInputs, common
 from streammerge.planning import budget
 from streammerge.planning.budget import streams_method_rows
 from tests.helpers import load_adapter_file, read_model, read_raw
+from tests.test_resume import killed_run
 from tools.synthetic import PRESETS, write_adapter, write_finetune, write_model
 
 DENSE = ["ties", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -107,21 +104,6 @@ def test_plan_predicts_the_row_form(world):
     assert "two passes over row blocks" in reason
 
 
-def _killed_run(plan, out: Path, spec: str) -> None:
-    """Run ``plan`` in a forked child that SIGKILLs itself at ``spec`` (streammerge/jobs/faults.py)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
-            faults.arm(spec)
-            run_plan(plan, out)
-            code = 0  # the kill point was never reached
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{spec!r} not reached ({status})"
-
-
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_killed_in_the_second_pass_resumes_to_the_same_bytes(world, tmp_path, monkeypatch, method):
     """Killed after some merged row blocks of a tensor (its first pass done, its shard half written),
@@ -134,7 +116,7 @@ def test_killed_in_the_second_pass_resumes_to_the_same_bytes(world, tmp_path, mo
     out = tmp_path / "out"
     plan = build_plan(replace(recipe, out=str(out)))
     for spec in ("rows:5", "rows:30", "rows:30"):  # inside the embedding (16 blocks), then in later tensors and shards
-        _killed_run(plan, out, spec)
+        killed_run(plan, out, spec)
         state = read_journal(out)
         assert state is None or state.complete is None
     report = run_plan(plan, out)

@@ -102,21 +102,23 @@ def test_format_and_pairs_are_checked() -> None:
         fp8_weight_scales({good.name: good}, FMT, "m")
 
 
-def save_fp8_llama(out: Path) -> Path:
-    """A tiny Llama whose linear weights are block-scaled FP8 (quantized by transformers), the rest bf16."""
+def save_fp8_llama(out: Path, layers: int = 1, scale_fmt: str = "float") -> Path:
+    """A tiny Llama whose linear weights are block-scaled FP8 (quantized by transformers, scales in
+    ``scale_fmt``), the rest bf16; intermediate 384 = 3 blocks, so edge blocks are partial."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    quantize, _ = hf_quantizer()
+    quantize, _ = hf_quantizer(scale_fmt)
     state = load_file(str(out / "model.safetensors"))
     fp8: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         fp8.update(quantize.convert({name: tensor}) if name.endswith("proj.weight") else {name: tensor})
     save_file(fp8, str(out / "model.safetensors"), metadata={"format": "pt"})
     doc = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**doc, "quantization_config": QUANT_CONFIG}))
+    quant = {**QUANT_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt != "float" else {})}
+    (out / "config.json").write_text(json.dumps({**doc, "quantization_config": quant}))
     return out
 
 

@@ -21,7 +21,7 @@ from streammerge.errors import PlanError
 from streammerge.io.fp8 import Fp8Format, dequantize_rows, quantize_rows
 from streammerge.io.reader import open_checkpoint
 from streammerge.jobs.verify import verify_output
-from tests.test_fp8 import QUANT_CONFIG, hf_quantizer
+from tests.test_fp8 import hf_quantizer, save_fp8_llama
 from tests.test_resume import assert_same_output, killed_run
 from tools.synthetic import write_adapter
 
@@ -33,21 +33,7 @@ SCALE = "weight_scale_inv"
 def save_fp8_model(out: Path, scale_fmt: str = "float") -> Path:
     """A tiny 2-layer Llama, linear weights block-scaled FP8 (transformers' quantizer), edge blocks partial
     (intermediate 384 = 3 blocks: transformers quantizes only whole blocks); embeddings, norms, lm_head bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    quantize, _ = hf_quantizer(scale_fmt)
-    state = load_file(str(out / "model.safetensors"))
-    fp8: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        fp8.update(quantize.convert({name: tensor}) if name.endswith("proj.weight") else {name: tensor})
-    save_file(fp8, str(out / "model.safetensors"), metadata={"format": "pt"})
-    doc = json.loads((out / "config.json").read_text())
-    quant = {**QUANT_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt != "float" else {})}
-    (out / "config.json").write_text(json.dumps({**doc, "quantization_config": quant}))
-    return out
+    return save_fp8_llama(out, layers=2, scale_fmt=scale_fmt)
 
 
 def whole_dequantized(stored: dict[str, torch.Tensor], name: str, scale_fmt: str = "float") -> torch.Tensor:

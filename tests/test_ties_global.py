@@ -8,9 +8,6 @@ gives the same values.  A job killed after the whole-model pass resumes without 
 
 from __future__ import annotations
 
-import os
-import signal
-from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from streammerge import InputSpec, Recipe, build_plan, run_plan
 from streammerge.errors import MethodParameterError
 from streammerge.execution import model_pass, worker
 from streammerge.execution.worker import contributions_by_input
-from streammerge.jobs import faults
 from streammerge.jobs.journal import read_journal
 from streammerge.methods import REGISTRY, DenseUpdate, LowRankUpdate, MergeInputs
 from streammerge.methods.common import gridded_dense
@@ -27,6 +23,7 @@ from streammerge.methods.selection import KEEP_ALL, Threshold
 from streammerge.methods.sparsify import keep_count
 from streammerge.planning import budget
 from tests.helpers import load_adapter_file, read_model, read_raw
+from tests.test_resume import killed_run
 from tools.synthetic import PRESETS, write_adapter, write_finetune, write_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -138,26 +135,12 @@ def test_global_scope_equals_a_whole_model_reference(world, tmp_path, monkeypatc
                                    atol=0, rtol=2 ** -7)
 
 
-def _killed_run(plan, out, spec: str) -> None:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns
-        code = 1
-        try:
-            faults.arm(spec)
-            run_plan(plan, out)
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{spec!r} not reached ({status})"
-
-
 def test_resume_reads_the_journaled_model_pass(world, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     run_plan(build_plan(_recipe(world, "model", reference)), reference)
     out = tmp_path / "out"
     plan = build_plan(_recipe(world, "model", out))
-    _killed_run(plan, out, "record:2")  # the job record, then the whole-model pass's record
+    killed_run(plan, out, "record:2")  # the job record, then the whole-model pass's record
     state = read_journal(out)
     assert state is not None and state.statistics is not None and not state.units
 
