@@ -8,6 +8,7 @@ blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -223,9 +224,9 @@ class TensorMerger:
         if job.scale_of:
             return self._fresh_scale_blocks(job), {}
         if streams_dense_rows(job, self.method):
-            return self._elementwise_blocks(job), {}
+            return self._host_blocks(self._elementwise_blocks(job)), {}
         if streams_method_rows(job, self.method, self.params):
-            return self._two_pass_blocks(job), {}
+            return self._host_blocks(self._two_pass_blocks(job)), {}
         result, base, transposed = self.merge_update(job)
         update = result.update if result is not None else None
         stats = result.stats if result is not None else {}
@@ -235,16 +236,24 @@ class TensorMerger:
         """Whether ``job`` is an FP8 weight written as FP8 again (requantized on its scale grid)."""
         return bool(job.scale) and self.plan.fp8 is not None and DTYPES[job.out_dtype].torch_dtype == FP8_DTYPE
 
-    def _cast(self, job: TensorJob, block: torch.Tensor, start: int) -> torch.Tensor:
-        """A merged fp32 row block in the output dtype, on the CPU.  FP8 output: requantized on the base's scale
-        grid (``start`` is on it), its fresh scale rows kept for ``job.scale``'s own job, which follows."""
+    def _host_blocks(self, pending: Iterator[Pending]) -> Iterator[torch.Tensor]:
+        """The host blocks of a generator of ``Pending`` ones (it sets ``self.device`` before its first block)."""
+        first = next(pending, None)
+        if first is None:
+            return
+        yield from self._staging().host_blocks(itertools.chain([first], pending))
+
+    def _unload(self, job: TensorJob, block: torch.Tensor, start: int) -> Pending:
+        """A merged fp32 row block in the output dtype, into a host buffer (``Staging.unload``).  FP8 output:
+        requantized on the base's scale grid (``start`` is on it), its fresh scale rows kept for
+        ``job.scale``'s own job, which follows."""
         fmt = self.plan.fp8
         if fmt is None or not self._requantizes(job):
-            return block.to(DTYPES[job.out_dtype].torch_dtype).contiguous().cpu()
+            return self._staging().unload(block, DTYPES[job.out_dtype].torch_dtype)
         scale_dtype = DTYPES[self.readers.get(job.scale_file).layout.info(job.scale).dtype].torch_dtype
         quantized, scale = quantize_rows(block, start, fmt, scale_dtype)
         self._fresh_scales.setdefault(job.scale, []).append(scale.cpu())
-        return quantized.contiguous().cpu()
+        return Pending(quantized.contiguous().cpu())
 
     def _fresh_scale_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
         rows = self._fresh_scales.pop(job.name, None)
@@ -252,7 +261,7 @@ class TensorMerger:
             raise OutputError(f"internal error: FP8 scale {job.name!r} is written before its weight {job.scale_of!r}")
         yield torch.cat(rows)
 
-    def _elementwise_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
+    def _elementwise_blocks(self, job: TensorJob) -> Iterator[Pending]:
         """Merge an elementwise method one row block at a time: base rows, each input's rows, merge, cast.
 
         A full fine-tune of a 128k-row embedding then needs a few 64 MiB blocks instead of a whole
@@ -285,7 +294,7 @@ class TensorMerger:
                 base.addmm_(update.up, update.down)
             else:
                 base.add_(update.delta)
-            yield self._cast(job, base, start)
+            yield self._unload(job, base, start)
             del base, updates, result, update
 
     def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
@@ -339,7 +348,7 @@ class TensorMerger:
             return None
         return self.model_statistics.for_tensor(job.name, tuple(inputs))
 
-    def _two_pass_blocks(self, job: TensorJob) -> Iterator[torch.Tensor]:
+    def _two_pass_blocks(self, job: TensorJob) -> Iterator[Pending]:
         """A dense method (TIES, DARE, Breadcrumbs, magnitude prune) over row blocks, never whole fp32 tensors.
 
         Pass 1 feeds every block to the method's statistics (each input's exact top-k threshold; none
@@ -351,7 +360,7 @@ class TensorMerger:
         assert form is not None
         by_input, source = self._row_inputs(job)
         if source is None:
-            yield from self._blocks(job, None, False, None)
+            yield from self._merged_rows(job, None, False, None)
             return
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
@@ -371,7 +380,7 @@ class TensorMerger:
             if self.check_finite and not math.isfinite(float(merged.sum())):
                 self._refuse_non_finite_rows(job, start, stop)
             kill_point("rows")
-            yield self._cast(job, merged, start)
+            yield self._unload(job, merged, start)
             del base, updates, merged
 
     def model_segments(self, job: TensorJob) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -506,12 +515,10 @@ class TensorMerger:
                 update: TaskUpdate | None) -> Iterator[torch.Tensor]:
         """``W0 + ΔW`` row block by row block: base rows into the work buffer, the update added in place, the
         cast into a host buffer (``Staging``)."""
-        staging = self._staging()
-        return staging.host_blocks(self._merged_rows(job, base, transposed, update, staging))
+        return self._staging().host_blocks(self._merged_rows(job, base, transposed, update))
 
-    def _merged_rows(self, job: TensorJob, base: torch.Tensor | None, transposed: bool, update: TaskUpdate | None,
-                     staging: Staging) -> Iterator[Pending]:
-        out_dtype = DTYPES[job.out_dtype].torch_dtype
+    def _merged_rows(self, job: TensorJob, base: torch.Tensor | None, transposed: bool,
+                     update: TaskUpdate | None) -> Iterator[Pending]:
         if isinstance(update, LowRankUpdate):  # stored orientation: ΔWᵀ = downᵀ upᵀ
             left, right = (update.down.T, update.up.T) if transposed else (update.up, update.down)
         elif isinstance(update, DenseUpdate):
@@ -527,7 +534,7 @@ class TensorMerger:
                     block.addmm_(left[start:stop], right)
             elif isinstance(update, DenseUpdate):
                 block.add_(delta[start:stop] if job.shape else delta)
-            yield Pending(self._cast(job, block, start)) if self._requantizes(job) else staging.unload(block, out_dtype)
+            yield self._unload(job, block, start)
             del block
 
     def copy_ranges(self, job: TensorJob) -> Iterator[Callable[[Callable[[str, bytes], None]], None]]:
