@@ -154,3 +154,39 @@ def test_do_merging_merges_tensors_ahead_in_batches(world, tmp_path, monkeypatch
     ahead, alone = read_model(tmp_path / "ahead"), read_model(tmp_path / "alone")
     for name, tensor in alone.items():
         torch.testing.assert_close(ahead[name].float(), tensor.float(), rtol=8e-3, atol=1e-6, msg=name)
+
+
+def test_next_window_merges_on_the_lookahead_thread_with_the_same_bytes(world, tmp_path, monkeypatch):
+    """While one window's tensors are written, the next window's ``merge_many`` runs on the lookahead
+    thread; the windows and the bytes are those of merging every window in turn on the main thread."""
+    import threading
+
+    from streammerge.execution import lookahead
+
+    root, base, adapters = world
+    recipe = Recipe(base=str(base), inputs=tuple(InputSpec(str(a)) for a in adapters), method="do_merging",
+                    params=(("steps", 30),), device="cpu")
+    plan = build_plan(recipe)
+    method = worker.get_method("do_merging")
+    original = method.merge_many
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def recording(batch, params):
+        calls.append((threading.current_thread().name, tuple(inputs.name for inputs in batch)))
+        return original(batch, params)
+
+    monkeypatch.setattr(worker, "get_method", lambda name: dataclasses.replace(method, merge_many=recording))
+    monkeypatch.setattr(worker, "LOOKAHEAD_BYTES", 1)  # a window per tensor: many windows per unit
+    run_plan(plan, tmp_path / "background")
+    background = list(calls)
+    calls.clear()
+    monkeypatch.setattr(worker, "Lookahead", lambda _background: lookahead.Lookahead(background=False))
+    run_plan(plan, tmp_path / "inline")
+    assert [names for _, names in background] == [names for _, names in calls]  # the same windows
+    assert {thread for thread, _ in calls} == {threading.main_thread().name}
+    on_thread = [names for thread, names in background if thread.startswith("streammerge-lookahead")]
+    assert len(on_thread) >= len(background) // 2 > 0 and len(background) > 8, background
+    assert not any(t.name.startswith("streammerge-lookahead") for t in threading.enumerate())  # closed
+    inline, ahead = read_model(tmp_path / "inline"), read_model(tmp_path / "background")
+    for name, tensor in inline.items():
+        assert torch.equal(ahead[name].view(torch.int16), tensor.view(torch.int16)), name

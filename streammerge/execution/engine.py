@@ -171,6 +171,7 @@ def _follow(plan: MergePlan, sink: Sink, out_dir: Path, device: torch.device, co
     journal = Journal.for_rank(out_dir, cohort.rank)
     mine, done = cohort.mine(sink.units()), set(start["done"])
     readers = Readers()
+    merger: TensorMerger | None = None
     started = time.perf_counter()
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
@@ -186,6 +187,8 @@ def _follow(plan: MergePlan, sink: Sink, out_dir: Path, device: torch.device, co
         if device.type == "cuda":
             report.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     finally:
+        if merger is not None:
+            merger.close()
         readers.close()
     cohort.done_then_wait()
     return report
@@ -215,6 +218,7 @@ def _execute(plan: MergePlan, sink: Sink, job: JobStart, journal: Journal, devic
              cohort: Cohort | None = None) -> None:
     out_dir = job.out_dir
     readers = Readers()
+    merger: TensorMerger | None = None
     start = time.perf_counter()
     try:
         with PeakMemoryMonitor() as monitor, torch.inference_mode():
@@ -268,4 +272,6 @@ def _execute(plan: MergePlan, sink: Sink, job: JobStart, journal: Journal, devic
                                   for n in written})
         report.peak_rss, report.peak_anon_rss = monitor.peak_rss, monitor.peak_anon_rss
     finally:
+        if merger is not None:
+            merger.close()
         readers.close()

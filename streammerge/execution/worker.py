@@ -123,12 +123,14 @@ def _combine(parts: list[TaskPart]) -> TaskUpdate | None:
 class TensorMerger:
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
-    def __init__(self, plan: MergePlan, device: torch.device, readers: Readers, *, check_finite: bool = True) -> None:
+    def __init__(self, plan: MergePlan, device: torch.device, readers: Readers, *, check_finite: bool = True,
+                 background: bool = True) -> None:
         self.plan = plan
         self.main_device = device
         self.device = device  # the device of the tensor being merged (see device_for)
         self.readers = readers
         self.check_finite = check_finite  # refuse input tensors holding NaN / Inf
+        # background: the next merge_many window runs on a thread while this one is written (same results)
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
@@ -136,7 +138,7 @@ class TensorMerger:
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
         self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
         self._stagings: dict[torch.device, Staging] = {}
-        self._ahead = Lookahead()
+        self._ahead = Lookahead(background)
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -451,6 +453,8 @@ class TensorMerger:
             the transpose of the canonical one.
         """
         self.device = self.device_for(job)
+        if self._ahead.in_flight(job.name):
+            self._start_after(self._ahead.collect())
         ready = self._ahead.pop(job.name)
         if ready is not None:
             return ready
@@ -483,15 +487,37 @@ class TensorMerger:
 
     def _merge_ahead(self, job: TensorJob) -> tuple[MergeResult | None, torch.Tensor | None, bool]:
         """Merge ``job`` with the batchable tensors after it in its unit in one ``merge_many`` call; the
-        others' results are kept for their turn (``lookahead.py``)."""
+        others' results are kept for their turn, and the next window starts on the lookahead thread
+        (``lookahead.py``)."""
         window = self._ahead.window(job, self._batchable, LOOKAHEAD_BYTES)
+        answers = self._window_task(window)()
+        self._ahead.keep(window[1:], answers[1:])
+        self._start_after(window)
+        return answers[0]
+
+    def _start_after(self, window: list[TensorJob]) -> None:
+        """Load the inputs of the window after ``window`` here and merge them on the lookahead thread."""
+        following = self._ahead.following(window[-1], self._batchable) if window else None
+        if following is not None:
+            nxt = self._ahead.window(following, self._batchable, LOOKAHEAD_BYTES)
+            self._ahead.start(nxt, self._window_task(nxt))
+
+    def _window_task(self, window: list[TensorJob]) -> Callable[[], list[tuple[MergeResult | None, Any, bool]]]:
+        """Reads ``window``'s inputs now; returns the tensor math that merges them (any thread may run it)."""
         built = [self._merge_inputs(j) for j in window]
         given = [inputs for inputs, _, _ in built if inputs is not None]
-        results = iter(self.method.merge_many(given, self.params) if given else [])  # type: ignore[misc]
-        answers = [(next(results) if inputs is not None else None, base, transposed)
-                   for inputs, base, transposed in built]
-        self._ahead.keep(window[1:], answers[1:])
-        return answers[0]
+        merge_many, params = self.method.merge_many, self.params
+
+        def merge() -> list[tuple[MergeResult | None, Any, bool]]:
+            with torch.inference_mode():
+                results = iter(merge_many(given, params) if given else [])  # type: ignore[misc]
+                return [(next(results) if inputs is not None else None, base, transposed)
+                        for inputs, base, transposed in built]
+        return merge
+
+    def close(self) -> None:
+        """Stop the lookahead thread."""
+        self._ahead.close()
 
     def _whole_updates(self, job: TensorJob) -> tuple[torch.Tensor, list[TaskUpdate], list[float], list[int], bool]:
         """The base as the method sees it, each changing input's whole update of ``job`` in canonical
