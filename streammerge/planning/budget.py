@@ -41,9 +41,11 @@ MODEL_PASS_INPUT_BYTES = 16 * MODEL_CANDIDATE_LIMIT
 # Factor bytes of the tensors a method with ``merge_many`` merges at once (worker ``_merge_ahead``). Fixed,
 # like the block size: the window decides which problems are batched, so it must not depend on the budget.
 LOOKAHEAD_BYTES = 32 * MiB
-# What such a window holds at its peak, in windows: the loaded and weighted factors, the orthogonalized ones, the
-# results, the batch's temporaries (measured: DO-Merging on the 1b preset, 4 × r16, +140 MiB anonymous RSS).
-LOOKAHEAD_COPIES = 5
+# What such windows hold at their peak, in windows: the loaded and weighted factors, the orthogonalized ones, the
+# results, the batch's temporaries, and the next window in flight on the lookahead thread (its inputs and
+# temporaries) while the current one's results wait (measured: DO-Merging on the 1b preset, 4 × r16, +140 MiB
+# anonymous RSS inline, +270 MiB with the lookahead thread).
+LOOKAHEAD_COPIES = 7
 
 
 @dataclass(frozen=True)
