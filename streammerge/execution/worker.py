@@ -121,7 +121,7 @@ def _combine(parts: list[TaskPart]) -> TaskUpdate | None:
 
 
 def job_params(params: dict[str, Any], job: TensorJob, indices: Sequence[int]) -> dict[str, Any]:
-    """The method's params for ``job``: the plan's, the job's own (``weight_total``) and each input's per-input
+    """The method's params for ``job``: the plan's, the job's own (``all_weights``) and each input's per-input
     values (``Contribution.params``): one number where the inputs ``indices`` agree, else a tuple aligned with them."""
     if not job.params and not any(c.params for c in job.contributions):
         return params

@@ -299,19 +299,19 @@ def parse_param_assignment(text: str) -> tuple[str, str]:
 LAMBDA = Param("lambda", float, 1.0, "global scale λ of the merged update")
 
 
-WEIGHT_TOTAL = "weight_total"
-"""A per-tensor value the engine adds to the params of a method with ``normalize: total``: the sum of every
-input's weight for this tensor, also of inputs that leave it unchanged (mergekit's ``normalize: true``)."""
+ALL_WEIGHTS = "all_weights"
+"""A per-tensor value the engine adds to the params of a method with ``normalize: total``: every input's weight
+on this tensor in input order, also of inputs that leave it unchanged (mergekit's ``normalize: true`` divides by
+their sum)."""
 
 
 def divisor_weights(params: Mapping[str, Any], weights: Sequence[float]) -> tuple[str, Sequence[float]]:
     """``normalize`` and the weights whose sum divides a plain (non-electing) sum: ``total`` becomes
-    ``weights`` over the one ``weight_total`` (the inputs' own weights when the engine gave none)."""
+    ``weights`` over ``all_weights`` (the inputs' own weights when the engine gave none)."""
     normalize = params.get("normalize", "none")
     if normalize != "total":
         return normalize, weights
-    total = params.get(WEIGHT_TOTAL)
-    return "weights", (total,) if total is not None else weights
+    return "weights", params.get(ALL_WEIGHTS, weights)
 
 
 def at_input(value: Any, index: int) -> Any:

@@ -1,6 +1,6 @@
 """Task Arithmetic: ``W = W0 + λ Σ_i w_i ΔW_i`` (Ilharco et al., 2023); with ``normalize: weights``
 ``W0 + λ Σ_i w_i ΔW_i / Σ_i w_i``, with ``normalize: total`` divided by every input's weight for the tensor
-(mergekit's ``normalize: true``; the engine supplies it as ``weight_total``).  Dense deltas are weighted,
+(mergekit's ``normalize: true``; the engine supplies it as ``all_weights``).  Dense deltas are weighted,
 summed, divided and scaled in that order, as mergekit does.
 
 Exact low-rank for LoRA inputs: the merged update is ``[λ w_1 s_1 B_1 … λ w_T s_T B_T] @

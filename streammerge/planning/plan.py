@@ -29,7 +29,9 @@ from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..methods import MergeMethod, get_method
-from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
+from ..methods.base import ALL_WEIGHTS
+from ..inputs.chat_template import resolve_chat_template
+from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES, TOKENIZER_CONFIG_NAME
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
@@ -85,7 +87,7 @@ class TensorJob:
     """FP8 output: this tensor is the fresh ``weight_scale_inv`` of merged FP8 weight ``scale_of``, computed
     while that weight is requantized and written right after it in the same shard."""
     params: tuple[tuple[str, Any], ...] = ()
-    """Method parameters of this tensor only (``normalize: total``'s ``weight_total``)."""
+    """Method parameters of this tensor only (``normalize: total``'s ``all_weights``)."""
 
     @property
     def is_copy(self) -> bool:
@@ -133,6 +135,8 @@ class MergePlan:
     config_drops: tuple[str, ...] = ()
     """``config.json`` keys the output leaves out (an FP8 base's ``quantization_config`` for a bf16 output)."""
     fp8: Fp8Format | None = None
+    chat_template: str | None = None
+    """The chat template the output's tokenizer files get (the recipe's ``chat_template`` resolved); None: unchanged."""
     """The base's block-scaled FP8 format, when it is an FP8 checkpoint."""
     sources: tuple[Source, ...] = ()
     """Where the base (first) and each input were read from: local paths and Hub snapshots."""
@@ -240,10 +244,11 @@ class _Planner:
         params = spec.params_for(target, layer_index(target), self.num_layers)
         self.contributions.setdefault(target, []).append(replace(contribution, weight=weight, params=params))
 
-    def weight_total(self, target: str) -> float:
-        """Every input's weight on ``target``, also of inputs that leave it unchanged (``normalize: total``)."""
-        return sum(s.weight_for(target, layer_index(target), self.num_layers)
-                   for s in self.recipe.inputs if s.selects(target))
+    def all_weights(self, target: str) -> tuple[float, ...]:
+        """Every input's weight on ``target`` in input order, also of inputs that leave it unchanged
+        (``normalize: total``; an input whose filters exclude ``target`` adds nothing)."""
+        return tuple(s.weight_for(target, layer_index(target), self.num_layers)
+                     for s in self.recipe.inputs if s.selects(target))
 
     def check_family(self, where: str, architecture: str | None) -> None:
         family = _family(architecture)
@@ -385,6 +390,26 @@ BASE_ITSELF = "the base itself: changes nothing, adds its weight to normalize: t
 """How a plan describes a full-model input that is the base (mergekit lists it among the models)."""
 
 
+def _chat_template(recipe: Recipe, sources: tuple[Source, ...] | list[Source], problems: list[str]) -> str | None:
+    """The recipe's ``chat_template`` as text (``auto``: from the base and the inputs, one per reference)."""
+    if recipe.chat_template is None:
+        return None
+    base_dir = sources[0].local_path
+    dirs = {("model", recipe.base, recipe.revision): base_dir}
+    for spec, source in zip(recipe.inputs, sources[1:]):
+        dirs.setdefault((spec.kind, spec.path, spec.revision), base_dir if spec.kind == "adapter" else source.local_path)
+    try:
+        template = resolve_chat_template(recipe.chat_template, list(dirs.values()))
+    except StreamMergeError as e:
+        problems.append(f"chat_template: {e}")
+        return None
+    base_root = Path(base_dir).parent if Path(base_dir).is_file() else Path(base_dir)
+    if template is not None and not (base_root / TOKENIZER_CONFIG_NAME).is_file():
+        problems.append(f"chat_template: the base {base_dir!r} has no {TOKENIZER_CONFIG_NAME} to write the template "
+                        "into; add the base's tokenizer files, or leave chat_template out")
+    return template
+
+
 def _same_path(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
@@ -491,9 +516,12 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise PlanError(problems)
     assert method is not None
 
+    template = _chat_template(recipe, sources, problems)
+    if problems:
+        raise PlanError(problems)
     jobs = _tensor_jobs(base, planner, out_dtype)
     if method_params.get("normalize") == "total":
-        jobs = {name: replace(job, params=(("weight_total", planner.weight_total(name)),)) if job.contributions
+        jobs = {name: replace(job, params=((ALL_WEIGHTS, planner.all_weights(name)),)) if job.contributions
                 else job for name, job in jobs.items()}
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
@@ -524,6 +552,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None and not requantize else (),
         fp8=fp8,
         base_format=base_format.name,
+        chat_template=template,
     )
     return plan
 
