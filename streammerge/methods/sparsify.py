@@ -108,7 +108,8 @@ class MagnitudeTrim:
     apply instead of the tensor's own.  ``density`` may be a tuple, one per input.
     """
 
-    def __init__(self, density: float | tuple[float, ...], thresholds: Sequence[Threshold] | None = None, at_least: int = 0) -> None:
+    def __init__(self, density: float | tuple[float, ...], thresholds: Sequence[Threshold] | None = None,
+                 at_least: int = 0) -> None:
         self.density = density
         self.at_least = at_least
         self._thresholds: dict[int, Threshold] = dict(enumerate(thresholds)) if thresholds is not None else {}
@@ -146,7 +147,8 @@ class RandomDrop:
     passes, a re-run and every row blocking see the same mask.  ``density`` may be a tuple, one per input.
     """
 
-    def __init__(self, density: float | tuple[float, ...], generator: torch.Generator, count: int, rescale: str = "density") -> None:
+    def __init__(self, density: float | tuple[float, ...], generator: torch.Generator, count: int,
+                 rescale: str = "density") -> None:
         self.density = density
         self.rescale = rescale
         self.device = generator.device
@@ -210,7 +212,8 @@ class Band:
     ``density >= 1`` keeps everything and the outlier drop shrinks to fit ``n - keep``).  ``density`` and
     ``gamma`` may be tuples, one per input."""
 
-    def __init__(self, density: float | tuple[float, ...], gamma: float | tuple[float, ...], scope: str = "row") -> None:
+    def __init__(self, density: float | tuple[float, ...], gamma: float | tuple[float, ...],
+                 scope: str = "row") -> None:
         self.density = density
         self.gamma = gamma
         self.scope = scope
@@ -222,7 +225,7 @@ class Band:
         return delta.reshape(-1, delta.shape[-1])
 
     def bounds(self, delta: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row ``(low, high)``, each ``[rows, 1]``: kept entries of input ``index`` have ``low <= |value| <= high``."""
+        """Per row ``(low, high)``, each ``[rows, 1]``: input ``index``'s kept entries have ``low <= |v| <= high``."""
         rows = self._rows(delta).abs()
         n = rows.shape[-1]
         density = at_input(self.density, index)
