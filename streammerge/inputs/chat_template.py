@@ -11,11 +11,16 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import InputError
+from ..errors import InputError, StreamMergeError
 from ..names import CHAT_TEMPLATE_KEY, CHAT_TEMPLATE_NAME, TOKENIZER_CONFIG_NAME
 
-__all__ = ["AUTO", "BASE", "read_chat_template", "resolve_chat_template"]
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+    from .hub import Source
+
+__all__ = ["AUTO", "BASE", "read_chat_template", "resolve_chat_template", "recipe_chat_template"]
 
 AUTO = "auto"
 """The most common template of the base and the inputs (mergekit's ``chat_template: auto``)."""
@@ -61,3 +66,24 @@ def resolve_chat_template(setting: str, model_dirs: Sequence[str]) -> str | None
         return setting
     templates = [t.strip() for t in map(read_chat_template, model_dirs) if t]
     return Counter(templates).most_common(1)[0][0] if templates else None
+
+
+def recipe_chat_template(recipe: Recipe, sources: Sequence[Source], problems: list[str]) -> str | None:
+    """The template text ``recipe.chat_template`` writes, given the base's and the inputs' local ``sources``
+    (``auto``: one directory per distinct reference, an adapter's being its base's); problems are appended."""
+    if recipe.chat_template is None:
+        return None
+    base_dir = sources[0].local_path
+    dirs = {("model", recipe.base, recipe.revision): base_dir}
+    for spec, source in zip(recipe.inputs, sources[1:]):
+        dirs.setdefault((spec.kind, spec.path, spec.revision), base_dir if spec.kind == "adapter" else source.local_path)
+    try:
+        template = resolve_chat_template(recipe.chat_template, list(dirs.values()))
+    except StreamMergeError as e:
+        problems.append(f"chat_template: {e}")
+        return None
+    base_root = Path(base_dir).parent if Path(base_dir).is_file() else Path(base_dir)
+    if template is not None and not (base_root / TOKENIZER_CONFIG_NAME).is_file():
+        problems.append(f"chat_template: the base {base_dir!r} has no {TOKENIZER_CONFIG_NAME} to write the template "
+                        "into; add the base's tokenizer files, or leave chat_template out")
+    return template

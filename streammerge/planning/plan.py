@@ -30,8 +30,8 @@ from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..methods import MergeMethod, get_method
 from ..methods.base import ALL_WEIGHTS
-from ..inputs.chat_template import resolve_chat_template
-from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES, TOKENIZER_CONFIG_NAME
+from ..inputs.chat_template import recipe_chat_template
+from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
 from ..recipe import Recipe, Weight
 
 LM_HEAD = "lm_head.weight"
@@ -390,26 +390,6 @@ BASE_ITSELF = "the base itself: changes nothing, adds its weight to normalize: t
 """How a plan describes a full-model input that is the base (mergekit lists it among the models)."""
 
 
-def _chat_template(recipe: Recipe, sources: tuple[Source, ...] | list[Source], problems: list[str]) -> str | None:
-    """The recipe's ``chat_template`` as text (``auto``: from the base and the inputs, one per reference)."""
-    if recipe.chat_template is None:
-        return None
-    base_dir = sources[0].local_path
-    dirs = {("model", recipe.base, recipe.revision): base_dir}
-    for spec, source in zip(recipe.inputs, sources[1:]):
-        dirs.setdefault((spec.kind, spec.path, spec.revision), base_dir if spec.kind == "adapter" else source.local_path)
-    try:
-        template = resolve_chat_template(recipe.chat_template, list(dirs.values()))
-    except StreamMergeError as e:
-        problems.append(f"chat_template: {e}")
-        return None
-    base_root = Path(base_dir).parent if Path(base_dir).is_file() else Path(base_dir)
-    if template is not None and not (base_root / TOKENIZER_CONFIG_NAME).is_file():
-        problems.append(f"chat_template: the base {base_dir!r} has no {TOKENIZER_CONFIG_NAME} to write the template "
-                        "into; add the base's tokenizer files, or leave chat_template out")
-    return template
-
-
 def _same_path(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
@@ -516,7 +496,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise PlanError(problems)
     assert method is not None
 
-    template = _chat_template(recipe, sources, problems)
+    template = recipe_chat_template(recipe, sources, problems)
     if problems:
         raise PlanError(problems)
     jobs = _tensor_jobs(base, planner, out_dtype)
