@@ -55,8 +55,12 @@ def prepare(preset: str, dtype: str) -> dict[str, Path]:
     return paths
 
 
-def config(method: str, paths: dict[str, Path], inputs: str, dtype: str = "float32") -> dict[str, Any]:
-    """One mergekit config: model 1 has a per-layer gradient weight, model 2 a filtered weight."""
+def config(method: str, paths: dict[str, Path], inputs: str, dtype: str = "float32",
+           per_model: bool = False) -> dict[str, Any]:
+    """One mergekit config: model 1 has a per-layer gradient weight, model 2 a filtered weight.
+
+    ``per_model``: each model its own density / gamma (model 1 a gradient, model 2 a filter list),
+    ``linear`` with those gradient / filter weights too, ``task_arithmetic`` with ``normalize: true``."""
     first, second = ((str(paths["ft1"]), str(paths["ft2"])) if inputs == "full" else
                      (f"{paths['base']}+{paths['l1']}", f"{paths['base']}+{paths['l2']}"))
     p1: dict[str, Any] = {"weight": [0.3, 0.9]}
@@ -65,9 +69,18 @@ def config(method: str, paths: dict[str, Path], inputs: str, dtype: str = "float
         p1["density"] = p2["density"] = 0.5
     if method.startswith("breadcrumbs"):
         p1["gamma"] = p2["gamma"] = 0.05
+    if per_model and "density" in p1:
+        p1["density"], p2["density"] = [0.3, 0.7], [{"filter": "mlp", "value": 0.6}, {"value": 0.4}]
+    if per_model and "gamma" in p1:
+        p1["gamma"], p2["gamma"] = 0.05, [0.02, 0.08]
     doc: dict[str, Any] = {"merge_method": method, "dtype": dtype,
                            "models": [{"model": first, "parameters": p1}, {"model": second, "parameters": p2}]}
-    if method == "linear":
+    if per_model and method == "task_arithmetic":
+        doc["parameters"] = {"normalize": True}
+    if method == "linear" and per_model:
+        if inputs == "full":
+            doc["models"].insert(0, {"model": str(paths["base"]), "parameters": {"weight": 0.5}})
+    elif method == "linear":
         doc["models"] = [{"model": first, "parameters": {"weight": 0.6}},
                          {"model": second, "parameters": {"weight": 0.4}}]
         if inputs == "full":
@@ -119,12 +132,13 @@ def compare(ours: Path, theirs: Path, base: Path) -> dict[str, Any]:
             "changed_ours": changed_ours / total, "changed_mergekit": changed_theirs / total}
 
 
-def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path, dtype: str) -> dict[str, Any]:
+def run_pair(method: str, inputs: str, paths: dict[str, Path], work: Path, dtype: str,
+             per_model: bool = False) -> dict[str, Any]:
     case = work / f"{method}-{inputs}"
     shutil.rmtree(case, ignore_errors=True)
     case.mkdir(parents=True)
     cfg = case / "config.yml"
-    cfg.write_text(yaml.safe_dump(config(method, paths, inputs, dtype), sort_keys=False))
+    cfg.write_text(yaml.safe_dump(config(method, paths, inputs, dtype, per_model), sort_keys=False))
     mk = bl.run_measured(f"mergekit {method} {inputs}", [
         str(bl.PEERS_BIN / "mergekit-yaml"), str(cfg), str(case / "mergekit"), "--lora-merge-cache",
         str(case / "lora-cache"), "--lora-merge-dtype", dtype, "--random-seed", "0", "--quiet",
@@ -168,6 +182,9 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the outputs under the data dir")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="models and config dtype (mergekit computes in it; streammerge in fp32)")
+    parser.add_argument("--per-model", action="store_true",
+                        help="a density / gamma per model (gradient and filter), gradient weights for linear, "
+                             "normalize: true for task_arithmetic")
     args = parser.parse_args()
     if not (bl.PEERS_BIN / "mergekit-yaml").exists():
         raise SystemExit(f"mergekit is not installed in {bl.PEERS_BIN.parent}: create it with `python -m venv "
@@ -177,12 +194,12 @@ def main() -> int:
     rows = []
     for inputs in args.inputs.split(","):
         for method in args.methods.split(","):
-            rows.append(run_pair(method, inputs, paths, work, args.dtype))
+            rows.append(run_pair(method, inputs, paths, work, args.dtype, args.per_model))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
             if not args.keep:
                 shutil.rmtree(work / f"{method}-{inputs}", ignore_errors=True)
     doc = {"machine": bl.machine(), "peers": bl.peer_versions(), "command": bl.invocation(), "preset": args.preset,
-           "dtype": args.dtype,
+           "dtype": args.dtype, "per_model": args.per_model,
            "rows": rows, "load_avg_end": bl.loadavg()}
     path = bl.save_results("mergekit", doc)
     print(f"\n{bl.machine_line(doc['machine'])}; load average at start {rows[0]['mergekit']['load_avg']}, "

@@ -5,7 +5,9 @@ mergekit 0.1.5's schema (``config.py``): ``merge_method``, ``base_model``, ``mod
 ``tokenizer``, ``chat_template``.  A parameter is a scalar, a gradient (a list interpolated from
 the first layer to the last, as our per-layer weights are), or a list of ``{filter, value}``
 entries: the first entry whose ``filter`` is a substring of the tensor name (or is absent / ``*``)
-applies; a model's own setting wins over the global one, which wins over the default.
+applies; a model's own setting wins over the global one, which wins over the default.  ``weight``
+becomes the input's weight and overrides, ``density`` / ``gamma`` its per-input ``params`` and
+override ``params`` (one recipe-level value when every model gives the same number).
 
 ``model+lora`` references become adapter inputs whose task vector is ``s·B·A`` relative to the
 base, merged by streaming (mergekit merges the LoRA into a full copy first, ``merge_and_unload``,
@@ -17,13 +19,13 @@ as are ``slices`` / ``modules`` and methods streammerge does not have.  Every me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .conventions import MERGEKIT
 from .errors import PlanError
 from .mergekit_settings import ModelRef, SettingReader
-from .recipe import InputSpec, Recipe
+from .recipe import InputSpec, Recipe, Weight, WeightOverride
 
 __all__ = ["MergekitTranslation", "is_mergekit_document", "translate_mergekit", "SUPPORTED_METHODS"]
 
@@ -51,10 +53,12 @@ _TOP_FIELDS = ("merge_method", "base_model", "models", "parameters", "dtype", "o
                "tokenizer", "chat_template", "slices", "modules")
 _MODEL_FIELDS = ("model", "parameters")
 _SHARED = ("normalize", "rescale", "int8_mask", "lambda")
+_MERGEKIT_TEMPLATES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+"""The chat templates mergekit 0.1.5 bundles (``mergekit/_data/chat_templates``), selectable by name there."""
 
 
 def _sparsify_names(method: str) -> tuple[str, ...]:
-    """The per-input parameters of ``method`` besides weight that streammerge takes (one per merge)."""
+    """The per-input parameters of ``method`` besides weight (each model may give its own, per tensor)."""
     if method.startswith("breadcrumbs"):
         return ("density", "gamma")
     return ("density",) if method in _SPARSIFYING else ()
@@ -137,7 +141,9 @@ class _Translator(SettingReader):
             if name in per_input:
                 continue  # a fallback of the per-model chains
             if isinstance(value, (list, dict)):
-                self.problems.append(f"{where}: a gradient or filter list for {name!r} is not supported yet; "
+                reason = ("λ scales the whole merged update, and streammerge has one λ per merge" if name == "lambda"
+                          else f"{name} is a switch of the whole merge")
+                self.problems.append(f"{where}: a gradient or filter list for {name!r} is not supported ({reason}); "
                                      "give one value")
                 continue
             result[name] = self.number(value, where) if name == "lambda" else self.flag(value, where)
@@ -189,7 +195,7 @@ class _Translator(SettingReader):
     def task_vectors(self, method: str, entries: list[tuple[int, Any]], base: ModelRef,
                      shared: dict[str, Any]) -> Recipe | None:
         inputs: list[InputSpec] = []
-        per_input: dict[str, list[tuple[float, str]]] = {"density": [], "gamma": []}
+        own: list[list[tuple[str, Weight | None, list[tuple[str, Weight]]]]] = []
         for i, entry in entries:
             ref, params = self.model_entry(i, entry)
             if ref is None:
@@ -203,33 +209,36 @@ class _Translator(SettingReader):
                 elif name in _SHARED:
                     self.notes.append(f"models[{i}].parameters.{name}: a global parameter; mergekit ignores it per "
                                       "model, and so does streammerge")
-            for name in _sparsify_names(method):
-                value, at = self.scalar(self.chain(i, params, name), name)
-                if value is not None:
-                    per_input[name].append((value, at))
+            settings = [(name, *self.setting(self.chain(i, params, name))) for name in _sparsify_names(method)]
             spec = self.input_spec(i, ref, base, params)
             if spec is not None:
                 inputs.append(spec)
+                own.append(settings)
         if not inputs and not self.problems:
             self.problems.append("models: no model besides the base; nothing to merge")
-        method_params = self.gta_params(method, shared, per_input, len(inputs))
+        method_params = self.gta_params(method, shared)
+        for name in _sparsify_names(method):
+            given = [(value, entries) for settings in own for n, value, entries in settings if n == name]
+            if given and all(not entries and not isinstance(value, tuple) and value == given[0][0]
+                             for value, entries in given) and given[0][0] is not None:
+                method_params[name] = given[0][0]  # one number for every model: the method's own parameter
+                own = [[s for s in settings if s[0] != name] for settings in own]
+        inputs = [replace(spec, params=tuple((n, v) for n, v, _ in settings if v is not None),
+                          overrides=spec.overrides + tuple(WeightOverride(match=m, params=((n, v),))
+                                                           for n, _, entries in settings for m, v in entries))
+                  for spec, settings in zip(inputs, own)]
         normalize = shared.get("normalize")
         normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
         if normalize and method not in _ELECTING:
-            scalar = all(not isinstance(s.weight, tuple) and not s.overrides for s in inputs)
-            if scalar or any(s.kind == "adapter" for s in inputs):
+            if self.scalar_weights(inputs):
                 inputs = self.fold_divisor(method, inputs)
-            else:
-                method_params["normalize"] = "weights"
-                self.notes.append(f"parameters.normalize: per tensor, streammerge divides by the weights of the "
-                                  f"models that change it; a model whose tensor equals the base's is left out of "
-                                  f"that sum (mergekit counts it)")
+            else:  # weights differ per tensor: divide each tensor by every model's weight there
+                method_params["normalize"] = "total"
         if self.problems:
             return None
         return self.recipe(base, inputs, method, method_params)
 
-    def gta_params(self, method: str, shared: dict[str, Any], per_input: dict[str, list[tuple[float, str]]],
-                   count: int) -> dict[str, Any]:
+    def gta_params(self, method: str, shared: dict[str, Any]) -> dict[str, Any]:
         params: dict[str, Any] = {"lambda": shared.get("lambda") if shared.get("lambda") is not None else 1.0}
         normalize = shared.get("normalize")
         normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
@@ -238,50 +247,36 @@ class _Translator(SettingReader):
             rescale = shared.get("rescale")
             rescale = _RESCALE_DEFAULT.get(method, False) if rescale is None else rescale
             params["rescale"] = "l1" if rescale else "none"
-            for name in _sparsify_names(method):
-                params[name] = self.uniform(per_input[name], name, count, 1.0 if name == "density" else 0.01)
+            for name in _sparsify_names(method):  # mergekit's defaults; a model's own value replaces them
+                params[name] = 1.0 if name == "density" else 0.01
             if method == "ties":
                 params["min_keep"] = 1
             if method.startswith("breadcrumbs"):
                 params["band"] = "tensor"
         return params
 
-    def uniform(self, values: list[tuple[float, str]], name: str, count: int, default: float) -> float:
-        """One value of a per-input parameter for the whole merge (streammerge has one per method)."""
-        distinct = sorted({v for v, _ in values})
-        if len(distinct) > 1:
-            where = ", ".join(f"{at} = {v:g}" for v, at in values)
-            self.problems.append(f"{values[0][1]}: the models give different {name}s ({where}); streammerge has one "
-                                 f"{name} per merge, not yet one per model; give them the same value")
-            return default
-        if values and len(values) < count:
-            self.problems.append(f"{values[0][1]}: only some models give a {name} (the others default to "
-                                 f"{default:g}); streammerge has one {name} per merge; give every model the same value")
-        return distinct[0] if distinct else default
-
     def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
         """``normalize: true`` without sign election divides by the sum of **all** models' weights.
-        The method's ``normalize: weights`` sees only the inputs that change a tensor (a LoRA touches
-        only its target modules, a copy of the base nothing), so the sum is folded into constant
-        weights instead."""
-        if any(isinstance(s.weight, tuple) or s.overrides for s in inputs):
-            self.problems.append(f"models: {method} divides by the sum of every model's weight; streammerge folds "
-                                 "that sum into the weights here, which needs plain numbers (not gradients or "
-                                 "filters); not yet supported")
-            return inputs
+        With plain numbers for weights that sum is one constant, folded into the weights (weights that
+        differ per tensor take ``normalize: total`` instead)."""
         total = sum(float(s.weight) for s in inputs)  # type: ignore[arg-type]
         if abs(total) < 1e-8:
             if method == "linear":
                 self.problems.append("models: the weights sum to 0; mergekit's linear average divides by it")
             return inputs
-        return [InputSpec(path=s.path, kind=s.kind, weight=float(s.weight) / total,  # type: ignore[arg-type]
-                          revision=s.revision) for s in inputs]
+        return [replace(s, weight=float(s.weight) / total) for s in inputs]  # type: ignore[arg-type]
+
+    @staticmethod
+    def scalar_weights(inputs: list[InputSpec]) -> bool:
+        """Whether every weight is one number on every tensor (no gradient, no filter)."""
+        return all(not isinstance(s.weight, tuple) and all(o.weight is None for o in s.overrides) for s in inputs)
 
     def linear(self, entries: list[tuple[int, Any]], base: ModelRef | None, shared: dict[str, Any]) -> Recipe | None:
         """mergekit's linear: ``Σ_i w_i M_i / Σ_i w_i`` over every listed model (the base included when
         named).  Our base is ``base_model`` or the first model's checkpoint; ``M_i = W0 + ΔW_i``, so the
         average is Task Arithmetic with weights ``w_i / Σ_j w_j``, copies of the base adding nothing
-        but their weight to the sum."""
+        but their weight to the sum (with gradient or filter weights: ``normalize: total``, the base
+        kept as an input that only adds its weight)."""
         if shared.get("normalize") is False:
             self.problems.append("parameters.normalize: linear with normalize: false (Σ w_i M_i, not an average) "
                                  "is not a task-vector merge; not supported")
@@ -295,6 +290,8 @@ class _Translator(SettingReader):
         inputs = [s for i, r, p in refs if r is not None and (s := self.input_spec(i, r, anchor, p)) is not None]
         if self.problems:
             return None
+        if not self.scalar_weights(inputs):  # per-tensor weights: divide each tensor by every model's weight there
+            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "total"})
         folded = self.fold_divisor("linear", inputs)
         kept = [s for s in folded if not (s.kind == "model" and (s.path.rstrip("/"), s.revision) == anchor.model_key())]
         if self.problems:
@@ -311,13 +308,37 @@ class _Translator(SettingReader):
             self.notes.append(f"dtype: mergekit computes in {doc['dtype']}; streammerge computes in float32 and "
                               f"casts once to {doc['dtype']} (results may differ from mergekit's in the last bits)")
         self.tokenizer()
-        if doc.get("chat_template") is not None:
-            self.problems.append("chat_template: not supported yet: streammerge copies the base's tokenizer files "
-                                 "unchanged; remove it, or edit tokenizer_config.json of the output")
+        template = self.chat_template()
         if self.problems:
             return None
         return Recipe(base=base.path, revision=base.revision, inputs=tuple(inputs), method=method,
-                      params=tuple(sorted(params.items())), dtype=str(dtype) if dtype else None, conventions=MERGEKIT)
+                      params=tuple(sorted(params.items())), dtype=str(dtype) if dtype else None, conventions=MERGEKIT,
+                      chat_template=template)
+
+    def chat_template(self) -> str | None:
+        """mergekit's ``chat_template``: ``auto``, a Jinja text (kept); its bundled names are refused."""
+        value = self.doc.get("chat_template")
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            self.problems.append(f"chat_template: expected 'auto' or a Jinja template text, got {value!r}")
+            return None
+        if self.doc.get("tokenizer_source") is None and self.doc.get("tokenizer") is None:
+            self.notes.append("chat_template: mergekit 0.1.5 writes it only with tokenizer_source or tokenizer set "
+                              "(else it warns and copies the tokenizer unchanged); streammerge writes it either way")
+        if value in ("auto", "base"):
+            return value
+        if value in _MERGEKIT_TEMPLATES:
+            self.problems.append(
+                f"chat_template: {value!r} names a template bundled with mergekit ({', '.join(_MERGEKIT_TEMPLATES)}); "
+                "streammerge does not ship them: paste the template's Jinja text, or use 'auto' (the most common "
+                "template of the input models)")
+            return None
+        if len(value) < 20 or "{" not in value:
+            self.problems.append(f"chat_template: {value!r} is not a chat template (mergekit takes 'auto', a bundled "
+                                 "name or a Jinja text of at least 20 characters with '{')")
+            return None
+        return value
 
     def tokenizer(self) -> None:
         doc = self.doc

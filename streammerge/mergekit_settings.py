@@ -114,39 +114,32 @@ class SettingReader:
             filtered.append((text, entry["value"], f"{at}.value"))
         return filtered, None, ""
 
-    def weight(self, chain: list[tuple[Any, str]], where: str) -> tuple[Weight | None, tuple[WeightOverride, ...]]:
-        """A per-input ``weight`` through mergekit's precedence chain → our weight and overrides."""
-        overrides: list[WeightOverride] = []
+    def setting(self, chain: list[tuple[Any, str]]) -> tuple[Weight | None, list[tuple[str, Weight]]]:
+        """A per-input parameter through mergekit's precedence chain: its value where no filter matches (None
+        when none applies) and its ``(glob, value)`` filter entries in precedence order (first match wins)."""
+        overrides: list[tuple[str, Weight]] = []
         for setting, at in chain:
             if setting is None or setting == []:
                 continue
             if isinstance(setting, dict) or (isinstance(setting, list) and any(isinstance(e, dict) for e in setting)):
                 if isinstance(setting, list) and not all(isinstance(e, dict) for e in setting):
                     self.problems.append(f"{at}: mixes numbers and {{filter, value}} entries")
-                    return None, ()
+                    return None, []
                 parsed = self.conditional(setting, at)
                 if parsed is None:
-                    return None, ()
+                    return None, []
                 filtered, rest, rest_at = parsed
                 for text, value, value_at in filtered:
                     w = self.gradient(value, value_at)
                     if w is not None:  # mergekit's filter is a substring test: the glob *text*
-                        overrides.append(WeightOverride(match=f"*{glob.escape(text)}*", weight=w))
+                        overrides.append((f"*{glob.escape(text)}*", w))
                 if rest is not None:
-                    return self.gradient(rest, rest_at), tuple(overrides)
+                    return self.gradient(rest, rest_at), overrides
                 continue
-            return self.gradient(setting, at), tuple(overrides)
-        return None, tuple(overrides)
+            return self.gradient(setting, at), overrides
+        return None, overrides
 
-    def scalar(self, chain: list[tuple[Any, str]], name: str) -> tuple[float | None, str]:
-        """A per-input parameter other than weight: one number (gradients and filters: not yet)."""
-        for setting, at in chain:
-            if setting is None or setting == []:
-                continue
-            if isinstance(setting, (list, dict)):
-                self.problems.append(
-                    f"{at}: {name} as a gradient or a filter list is not supported yet (streammerge has one {name} "
-                    f"per merge); give a number")
-                return None, at
-            return self.number(setting, at), at
-        return None, ""
+    def weight(self, chain: list[tuple[Any, str]], where: str) -> tuple[Weight | None, tuple[WeightOverride, ...]]:
+        """A per-input ``weight`` through mergekit's precedence chain → our weight and overrides."""
+        value, overrides = self.setting(chain)
+        return value, tuple(WeightOverride(match=m, weight=w) for m, w in overrides)

@@ -9,6 +9,9 @@ SHARD_NAME_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
 PARTIAL_SUFFIX = ".partial"
 
 CONFIG_NAME = "config.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # transformers >= 4.50 saves the template here
+CHAT_TEMPLATE_KEY = "chat_template"
 MODEL_CARD_NAME = "README.md"
 RECIPE_NAME = "streammerge_recipe.json"
 JOURNAL_NAME = "streammerge_journal.jsonl"

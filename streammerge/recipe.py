@@ -9,17 +9,17 @@ every problem at once, each with its path in the document (``inputs[1].weight``)
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import math
 import types
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 from .errors import InputError, PlanError, StreamMergeError
 from .conventions import CONVENTIONS, convention_defaults
+from .input_spec import InputSpec, Weight, WeightOverride, field_with_help, format_weight, interpolate
 
 __all__ = [
     "INPUT_KINDS", "DEVICES", "OUTPUT_FORMATS", "WeightOverride", "InputSpec", "Recipe", "Weight",
@@ -32,90 +32,11 @@ DEVICES = ("auto", "cpu", "cuda")
 OUTPUT_FORMATS = ("model", "adapter", "gguf")
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 
-Weight = Union[float, tuple[float, ...]]
-"""One number, or a list interpolated linearly from the first layer to the last."""
-
-
-def _field(default: Any = MISSING, help: str = "", compare: bool = True, **meta: Any) -> Any:
-    """A dataclass field whose ``help`` is its CLI help and recipe-file documentation."""
-    if default is MISSING:
-        return field(compare=compare, metadata={"help": help, **meta})
-    return field(default=default, compare=compare, metadata={"help": help, **meta})
+_field = field_with_help
 
 
 def _tuple(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-@dataclass(frozen=True)
-class WeightOverride:
-    """A different weight for the tensors whose names match a pattern (first match wins)."""
-
-    match: str = _field(help="glob on base tensor names, e.g. '*.mlp.*' or 'model.layers.1[0-5].*'")
-    weight: Weight = _field(help="the weight there: a number, or a list interpolated across layers")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", _tuple(self.weight))
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One merge input.
-
-    A bare string in a recipe file is short for ``{path: <string>}``.
-    """
-
-    _SHORTHAND: ClassVar[str] = "path"
-
-    path: str = _field(help="a PEFT LoRA adapter or a full fine-tuned model: a local directory or a Hub repo id")
-    kind: str = _field("adapter", help="'adapter' (PEFT LoRA) or 'model' (full fine-tune; task vector = model - base)")
-    weight: Weight = _field(1.0, help="user weight w_i: a number, or a list of numbers interpolated linearly "
-                                      "from the first to the last layer (tensors outside layers use the first)")
-    revision: str | None = _field(None, help="Hub revision (branch, tag or commit) when path is a repo id")
-    overrides: tuple[WeightOverride, ...] = _field((), help="per-module weights: [{match: GLOB, weight: W}, ...]; "
-                                                            "the first matching entry wins")
-    include: tuple[str, ...] = _field((), help="globs on base tensor names: merge only matching tensors from this input")
-    exclude: tuple[str, ...] = _field((), help="globs on base tensor names: never merge matching tensors from this input")
-
-    def __post_init__(self) -> None:
-        for name in ("weight", "overrides", "include", "exclude"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
-
-    def selects(self, tensor: str) -> bool:
-        """Whether this input may change ``tensor`` (its include/exclude filters)."""
-        if self.include and not any(fnmatch.fnmatchcase(tensor, p) for p in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(tensor, p) for p in self.exclude)
-
-    def weight_for(self, tensor: str, layer: int | None, num_layers: int) -> float:
-        """The weight of this input on ``tensor`` (in layer ``layer`` of ``num_layers``, if any)."""
-        weight = self.weight
-        for override in self.overrides:
-            if fnmatch.fnmatchcase(tensor, override.match):
-                weight = override.weight
-                break
-        return interpolate(weight, layer, num_layers)
-
-
-def interpolate(weight: Weight, layer: int | None, num_layers: int) -> float:
-    """A weight at ``layer``: lists are spread evenly from layer 0 to ``num_layers - 1``.
-
-    Tensors outside the layer stack (embeddings, final norm, lm_head) get the first value.
-    """
-    if not isinstance(weight, tuple):
-        return float(weight)
-    if len(weight) == 1 or layer is None or num_layers <= 1:
-        return float(weight[0])
-    position = layer / (num_layers - 1) * (len(weight) - 1)
-    low = min(int(math.floor(position)), len(weight) - 2)
-    frac = position - low
-    return float(weight[low] * (1 - frac) + weight[low + 1] * frac)
-
-
-def format_weight(weight: Weight) -> str:
-    if isinstance(weight, tuple):
-        return "[" + ", ".join(f"{w:g}" for w in weight) + "]"
-    return f"{weight:g}"
 
 
 @dataclass(frozen=True)
@@ -134,6 +55,10 @@ class Recipe:
                                           "tensor's own dtype (float32 for adapter output; float16 for a quantized "
                                           "GGUF base's tensors)",
                                flag="--dtype")
+    chat_template: str | None = _field(None, help="chat template written into the output's tokenizer_config.json "
+                                                  "(and chat_template.jinja when the base has one): a Jinja "
+                                                  "template, 'base' (the base's, unchanged) or 'auto' (the most "
+                                                  "common one of the base and the full-model inputs, as mergekit)")
     seed: int = _field(0, help="seed of the per-tensor random generators (DARE)", flag="--seed")
     conventions: str = _field("streammerge", help="parameter defaults of the merge method: 'streammerge' (its own) or "
                                                   "'mergekit' (mergekit 0.1.5's normalizations, rescale, banding and "
@@ -192,7 +117,12 @@ class Recipe:
             for j, o in enumerate(spec.overrides):
                 if not o.match:
                     problems.append(f"{where}.overrides[{j}].match: empty pattern")
-                problems += _weight_problems(f"{where}.overrides[{j}].weight", o.weight)
+                if o.weight is None and not o.params:
+                    problems.append(f"{where}.overrides[{j}]: sets neither a weight nor params")
+                if o.weight is not None:
+                    problems += _weight_problems(f"{where}.overrides[{j}].weight", o.weight)
+            for at, _name, value in spec.param_values():
+                problems += _weight_problems(f"{where}.{at}", value)
         if self.device not in DEVICES:
             problems.append(f"device: {self.device!r} must be one of {list(DEVICES)}")
         for name in ("max_memory", "max_gpu_memory"):
@@ -214,7 +144,10 @@ class Recipe:
                                 "updates out of an extracted adapter); drop --min-relative-norm")
         if self.conventions not in CONVENTIONS:
             problems.append(f"conventions: {self.conventions!r} must be one of {list(CONVENTIONS)}")
-        problems += _method_problems(self.method, self.given_params())
+        problems += _method_problems(self.method, self.given_params(), self.inputs)
+        if self.chat_template is not None and self.output_format != "model":
+            problems.append("chat_template: only applies with output_format 'model' (it is written into the "
+                            "output's tokenizer_config.json)")
         return problems
 
     def given_params(self) -> tuple[tuple[str, Any], ...]:
@@ -248,7 +181,8 @@ def _weight_problems(where: str, weight: Weight) -> list[str]:
     return []
 
 
-def _method_problems(method_name: str, params: tuple[tuple[str, Any], ...]) -> list[str]:
+def _method_problems(method_name: str, params: tuple[tuple[str, Any], ...],
+                     inputs: tuple[InputSpec, ...] = ()) -> list[str]:
     from .methods import get_method  # methods are pure math; imported late to keep this module light
 
     try:
@@ -259,7 +193,25 @@ def _method_problems(method_name: str, params: tuple[tuple[str, Any], ...]) -> l
         method.resolve_params(dict(params))
     except StreamMergeError as e:
         return [f"params: {e}"]
-    return []
+    per_input = [p.name for p in method.params if p.per_input]
+    problems = []
+    for i, spec in enumerate(inputs):
+        for at, name, value in spec.param_values():
+            where = f"inputs[{i}] ({spec.path!r}).{at}"
+            if name not in per_input:
+                problems.append(f"{where}: method {method_name!r} takes no per-input parameter {name!r}; "
+                                f"its per-input parameters: {', '.join(per_input) or '(none)'}")
+                continue
+            for v in value if isinstance(value, tuple) else (value,):
+                try:  # every listed value must be valid on its own (interpolation stays between them)
+                    method.resolve_params({**dict(params), name: v})
+                except StreamMergeError as e:
+                    problems.append(f"{where}: {e}")
+                    break
+        if spec.param_values() and dict(params).get("scope", "tensor") != "tensor":
+            problems.append(f"inputs[{i}] ({spec.path!r}).params: per-input parameters need scope 'tensor' "
+                            "(scope 'global' selects with one density per input over the whole model)")
+    return problems
 
 
 # --- documents <-> dataclasses -------------------------------------------------------------

@@ -102,9 +102,8 @@ def test_normalize_true_folds_the_sum_of_all_weights() -> None:
 def test_normalize_true_with_gradients_on_full_models_divides_per_tensor() -> None:
     doc = {"merge_method": "task_arithmetic", "base_model": "b", "parameters": {"normalize": True},
            "models": [{"model": "m1", "parameters": {"weight": [1, 2]}}, {"model": "m2", "parameters": {"weight": 3}}]}
-    result = translate(doc)
-    assert dict(result.recipe.params)["normalize"] == "weights"
-    assert any("left out of that sum" in n for n in result.notes)
+    r = translate(doc).recipe
+    assert dict(r.params)["normalize"] == "total" and [s.weight for s in r.inputs] == [(1.0, 2.0), 3.0]
 
 
 def test_normalize_true_with_loras_folds_the_sum_of_weights() -> None:
@@ -173,13 +172,8 @@ def test_native_round_trip_of_the_translation() -> None:
 # --- refusals, each with its field path ------------------------------------------------------
 
 @pytest.mark.parametrize("doc,expected", [
-    (ties(models=[{"model": "m", "parameters": {"weight": 1, "density": [0.2, 0.8]}}]),
-     "mk.yml: models[0].parameters.density: density as a gradient or a filter list is not supported yet"),
     (ties(models=[{"model": "m", "parameters": {"weight": [0.1, "x", 0.3], "density": 0.5}}]),
      "mk.yml: models[0].parameters.weight[1]: expected a number, got 'x'"),
-    (ties(models=[{"model": "m", "parameters": {"weight": 1, "density": 0.2}},
-                  {"model": "n", "parameters": {"weight": 1, "density": 0.5}}]),
-     "mk.yml: models[0].parameters.density: the models give different densitys"),
     (ties(models=[{"model": "m", "parameters": {"density": 0.5}}]),
      "mk.yml: models[0].parameters.weight: missing; mergekit requires a weight"),
     (ties(models=[{"model": "m", "layer_range": [0, 2], "parameters": {"weight": 1}}]),
@@ -193,7 +187,13 @@ def test_native_round_trip_of_the_translation() -> None:
     (ties(base_model="org/base+org/lora"), "mk.yml: base_model: 'org/base+org/lora' puts a LoRA on the base"),
     (ties(models=[{"model": "org/other+org/lora", "parameters": {"weight": 1}}]),
      "mk.yml: models[0].model: the LoRA 'org/lora' sits on 'org/other', not on the base 'org/base'"),
-    (ties(chat_template="chatml"), "mk.yml: chat_template: not supported yet"),
+    (ties(chat_template="chatml"), "mk.yml: chat_template: 'chatml' names a template bundled with mergekit"),
+    (ties(chat_template="hello"), "mk.yml: chat_template: 'hello' is not a chat template"),
+    (ties(chat_template=["x"]), "mk.yml: chat_template: expected 'auto' or a Jinja template text"),
+    (ties(parameters={"normalize": [{"filter": "mlp", "value": True}]}),
+     "mk.yml: parameters.normalize: a gradient or filter list for 'normalize' is not supported"),
+    (ties(models=[{"model": "m", "parameters": {"weight": 1, "density": [0.5, "x"]}}]),
+     "mk.yml: models[0].parameters.density[1]: expected a number, got 'x'"),
     (ties(tokenizer_source="union"), "mk.yml: tokenizer_source: 'union' is not supported"),
     (ties(tokenizer={"source": "base", "tokens": {"<x>": {"source": "m"}}}), "mk.yml: tokenizer.tokens"),
     (ties(parameters={"lambda": [0.5, 1.0]}), "mk.yml: parameters.lambda: a gradient or filter list"),
@@ -211,7 +211,7 @@ def test_refusals_name_the_field(doc: dict, expected: str) -> None:
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    doc = ties(models=[{"model": "a+b", "parameters": {"weight": "x"}}], chat_template="auto")
+    doc = ties(models=[{"model": "a+b", "parameters": {"weight": "x"}}], chat_template="chatml")
     found = problems(doc)
     assert len(found) >= 2
 
@@ -230,10 +230,12 @@ def test_linear_is_task_arithmetic_against_the_first_model_with_averaged_weights
     assert [(s.path, s.kind, s.weight) for s in r.inputs] == [("b", "model", 0.75)]
 
 
-def test_linear_with_gradient_weights_is_refused() -> None:
+def test_linear_with_gradient_weights_divides_each_tensor_by_every_models_weight() -> None:
     doc = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 1}},
                                                 {"model": "b", "parameters": {"weight": [0, 2]}}]}
-    assert any(p.startswith("mk.yml: models: linear divides by the sum") for p in problems(doc))
+    r = translate(doc).recipe
+    assert (r.base, r.method, dict(r.params)["normalize"]) == ("a", "task_arithmetic", "total")
+    assert [(s.path, s.kind, s.weight) for s in r.inputs] == [("a", "model", 1.0), ("b", "model", (0.0, 2.0))]
 
 
 def test_linear_of_loras_becomes_task_arithmetic_with_averaged_weights() -> None:

@@ -120,6 +120,20 @@ def _combine(parts: list[TaskPart]) -> TaskUpdate | None:
     return DenseUpdate(dense)
 
 
+def job_params(params: dict[str, Any], job: TensorJob, indices: Sequence[int]) -> dict[str, Any]:
+    """The method's params for ``job``: the plan's, the job's own (``all_weights``) and each input's per-input
+    values (``Contribution.params``): one number where the inputs ``indices`` agree, else a tuple aligned with them."""
+    if not job.params and not any(c.params for c in job.contributions):
+        return params
+    result = {**params, **dict(job.params)}
+    own = {i: dict(cs[0].params) for i, cs in contributions_by_input(job).items()}
+    for name in sorted({n for values in own.values() for n in values}):
+        values = tuple(own.get(i, {}).get(name, params[name]) for i in indices)
+        if values:
+            result[name] = values[0] if len(set(values)) == 1 else values
+    return result
+
+
 class TensorMerger:
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
@@ -277,6 +291,7 @@ class TensorMerger:
                      for c in job.contributions
                      if KINDS[c.kind].preload is not None}
         weights = tuple(contribs[0].weight for contribs in by_input.values())
+        params = job_params(self.params, job, list(by_input))
         generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
         for start, stop in self._row_blocks(job):
             base = self._base_rows(job, start, stop)
@@ -287,7 +302,7 @@ class TensorMerger:
                 update = _combine(parts)
                 assert update is not None  # every input has a contribution here
                 updates.append(update)
-            result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), self.params)
+            result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), params)
             update = result.update
             if (self.check_finite and isinstance(update, DenseUpdate)
                     and not math.isfinite(float(update.delta.sum()))):
@@ -366,7 +381,8 @@ class TensorMerger:
             return
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params,
+        params = job_params(self.params, job, list(by_input))
+        stats = form.statistics(job.name, job.shape, len(by_input), generator, params,
                                 self._given(job, by_input))
         for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
             stats.hint(source.updates(start, stop), source.weights)
@@ -378,7 +394,7 @@ class TensorMerger:
             base = self._base_rows(job, start, stop)
             updates = source.updates(start, stop)
             merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, source.weights), stats,
-                                     self.params, base)
+                                     params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):
                 self._refuse_non_finite_rows(job, start, stop)
             kill_point("rows")
@@ -460,21 +476,23 @@ class TensorMerger:
             return ready
         if self._batchable(job):
             return self._merge_ahead(job)
-        inputs, stored_base, transposed = self._merge_inputs(job)
+        inputs, params, stored_base, transposed = self._merge_inputs(job)
         if inputs is None:
             return None, stored_base, transposed
-        return self.method.merge(inputs, self.params), stored_base, transposed
+        return self.method.merge(inputs, params), stored_base, transposed
 
-    def _merge_inputs(self, job: TensorJob) -> tuple[MergeInputs | None, torch.Tensor | None, bool]:
-        """What the method sees for ``job`` (None when no input changes it), the base values if read, transposed."""
+    def _merge_inputs(self, job: TensorJob) -> tuple[MergeInputs | None, dict[str, Any], torch.Tensor | None, bool]:
+        """What the method sees for ``job`` (None when no input changes it) and its params (``job_params``), the
+        base values if read, transposed."""
         base, updates, weights, indices, transposed = self._whole_updates(job)
         needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
         stored_base = base if needs_values else None
         if not updates:
-            return None, stored_base, transposed
+            return None, self.params, stored_base, transposed
         generator = torch.Generator(device=self.device)
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
         return (MergeInputs(job.name, base, tuple(updates), tuple(weights), generator, self._given(job, indices)),
+                job_params(self.params, job, indices),
                 stored_base, transposed)
 
     def _batchable(self, job: TensorJob) -> bool:
@@ -505,14 +523,14 @@ class TensorMerger:
     def _window_task(self, window: list[TensorJob]) -> Callable[[], list[tuple[MergeResult | None, Any, bool]]]:
         """Reads ``window``'s inputs now; returns the tensor math that merges them (any thread may run it)."""
         built = [self._merge_inputs(j) for j in window]
-        given = [inputs for inputs, _, _ in built if inputs is not None]
+        given = [inputs for inputs, _, _, _ in built if inputs is not None]
         merge_many, params = self.method.merge_many, self.params
 
         def merge() -> list[tuple[MergeResult | None, Any, bool]]:
             with torch.inference_mode():
                 results = iter(merge_many(given, params) if given else [])  # type: ignore[misc]
                 return [(next(results) if inputs is not None else None, base, transposed)
-                        for inputs, base, transposed in built]
+                        for inputs, _, base, transposed in built]
         return merge
 
     def close(self) -> None:

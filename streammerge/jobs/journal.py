@@ -130,6 +130,8 @@ def _plan_digest(plan: MergePlan, units: list[tuple[str, list[str]]]) -> str:
         tensors.append(doc)
     doc = {"method_params": plan.method_params, "config_updates": plan.config_updates, "tensors": tensors,
            "units": units}
+    if plan.chat_template is not None:
+        doc["chat_template"] = plan.chat_template
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

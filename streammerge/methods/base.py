@@ -62,7 +62,8 @@ class MergeInputs:
             method without ``reads_base`` only its shape, dtype and device are meaningful
             (a zero-stride placeholder).
         updates: one task update per input that touches this tensor, in input order.
-        weights: the user weight ``w_i`` of each of those inputs.
+        weights: the user weight ``w_i`` of each of those inputs.  (Per-input method parameters arrive in
+            the params mapping: a ``Param.per_input`` value is one number or a tuple aligned with ``updates``.)
         generator: random generator seeded from (recipe seed, tensor name), on ``base.device``.
         statistics: whole-model statistics for this tensor, aligned with ``updates`` (e.g. the
             per-input thresholds of TIES ``scope: global``); None for per-tensor methods.
@@ -180,6 +181,9 @@ class Param:
     choices: tuple[Any, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    per_input: bool = False
+    """An input may set its own value (``InputSpec.params``): the method then gets, for that tensor, one
+    number or a tuple with one value per update (``per_input_values``)."""
 
     def coerce(self, method: str, value: Any) -> Any:
         """Parse a CLI string (or check a recipe value) into this parameter's type and range."""
@@ -293,6 +297,26 @@ def parse_param_assignment(text: str) -> tuple[str, str]:
 
 
 LAMBDA = Param("lambda", float, 1.0, "global scale λ of the merged update")
+
+
+ALL_WEIGHTS = "all_weights"
+"""A per-tensor value the engine adds to the params of a method with ``normalize: total``: every input's weight
+on this tensor in input order, also of inputs that leave it unchanged (mergekit's ``normalize: true`` divides by
+their sum)."""
+
+
+def divisor_weights(params: Mapping[str, Any], weights: Sequence[float]) -> tuple[str, Sequence[float]]:
+    """``normalize`` and the weights whose sum divides a plain (non-electing) sum: ``total`` becomes
+    ``weights`` over ``all_weights`` (the inputs' own weights when the engine gave none)."""
+    normalize = params.get("normalize", "none")
+    if normalize != "total":
+        return normalize, weights
+    return "weights", params.get(ALL_WEIGHTS, weights)
+
+
+def at_input(value: Any, index: int) -> Any:
+    """Input ``index``'s value of a per-input parameter (one number for all, or a tuple of one each)."""
+    return value[index] if isinstance(value, tuple) else value
 
 
 def stack_low_rank(updates: Sequence[LowRankUpdate], coefficients: Sequence[float]) -> LowRankUpdate:

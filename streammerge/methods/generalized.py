@@ -23,7 +23,7 @@ from ..errors import MethodParameterError
 from . import decouple, orthogonalize, rows
 from .autoscale import scale_factor
 from .base import (BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, MergeResult, Param, RowBlock, RowMerge,
-                   TaskUpdate)
+                   TaskUpdate, divisor_weights)
 from .common import as_dense, fold_weights, is_matrix, row_grid
 from .consensus import combine
 from .rows import TensorStatistics
@@ -58,8 +58,9 @@ def normalize_param(elect: bool) -> Param:
         return Param("normalize", str, "count", "divide the agreeing sum by the number of agreeing inputs "
                      "('count', TIES), by the sum of their weights ('weights', mergekit) or not at all ('none')",
                      choices=("count", "weights", "none"))
-    return Param("normalize", str, "none", "divide the summed deltas by the sum of the inputs' weights "
-                 "('weights', mergekit's normalize: true) or not ('none')", choices=("none", "weights"))
+    return Param("normalize", str, "none", "divide the summed deltas by the sum of the weights of the inputs "
+                 "that change the tensor ('weights'), of every input ('total': also those that leave it unchanged, "
+                 "mergekit's normalize: true) or not at all ('none')", choices=("none", "weights", "total"))
 
 
 def convention_params(variant: Variant) -> tuple[Param, ...]:
@@ -116,7 +117,8 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
     updates: list[TaskUpdate] = fold_weights(inputs)
     given = list(updates)
     count = len(updates)
-    normalize = params.get("normalize", "count" if variant.elect_sign else "none")
+    normalize, weights = divisor_weights(params, inputs.weights)
+    normalize = params.get("normalize", "count") if variant.elect_sign else normalize
     stats: dict[str, float] = {}
     components = variant.composable and is_matrix(inputs)
     if components and params["orthogonalize"]:
@@ -131,11 +133,10 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> M
         axis, eps = params["norm_axis"], params["eps"]
         mags, mbar = decouple.mean_magnitude(updates, axis)
         directions = combine(count, lambda i: decouple.unit_direction(updates[i], mags[i], axis, eps),
-                             sparsify, variant.elect_sign, normalize, inputs.weights)
+                             sparsify, variant.elect_sign, normalize, weights)
         merged = decouple.recombine(directions, mbar, axis)
     else:
-        merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign, normalize,
-                         inputs.weights)
+        merged = combine(count, lambda i: as_dense(updates[i]), sparsify, variant.elect_sign, normalize, weights)
     factor = scale_factor(params["lambda"], given, DenseUpdate(merged), stats)
     return MergeResult(DenseUpdate(merged.mul_(factor)), stats)
 
@@ -168,6 +169,8 @@ def row_merge(variant: Variant) -> RowMerge:
 
 def make_method(name: str, summary: str, variant: Variant, params: tuple[Param, ...]) -> MergeMethod:
     """A registered method for ``variant``; composable variants get the DO-Merging switches appended."""
+    # density and gamma may differ per input (InputSpec.params): the sparsifiers take one value per input.
+    params = tuple(replace(p, per_input=True) if p.name in ("density", "gamma") else p for p in params)
     params = (*params, *convention_params(variant))
     if variant.composable:
         params = (*params, orthogonalize.switch(False), decouple.switch(False), *decouple.DECOUPLE_PARAMS,

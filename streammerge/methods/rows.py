@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodParameterError
-from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate
+from .base import DenseUpdate, LowRankUpdate, MergeInputs, RowBlock, RowMerge, TaskUpdate, at_input, divisor_weights
 from .common import GRID_ELEMENTS, block_rows, row_count, row_grid
 from .consensus import agreeing_mean, weight_sum
 from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
@@ -101,7 +101,7 @@ class TensorStatistics:
         count: number of inputs of this tensor.
         generator: the tensor's seeded generator (DARE draws its per-input seeds from it, as
             ``merge`` does).
-        params: resolved method parameters.
+        params: resolved method parameters (``density`` / ``gamma`` one number, or a tuple per input).
         given: per-input thresholds of ``scope: global`` (``ModelThresholds.for_tensor``), or None.
     """
 
@@ -122,9 +122,9 @@ class TensorStatistics:
                     f"tensor {name!r}: scope {params['scope']!r} needs the whole-model thresholds "
                     f"(ModelTrim) of a first pass over every tensor; none were given")
             size = row_count(shape) * _columns(shape)
-            k = keep_count(self.density, size, params.get("min_keep", 0))
-            self.selects = [TopKSelect(k, {name: row_count(shape)}, size)
-                            for _ in range(count)]
+            self.selects = [TopKSelect(keep_count(at_input(self.density, i), size, params.get("min_keep", 0)),
+                                       {name: row_count(shape)}, size)
+                            for i in range(count)]
 
     def sample_ranges(self) -> list[tuple[int, int]]:
         """Row ranges whose values make a good first look (``hint``); empty when no selection is needed."""
@@ -166,9 +166,9 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
         flat = first_row * rows.shape[-1]
         mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
         rows = rows.mul_(mask)
-        return rows.div_(stats.density) if stats.rescale == "density" else rows
+        return rows.div_(at_input(stats.density, index)) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
-        low, high = Band(stats.density, stats.gamma).bounds(rows)
+        low, high = Band(stats.density, stats.gamma).bounds(rows, index)
         magnitude = rows.abs()
         return rows.mul_((magnitude >= low) & (magnitude <= high))
     return rows
@@ -191,14 +191,15 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     columns = _columns(block.shape)
     thresholds = stats.thresholds() if stats.sparsify == "magnitude" else ()
     scale = params["lambda"]
-    normalize = params.get("normalize", "count" if elect else "none")
+    normalize, weights = divisor_weights(params, block.weights)
+    normalize = params.get("normalize", "count") if elect else normalize
     result = out if out is not None else torch.empty(block.rows, columns, device=_device(block))
     target = result.view(block.rows, columns)
     for lo, hi in _steps(block):
         terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
                                 block.start + lo)
                  for i, (u, w) in enumerate(zip(block.updates, block.weights))]
-        merged = _combine_rows(terms, elect, normalize, block.weights).mul_(scale)
+        merged = _combine_rows(terms, elect, normalize, weights).mul_(scale)
         if out is not None:
             target[lo:hi].add_(merged)
         else:

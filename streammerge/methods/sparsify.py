@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .base import at_input
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
@@ -104,21 +105,23 @@ class MagnitudeTrim:
 
     Exactly ``keep_count(density, n)`` entries survive (ties in flat index order).  With
     ``thresholds`` (one per input, from a whole-model selection: ``scope: global``) those
-    apply instead of the tensor's own.
+    apply instead of the tensor's own.  ``density`` may be a tuple, one per input.
     """
 
-    def __init__(self, density: float, thresholds: Sequence[Threshold] | None = None, at_least: int = 0) -> None:
+    def __init__(self, density: float | tuple[float, ...], thresholds: Sequence[Threshold] | None = None,
+                 at_least: int = 0) -> None:
         self.density = density
         self.at_least = at_least
         self._thresholds: dict[int, Threshold] = dict(enumerate(thresholds)) if thresholds is not None else {}
 
-    def threshold(self, delta: torch.Tensor) -> Threshold:
-        """What this trim keeps of ``delta`` (any shape; rows along the last axis)."""
-        return top_k_threshold(as_rows(delta.abs()), keep_count(self.density, delta.numel(), self.at_least))
+    def threshold(self, delta: torch.Tensor, index: int = 0) -> Threshold:
+        """What this trim keeps of input ``index``'s ``delta`` (any shape; rows along the last axis)."""
+        k = keep_count(at_input(self.density, index), delta.numel(), self.at_least)
+        return top_k_threshold(as_rows(delta.abs()), k)
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._thresholds:
-            self._thresholds[index] = self.threshold(delta)
+            self._thresholds[index] = self.threshold(delta, index)
         return trim_rows(as_rows(delta), 0, self._thresholds[index]).view(delta.shape)
 
 
@@ -141,10 +144,11 @@ class RandomDrop:
 
     One seed per input is drawn from ``generator`` up front; the mask of input ``i`` is a pure
     function of that seed and the entry's flat index (chunks of ``MASK_CHUNK``), so both TIES
-    passes, a re-run and every row blocking see the same mask.
+    passes, a re-run and every row blocking see the same mask.  ``density`` may be a tuple, one per input.
     """
 
-    def __init__(self, density: float, generator: torch.Generator, count: int, rescale: str = "density") -> None:
+    def __init__(self, density: float | tuple[float, ...], generator: torch.Generator, count: int,
+                 rescale: str = "density") -> None:
         self.density = density
         self.rescale = rescale
         self.device = generator.device
@@ -161,7 +165,7 @@ class RandomDrop:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(chunk_seed(self.seeds[index], chunk))
         torch.rand(MASK_CHUNK, generator=generator, device=self.device, out=out)
-        return out.neg_().add_(self.density).ceil_().add_(0.0)
+        return out.neg_().add_(at_input(self.density, index)).ceil_().add_(0.0)
 
     def _chunk(self, index: int, chunk: int) -> torch.Tensor:
         last = self._last.get(index)
@@ -198,16 +202,18 @@ class RandomDrop:
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         delta = delta.mul_(self.mask(delta.shape, index))
-        return delta.div_(self.density) if self.rescale == "density" else delta
+        return delta.div_(at_input(self.density, index)) if self.rescale == "density" else delta
 
 
 class Band:
     """Breadcrumbs: drop the largest ``gamma`` fraction by ``|value|`` and keep the next ``density``
     fraction, per output row (``scope="row"``, slices along the last axis; 1-D tensors are one row)
     or over the whole flattened tensor (``scope="tensor"``, mergekit's ``magnitude_outliers``: there
-    ``density >= 1`` keeps everything and the outlier drop shrinks to fit ``n - keep``)."""
+    ``density >= 1`` keeps everything and the outlier drop shrinks to fit ``n - keep``).  ``density`` and
+    ``gamma`` may be tuples, one per input."""
 
-    def __init__(self, density: float, gamma: float, scope: str = "row") -> None:
+    def __init__(self, density: float | tuple[float, ...], gamma: float | tuple[float, ...],
+                 scope: str = "row") -> None:
         self.density = density
         self.gamma = gamma
         self.scope = scope
@@ -218,13 +224,14 @@ class Band:
             return delta.reshape(1, -1)
         return delta.reshape(-1, delta.shape[-1])
 
-    def bounds(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row ``(low, high)``, each ``[rows, 1]``: kept entries have ``low <= |value| <= high``."""
+    def bounds(self, delta: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row ``(low, high)``, each ``[rows, 1]``: input ``index``'s kept entries have ``low <= |v| <= high``."""
         rows = self._rows(delta).abs()
         n = rows.shape[-1]
-        drop, keep = keep_count(self.gamma, n), keep_count(self.density, n)
+        density = at_input(self.density, index)
+        drop, keep = keep_count(at_input(self.gamma, index), n), keep_count(density, n)
         if self.scope == "tensor":
-            if self.density >= 1:
+            if density >= 1:
                 inf = torch.full((1, 1), float("inf"), device=delta.device)
                 return -inf, inf
             drop = min(drop, n - keep)
@@ -243,7 +250,7 @@ class Band:
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._bounds:
-            self._bounds[index] = self.bounds(delta)
+            self._bounds[index] = self.bounds(delta, index)
         low, high = self._bounds[index]
         delta = delta.contiguous()  # a transposed (Conv1D) task vector arrives strided
         rows = self._rows(delta)

@@ -1,5 +1,6 @@
 """Task Arithmetic: ``W = W0 + λ Σ_i w_i ΔW_i`` (Ilharco et al., 2023); with ``normalize: weights``
-(mergekit's ``normalize: true``) ``W0 + λ Σ_i w_i ΔW_i / Σ_i w_i``.  Dense deltas are weighted,
+``W0 + λ Σ_i w_i ΔW_i / Σ_i w_i``, with ``normalize: total`` divided by every input's weight for the tensor
+(mergekit's ``normalize: true``; the engine supplies it as ``all_weights``).  Dense deltas are weighted,
 summed, divided and scaled in that order, as mergekit does.
 
 Exact low-rank for LoRA inputs: the merged update is ``[λ w_1 s_1 B_1 … λ w_T s_T B_T] @
@@ -13,7 +14,7 @@ from typing import Any
 
 from ..errors import MethodParameterError
 from .autoscale import AUTO, apply_scale, scale_param
-from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, weighted_sum
+from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, divisor_weights, weighted_sum
 from .consensus import weight_sum
 from .generalized import normalize_param
 
@@ -22,15 +23,16 @@ LAMBDA = scale_param("lambda", 1.0, "global scale λ of the merged update")
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     scale = params["lambda"]
-    normalize = params.get("normalize", "none") == "weights"
+    mode, divisor_of = divisor_weights(params, inputs.weights)
+    normalize = mode == "weights"
     if scale != AUTO:
         if all(isinstance(u, LowRankUpdate) for u in inputs.updates):
-            divisor = float(weight_sum(inputs.weights, inputs.base.device)) if normalize else 1.0
+            divisor = float(weight_sum(divisor_of, inputs.base.device)) if normalize else 1.0
             return MergeResult(weighted_sum(inputs.updates, [scale * w / divisor for w in inputs.weights]))
         total = weighted_sum(inputs.updates, inputs.weights)
         assert isinstance(total, DenseUpdate)
         if normalize:
-            total.delta.div_(weight_sum(inputs.weights, total.delta.device))
+            total.delta.div_(weight_sum(divisor_of, total.delta.device))
         return MergeResult(DenseUpdate(total.delta.mul_(scale)) if scale != 1.0 else total)
     if normalize or not all(isinstance(u, LowRankUpdate) for u in inputs.updates):
         # The engine merges whole-tensor inputs of an elementwise method one row block at a time,

@@ -106,12 +106,16 @@ def describe_plan(plan: MergePlan, output_line: str, output_bytes: int) -> str:
     for s in plan.inputs:
         src = plan.sources[s.index + 1] if len(plan.sources) > s.index + 1 else None
         hub = f", Hub commit {src.commit}" if src and src.commit else ""
-        lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {format_weight(s.weight)}, "
+        own = recipe.inputs[s.index].params if s.index < len(recipe.inputs) else ()
+        own_text = "".join(f", {name} {format_weight(value)}" for name, value in own)
+        lines.append(f"  input {s.index}: {s.kind} {s.path} (weight {format_weight(s.weight)}{own_text}, "
                      f"{s.tensors_changed} tensors, {format_size(s.bytes_read)} read"
                      + (f", ranks {list(s.ranks)}" if s.ranks else "") + hub + ")"
                      + (f"\n    {s.key_mapping}" if s.key_mapping else ""))
     lines.append(f"merge: {plan.merged_count} tensors; copy unchanged: {copied}"
                  + (f"; cast only: {cast}" if cast else ""))
+    if plan.chat_template is not None:
+        lines.append(f"chat template: written into the tokenizer files ({len(plan.chat_template)} characters)")
     if dict(plan.method_params).get("scope") == "global":
         lines.append(f"first pass (scope global): each input's top density over the {plan.merged_count} merged tensors, "
                      "statistics only; journaled, so a resumed job does not run it again")

@@ -29,6 +29,8 @@ from ..inputs.hub import Source, resolve_recipe_sources
 from ..io.dtypes import DTYPE_ALIASES, DTYPES, FLOAT_DTYPE_NAMES, byte_size
 from ..io.reader import CheckpointLayout, open_checkpoint
 from ..methods import MergeMethod, get_method
+from ..methods.base import ALL_WEIGHTS
+from ..inputs.chat_template import recipe_chat_template
 from ..names import LAYER_INDEX_PATTERN, NUM_LAYERS_KEYS, TOKEN_EMBEDDING_SUFFIXES
 from ..recipe import Recipe, Weight
 
@@ -63,6 +65,8 @@ class Contribution:
     rank: int = 0
     part: tuple[int, ...] = ()
     """Kind-specific integers (``expert_lora``: expert, experts, first and end row of the fused d_out)."""
+    params: tuple[tuple[str, float], ...] = ()
+    """The input's own per-input method parameters on this tensor (``InputSpec.params_for``)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class TensorJob:
     scale_of: str = ""
     """FP8 output: this tensor is the fresh ``weight_scale_inv`` of merged FP8 weight ``scale_of``, computed
     while that weight is requantized and written right after it in the same shard."""
+    params: tuple[tuple[str, Any], ...] = ()
+    """Method parameters of this tensor only (``normalize: total``'s ``all_weights``)."""
 
     @property
     def is_copy(self) -> bool:
@@ -129,6 +135,8 @@ class MergePlan:
     config_drops: tuple[str, ...] = ()
     """``config.json`` keys the output leaves out (an FP8 base's ``quantization_config`` for a bf16 output)."""
     fp8: Fp8Format | None = None
+    chat_template: str | None = None
+    """The chat template the output's tokenizer files get (the recipe's ``chat_template`` resolved); None: unchanged."""
     """The base's block-scaled FP8 format, when it is an FP8 checkpoint."""
     sources: tuple[Source, ...] = ()
     """Where the base (first) and each input were read from: local paths and Hub snapshots."""
@@ -233,7 +241,14 @@ class _Planner:
         weight = spec.weight_for(target, layer_index(target), self.num_layers)
         if weight == 0.0:
             return
-        self.contributions.setdefault(target, []).append(replace(contribution, weight=weight))
+        params = spec.params_for(target, layer_index(target), self.num_layers)
+        self.contributions.setdefault(target, []).append(replace(contribution, weight=weight, params=params))
+
+    def all_weights(self, target: str) -> tuple[float, ...]:
+        """Every input's weight on ``target`` in input order, also of inputs that leave it unchanged
+        (``normalize: total``; an input whose filters exclude ``target`` adds nothing)."""
+        return tuple(s.weight_for(target, layer_index(target), self.num_layers)
+                     for s in self.recipe.inputs if s.selects(target))
 
     def check_family(self, where: str, architecture: str | None) -> None:
         family = _family(architecture)
@@ -371,6 +386,14 @@ def count_layers(config: dict[str, Any], names: Any) -> int:
 _LAYER_INDEX = re.compile(LAYER_INDEX_PATTERN)
 
 
+BASE_ITSELF = "the base itself: changes nothing, adds its weight to normalize: total"
+"""How a plan describes a full-model input that is the base (mergekit lists it among the models)."""
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 def _filter_problems(recipe: Recipe, planner: _Planner, planned: set[int]) -> list[str]:
     """Patterns that match no base tensor (typos), and inputs the filters leave with nothing."""
     problems = []
@@ -440,7 +463,9 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         if not source.local_path:
             continue  # its Hub problem is already reported
         try:
-            if spec.kind == "adapter":
+            if spec.kind == "model" and _same_path(source.local_path, sources[0].local_path):
+                layout, ranks, mapping = base, (), BASE_ITSELF
+            elif spec.kind == "adapter":
                 adapter = load_lora_adapter(source.local_path, planner.names, planner.problems, allow_pickle,
                                             recipe.skip_missing, accept=(DORA_FEATURE, TARGET_PARAMETERS_FEATURE))
                 ranks = planner.add_adapter(index, adapter)
@@ -463,7 +488,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
                                       changed, ranks, read, mapping))
     problems += planner.problems
     if not planner.problems:
-        problems += _filter_problems(recipe, planner, {s.index for s in summaries})
+        problems += _filter_problems(recipe, planner, {s.index for s in summaries if s.key_mapping != BASE_ITSELF})
     for target, contribs in planner.contributions.items():
         if len({c.transposed for c in contribs if KINDS[c.kind].low_rank}) > 1:
             problems.append(f"inputs disagree on the orientation of {target!r} (fan_in_fan_out differs)")
@@ -471,7 +496,13 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         raise PlanError(problems)
     assert method is not None
 
+    template = recipe_chat_template(recipe, sources, problems)
+    if problems:
+        raise PlanError(problems)
     jobs = _tensor_jobs(base, planner, out_dtype)
+    if method_params.get("normalize") == "total":
+        jobs = {name: replace(job, params=((ALL_WEIGHTS, planner.all_weights(name)),)) if job.contributions
+                else job for name, job in jobs.items()}
     config_updates: dict[str, Any] = {}
     if any(LM_HEAD == t.name and t.source != LM_HEAD for t in jobs.values()):
         config_updates["tie_word_embeddings"] = False
@@ -501,6 +532,7 @@ def plan_merge(recipe: Recipe, *, allow_pickle: bool = False) -> MergePlan:
         config_drops=(QUANTIZATION_CONFIG_KEY,) if fp8 is not None and not requantize else (),
         fp8=fp8,
         base_format=base_format.name,
+        chat_template=template,
     )
     return plan
 

@@ -24,8 +24,9 @@ from ..io.reader import open_checkpoint
 from ..io.writer import ShardLayout, ShardWriter, layout_shard, write_index
 from ..io.stage import OrderedStage
 from ..jobs.faults import kill_point
-from ..names import (CONFIG_NAME, INDEX_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX, SAFETENSORS_SUFFIX,
-                     SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME, WEIGHT_FILE_SUFFIXES)
+from ..names import (CHAT_TEMPLATE_KEY, CHAT_TEMPLATE_NAME, CONFIG_NAME, INDEX_NAME, NOT_COPIED_NAMES, PARTIAL_SUFFIX,
+                     SAFETENSORS_SUFFIX, SHARD_NAME_TEMPLATE, SINGLE_FILE_NAME, TOKENIZER_CONFIG_NAME,
+                     WEIGHT_FILE_SUFFIXES)
 from ..planning.budget import WRITE_QUEUE_DEPTH
 from ..planning.describe import format_size
 from ..planning.plan import MergePlan, TensorJob
@@ -103,6 +104,15 @@ def model_files(plan: MergePlan) -> list[Path]:
             and not path.name.endswith((*WEIGHT_FILE_SUFFIXES, PARTIAL_SUFFIX))]
 
 
+def _with_template(path: Path, template: str) -> bytes:
+    """``tokenizer_config.json`` with its ``chat_template`` set, or ``chat_template.jinja`` replaced."""
+    if path.name == CHAT_TEMPLATE_NAME:
+        return template.encode()
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[CHAT_TEMPLATE_KEY] = template
+    return (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+
+
 class HfModelSink(Sink):
     """Shards + index + config/tokenizer files: what ``from_pretrained`` loads."""
 
@@ -174,6 +184,8 @@ class HfModelSink(Sink):
                 for key in self.plan.config_drops:
                     config.pop(key, None)
                 write_bytes_atomic(out_dir / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+            elif self.plan.chat_template is not None and path.name in (TOKENIZER_CONFIG_NAME, CHAT_TEMPLATE_NAME):
+                write_bytes_atomic(out_dir / path.name, _with_template(path, self.plan.chat_template))
             else:
                 copy_file_atomic(path, out_dir / path.name)
             names.append(path.name)
