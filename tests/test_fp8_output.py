@@ -218,4 +218,5 @@ def test_fp8_refusals_name_the_field(fp8_world, tmp_path: Path) -> None:
                           output_format="adapter", rank=4))
     with pytest.raises(PlanError, match="is F8_E4M3; a full fine-tune merged into an FP8 base must be stored "
                                         "unquantized"):
-        build_plan(Recipe(base=str(base), inputs=(InputSpec(str(base), kind="model"),), device="cpu"))
+        fp8_finetune = shutil.copytree(base, tmp_path / "fp8-finetune")  # the base itself would only add its weight
+        build_plan(Recipe(base=str(base), inputs=(InputSpec(str(fp8_finetune), kind="model"),), device="cpu"))
