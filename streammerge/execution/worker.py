@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import nullcontext
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -524,10 +525,11 @@ class TensorMerger:
         """Reads ``window``'s inputs now; returns the tensor math that merges them (any thread may run it)."""
         built = [self._merge_inputs(j) for j in window]
         given = [inputs for inputs, _, _, _ in built if inputs is not None]
-        merge_many, params = self.method.merge_many, self.params
+        merge_many, params, device = self.method.merge_many, self.params, self.device
 
         def merge() -> list[tuple[MergeResult | None, Any, bool]]:
-            with torch.inference_mode():
+            # on another thread: inference mode and the current CUDA device are per thread
+            with torch.inference_mode(), torch.cuda.device(device) if device.type == "cuda" else nullcontext():
                 results = iter(merge_many(given, params) if given else [])  # type: ignore[misc]
                 return [(next(results) if inputs is not None else None, base, transposed)
                         for inputs, _, base, transposed in built]
