@@ -41,9 +41,10 @@ __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_se
 
 @dataclass(frozen=True)
 class RowSource:
-    """How a dense method's row form reads one tensor: ``updates(start, stop)`` gives each input's rows."""
+    """How a dense method's row form reads one tensor: ``updates(start, stop, base)`` gives each input's rows
+    (``base``: the base rows when the caller read them already, else None)."""
 
-    updates: Callable[[int, int], tuple[TaskUpdate, ...]]
+    updates: Callable[[int, int, torch.Tensor | None], tuple[TaskUpdate, ...]]
     weights: tuple[float, ...]
     blocks: list[tuple[int, int]]
 
@@ -154,15 +155,15 @@ class TensorMerger:
         return staging
 
     def _fetch_rows(self, file: str, key: str, start: int = 0, stop: int | None = None,
-                    work: bool = False) -> torch.Tensor:
+                    work: bool = False, slot: int = 0) -> torch.Tensor:
         """fp32 rows (the whole tensor when ``stop`` is None) on the worker device.
 
         The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
         they are and are converted there (``Staging.load``); on the CPU that is one conversion
-        straight from the memory map.  ``work``: into the reused row-block work buffer.
+        straight from the memory map.  ``work``: into the reused row-block work buffer ``slot``.
         """
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
-            return self._staging().load(stored, work)
+            return self._staging().load(stored, work, slot)
 
     def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
@@ -299,10 +300,17 @@ class TensorMerger:
 
     def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
                        base: torch.Tensor, start: int, stop: int) -> tuple[TaskUpdate, ...]:
-        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta)."""
+        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta).
+
+        Stored rows are read into reused work buffers, one per contribution (slot 0 is the base's): a fresh
+        64 MiB block per input and pass costs more in page faults than its conversion.  The updates are
+        valid until the next call.
+        """
         updates = []
+        slots = {id(c): 1 + k for k, c in enumerate(c for cs in by_input.values() for c in cs)}
         for contribs in by_input.values():
-            parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c))) for c in contribs]
+            parts = [KINDS[c.kind].rows(c, partial(self._fetch_rows, work=True, slot=slots[id(c)]), base, start,
+                                        stop, preloaded.get(id(c))) for c in contribs]
             dense = [p.delta for p in parts if p.delta is not None]
             low = [LowRankUpdate(up=p.up, down=p.down) for p in parts if p.up is not None and p.down is not None]
             if not dense:
@@ -331,8 +339,10 @@ class TensorMerger:
         needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
         zeros = torch.zeros((), device=self.device)
 
-        def updates_of(start: int, stop: int) -> tuple[TaskUpdate, ...]:
-            base = self._base_rows(job, start, stop) if needs_base else zeros.expand(stop - start, *job.shape[1:])
+        def updates_of(start: int, stop: int, base: torch.Tensor | None = None) -> tuple[TaskUpdate, ...]:
+            if base is None:
+                base = (self._base_rows(job, start, stop, work=True) if needs_base
+                        else zeros.expand(stop - start, *job.shape[1:]))
             return self._block_updates(job, by_input, preloaded, base, start, stop)
 
         form = self.method.rows
@@ -373,8 +383,8 @@ class TensorMerger:
                 stats.observe(RowBlock(job.name, job.shape, start, source.updates(start, stop), source.weights))
             stats.end_pass()
         for start, stop in source.blocks:
-            base = self._base_rows(job, start, stop)
-            updates = source.updates(start, stop)
+            base = self._base_rows(job, start, stop, work=True)  # merged in place: the output rows
+            updates = source.updates(start, stop, base)  # dense inputs' deltas from the same base rows
             merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, source.weights), stats,
                                      self.params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):

@@ -115,6 +115,7 @@ class TensorStatistics:
         self.rescale = params.get("rescale", "density" if sparsify == "random" else "none")
         self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
         self.given = tuple(given) if given is not None else None
+        self._steps: torch.Tensor | None = None  # pass 2's grid-step buffers, reused over the tensor's blocks
         self.selects: list[TopKSelect | None] = [None] * count
         if sparsify == "magnitude" and self.given is None:
             if params.get("scope", "tensor") != "tensor":
@@ -149,6 +150,14 @@ class TensorStatistics:
             if select is not None and select.needs_pass():
                 select.end_pass()
 
+    def step_buffers(self, count: int, entries: int, device: torch.device) -> torch.Tensor:
+        """``[count, entries]`` fp32 scratch for pass 2's grid steps (the same one for every block of the tensor:
+        a fresh tensor per step and input costs page faults and cache misses)."""
+        held = self._steps
+        if held is None or held.shape[0] < count or held.shape[1] < entries or held.device != device:
+            held = self._steps = torch.empty(count, entries, device=device)
+        return held
+
     def thresholds(self) -> tuple[Threshold, ...]:
         """Each input's magnitude threshold (after the last pass)."""
         if self.given is not None:
@@ -174,15 +183,26 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     return rows
 
 
-def _combine_rows(terms: list[torch.Tensor], elect: bool, normalize: str, weights: Sequence[float]) -> torch.Tensor:
-    """``consensus.combine`` on rows held at once: the same ops, in the same order."""
-    total = terms[0] if not elect else terms[0].clone()
+def _combine_rows(terms: list[torch.Tensor], elect: bool, normalize: str, weights: Sequence[float],
+                  scratch: torch.Tensor) -> torch.Tensor:
+    """``consensus.combine`` on rows held at once: the same ops, in the same order (``scratch``: two buffers
+    of a term's size, for the elected sign and the agreement count)."""
+    total = terms[0] if not elect else scratch[0].view_as(terms[0]).copy_(terms[0])
     for term in terms[1:]:
         total.add_(term)
     if not elect:
         return total.div_(weight_sum(weights, total.device)) if normalize == "weights" else total
     sign = torch.copysign(torch.ones((), device=total.device), total, out=total)
-    return agreeing_mean(terms, sign, normalize, weights)
+    return agreeing_mean(terms, sign, normalize, weights, mark=scratch[1])
+
+
+def _step_rows(update: TaskUpdate, lo: int, hi: int, weight: float, out: torch.Tensor) -> torch.Tensor:
+    """``block_rows`` written into ``out`` (a step buffer) for a dense input too: the sparsifiers overwrite it."""
+    if isinstance(update, LowRankUpdate):
+        return block_rows(update, lo, hi, weight, out)
+    rows = update.delta[lo:hi]
+    target = out[:rows.numel()].view(rows.shape)
+    return target.copy_(rows) if weight == 1.0 else torch.mul(rows, weight, out=target)
 
 
 def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,
@@ -194,11 +214,16 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     normalize = params.get("normalize", "count" if elect else "none")
     result = out if out is not None else torch.empty(block.rows, columns, device=_device(block))
     target = result.view(block.rows, columns)
-    for lo, hi in _steps(block):
-        terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
+    steps = _steps(block)
+    count = len(block.updates)
+    buffers = stats.step_buffers(count + 2, (steps[0][1] - steps[0][0]) * columns, _device(block)) if steps else None
+    for lo, hi in steps:
+        assert buffers is not None
+        terms = [_sparsify_rows(stats, thresholds, _step_rows(u, lo, hi, w, buffers[i]).view(hi - lo, columns), i,
                                 block.start + lo)
                  for i, (u, w) in enumerate(zip(block.updates, block.weights))]
-        merged = _combine_rows(terms, elect, normalize, block.weights).mul_(scale)
+        merged = _combine_rows(terms, elect, normalize, block.weights,
+                               buffers[count:count + 2, :terms[0].numel()]).mul_(scale)
         if out is not None:
             target[lo:hi].add_(merged)
         else:
