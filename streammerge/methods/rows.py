@@ -173,7 +173,7 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     if stats.sparsify == "random":
         assert stats.drop is not None
         flat = first_row * rows.shape[-1]
-        mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
+        mask = stats.drop.mask_range(index, flat, flat + rows.numel(), reuse=True).view(rows.shape)
         rows = rows.mul_(mask)
         return rows.div_(stats.density) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
