@@ -569,5 +569,10 @@ class TensorMerger:
             yield partial(reader.copy_range, job.source, start, stop)
 
     def prefetch(self, job: TensorJob) -> None:
-        """Ask the kernel to start reading ``job``'s base tensor now."""
+        """Ask the kernel to start reading ``job``'s base tensor and its inputs' whole tensors (full fine-tunes,
+        replaced tensors) now: a dense merge over full fine-tunes reads three models, and without it each of
+        their blocks waited for the disk while the CPU idled."""
         self.readers.get(job.source_file).prefetch(job.source)
+        for c in job.contributions:
+            if KINDS[c.kind].whole_tensor:
+                self.readers.get(c.file).prefetch(c.keys[0])
