@@ -9,6 +9,7 @@ blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -138,6 +139,7 @@ class TensorMerger:
         self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
         self._stagings: dict[torch.device, Staging] = {}
         self._ahead = Lookahead()
+        self._pass_pool: ThreadPoolExecutor | None = None  # pass 1 of the dense row form, one input per thread
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -368,19 +370,22 @@ class TensorMerger:
 
         On the CPU the method's ops run on one intra-op thread: they work on cache-sized grid steps (1 MiB),
         where splitting each op over threads costs more in fork/join than it saves (measured on 2 cores: the
-        same CPU time quiet, several times more under load), and the writer thread gets the other core.
+        same CPU time quiet, several times more under load).  Pass 1 instead runs its inputs on a pool of as
+        many threads (each input's selection is independent, fed its blocks in order: the same result).
         """
         serial = self.device_for(job).type == "cpu" and torch.get_num_threads() > 1
         threads = torch.get_num_threads()
         if serial:
             torch.set_num_threads(1)
+            if self._pass_pool is None:
+                self._pass_pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-pass1")
         try:
-            yield from self._two_passes(job)
+            yield from self._two_passes(job, self._pass_pool.map if serial and self._pass_pool else map)
         finally:
             if serial:
                 torch.set_num_threads(threads)
 
-    def _two_passes(self, job: TensorJob) -> Iterator[Pending]:
+    def _two_passes(self, job: TensorJob, inputs_map: Any) -> Iterator[Pending]:
         form = self.method.rows
         assert form is not None
         by_input, source = self._row_inputs(job)
@@ -391,6 +396,8 @@ class TensorMerger:
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
         stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params,
                                 self._given(job, by_input))
+        if hasattr(stats, "inputs_map"):  # pass 1's inputs on the pool's threads (torch ops release the GIL)
+            stats.inputs_map = inputs_map
         for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
             stats.hint(source.updates(start, stop), source.weights)
         while stats.needs_pass():

@@ -27,8 +27,9 @@ How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,21 +75,34 @@ def _columns(shape: tuple[int, ...]) -> int:
     return shape[-1] if shape else 1
 
 
-def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
+InputsMap = Callable[[Callable[[int], Any], Sequence[int]], Iterable[Any]]
+"""How the passes run their inputs: ``map`` (in turn), or a thread pool's ``map``.  Pass 1: each input's
+selection is its own state, fed its blocks in the same order either way; pass 2: each input's rows of a grid
+step are built and sparsified apart, then combined in input order.  The result does not change."""
+
+
+def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str],
+                   inputs_map: InputsMap = map) -> None:
     """Feed ``w_i ΔW_i`` of every grid step of ``block`` to the selections that still need a pass (they
     select by ``|x|`` and never write into the rows: a dense input's rows go in uncopied)."""
     wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
     columns = _columns(block.shape)
     steps = _steps(block)
-    scratch = torch.empty((steps[0][1] - steps[0][0]) * columns, device=_device(block)) if steps else None
-    for lo, hi in steps:
-        for i in wanted:
-            update, weight = block.updates[i], block.weights[i]
-            if isinstance(update, DenseUpdate) and weight == 1.0:
-                rows = update.delta[lo:hi]
-            else:
-                rows = block_rows(update, lo, hi, weight, scratch)
-            selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
+    inference = torch.is_inference_mode_enabled()  # thread-local: a pool thread takes the caller's mode
+
+    def feed(i: int) -> None:
+        update, weight = block.updates[i], block.weights[i]
+        with torch.inference_mode(inference):
+            scratch = torch.empty((steps[0][1] - steps[0][0]) * columns, device=_device(block)) if steps else None
+            for lo, hi in steps:
+                if isinstance(update, DenseUpdate) and weight == 1.0:
+                    rows = update.delta[lo:hi]
+                else:
+                    rows = block_rows(update, lo, hi, weight, scratch)
+                selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
+
+    for _ in inputs_map(feed, wanted):
+        pass
 
 
 class TensorStatistics:
@@ -116,6 +130,7 @@ class TensorStatistics:
         self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
         self.given = tuple(given) if given is not None else None
         self._steps: torch.Tensor | None = None  # pass 2's grid-step buffers, reused over the tensor's blocks
+        self.inputs_map: InputsMap = map  # the engine may run pass 1's inputs on threads (``InputsMap``)
         self.selects: list[TopKSelect | None] = [None] * count
         if sparsify == "magnitude" and self.given is None:
             if params.get("scope", "tensor") != "tensor":
@@ -143,7 +158,7 @@ class TensorStatistics:
         return any(s is not None and s.needs_pass() for s in self.selects)
 
     def observe(self, block: RowBlock) -> None:
-        _observe_trims(block, self.selects, [self.name] * len(self.selects))
+        _observe_trims(block, self.selects, [self.name] * len(self.selects), self.inputs_map)
 
     def end_pass(self) -> None:
         for select in self.selects:
@@ -217,11 +232,17 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     steps = _steps(block)
     count = len(block.updates)
     buffers = stats.step_buffers(count + 2, (steps[0][1] - steps[0][0]) * columns, _device(block)) if steps else None
+    inference = torch.is_inference_mode_enabled()  # thread-local: a pool thread takes the caller's mode
+
+    def term(i: int, lo: int, hi: int) -> torch.Tensor:
+        assert buffers is not None
+        with torch.inference_mode(inference):
+            rows = _step_rows(block.updates[i], lo, hi, block.weights[i], buffers[i]).view(hi - lo, columns)
+            return _sparsify_rows(stats, thresholds, rows, i, block.start + lo)
+
     for lo, hi in steps:
         assert buffers is not None
-        terms = [_sparsify_rows(stats, thresholds, _step_rows(u, lo, hi, w, buffers[i]).view(hi - lo, columns), i,
-                                block.start + lo)
-                 for i, (u, w) in enumerate(zip(block.updates, block.weights))]
+        terms = list(stats.inputs_map(partial(term, lo=lo, hi=hi), range(count)))
         merged = _combine_rows(terms, elect, normalize, block.weights,
                                buffers[count:count + 2, :terms[0].numel()]).mul_(scale)
         if out is not None:

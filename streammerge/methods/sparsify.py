@@ -159,7 +159,7 @@ class RandomDrop:
         # keep v < below for a signed 32-bit draw v: probability round(density · 2^32) / 2^32
         self._below = np.int32(min(max(round(density * 2**32) - 2**31, -2**31), 2**31 - 1))
         self._all = density >= 1.0
-        self._joined: torch.Tensor | None = None  # mask_range(reuse=True)'s buffer
+        self._joined: dict[int, torch.Tensor] = {}  # input -> mask_range(reuse=True)'s buffer (inputs may run on threads)
 
     def _fill(self, index: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
         """Chunk ``chunk``'s mask of input ``index`` written into ``out`` (``MASK_CHUNK`` fp32 ones and zeros).
@@ -184,16 +184,17 @@ class RandomDrop:
     def mask_range(self, index: int, start: int, stop: int, reuse: bool = False) -> torch.Tensor:
         """The keep mask of flat entries ``start:stop`` of input ``index`` (1-D fp32 ones and zeros:
         multiplying by it is ~3x faster than by a bool mask on CPU).  ``reuse``: in a buffer this drop
-        keeps, valid until its next ``reuse`` call (no fresh tensor per row block)."""
+        keeps for input ``index``, valid until its next ``reuse`` call for it (no fresh tensor per row block)."""
         first, last = start // MASK_CHUNK, (stop - 1) // MASK_CHUNK
         if first == last:
             return self._chunk(index, first)[start - first * MASK_CHUNK:stop - first * MASK_CHUNK]
         offset = first * MASK_CHUNK
         size = (last + 1 - first) * MASK_CHUNK
         if reuse:
-            if self._joined is None or self._joined.numel() < size:
-                self._joined = torch.empty(size, device=self.device)
-            joined = self._joined[:size]
+            held = self._joined.get(index)
+            if held is None or held.numel() < size:
+                held = self._joined[index] = torch.empty(size, device=self.device)
+            joined = held[:size]
         else:
             joined = torch.empty(size, device=self.device)
         cached = self._last.get(index)
