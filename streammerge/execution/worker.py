@@ -9,10 +9,10 @@ blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +30,7 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
-from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
+from ..methods.rows import InputsMap, ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
                                tensor_working_set)
@@ -139,7 +139,7 @@ class TensorMerger:
         self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
         self._stagings: dict[torch.device, Staging] = {}
         self._ahead = Lookahead()
-        self._pass_pool: ThreadPoolExecutor | None = None  # pass 1 of the dense row form, one input per thread
+        self._pass_pool: ThreadPoolExecutor | None = None  # the dense row form's inputs, one per thread
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -370,8 +370,9 @@ class TensorMerger:
 
         On the CPU the method's ops run on one intra-op thread: they work on cache-sized grid steps (1 MiB),
         where splitting each op over threads costs more in fork/join than it saves (measured on 2 cores: the
-        same CPU time quiet, several times more under load).  Pass 1 instead runs its inputs on a pool of as
-        many threads (each input's selection is independent, fed its blocks in order: the same result).
+        same CPU time quiet, several times more under load).  Instead both passes run their inputs on a pool
+        of as many threads (``rows.InputsMap``: each input's selection is independent and fed its blocks in
+        order, each input's rows of a pass-2 grid step are combined in input order: the same result).
         """
         serial = self.device_for(job).type == "cpu" and torch.get_num_threads() > 1
         threads = torch.get_num_threads()
@@ -385,7 +386,7 @@ class TensorMerger:
             if serial:
                 torch.set_num_threads(threads)
 
-    def _two_passes(self, job: TensorJob, inputs_map: Any) -> Iterator[Pending]:
+    def _two_passes(self, job: TensorJob, inputs_map: InputsMap) -> Iterator[Pending]:
         form = self.method.rows
         assert form is not None
         by_input, source = self._row_inputs(job)
@@ -396,7 +397,7 @@ class TensorMerger:
         generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
         stats = form.statistics(job.name, job.shape, len(by_input), generator, self.params,
                                 self._given(job, by_input))
-        if hasattr(stats, "inputs_map"):  # pass 1's inputs on the pool's threads (torch ops release the GIL)
+        if hasattr(stats, "inputs_map"):  # the inputs on the pool's threads (torch ops release the GIL)
             stats.inputs_map = inputs_map
         for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
             stats.hint(source.updates(start, stop), source.weights)

@@ -41,8 +41,8 @@ from .consensus import agreeing_mean, weight_sum
 from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
 from .sparsify import Band, RandomDrop, keep_count
 
-__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks",
-           "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
+__all__ = ["InputsMap", "TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds",
+           "merge_by_blocks", "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
 
 
 SAMPLE_RANGES, SAMPLE_RUN = 16, 8

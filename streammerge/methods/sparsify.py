@@ -159,7 +159,7 @@ class RandomDrop:
         # keep v < below for a signed 32-bit draw v: probability round(density · 2^32) / 2^32
         self._below = np.int32(min(max(round(density * 2**32) - 2**31, -2**31), 2**31 - 1))
         self._all = density >= 1.0
-        self._joined: dict[int, torch.Tensor] = {}  # input -> mask_range(reuse=True)'s buffer (inputs may run on threads)
+        self._joined: dict[int, torch.Tensor] = {}  # input -> mask_range(reuse=True)'s buffer (inputs run on threads)
 
     def _fill(self, index: int, chunk: int, out: torch.Tensor) -> torch.Tensor:
         """Chunk ``chunk``'s mask of input ``index`` written into ``out`` (``MASK_CHUNK`` fp32 ones and zeros).
