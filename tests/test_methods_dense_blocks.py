@@ -228,6 +228,30 @@ def test_dare_mask_of_any_range_is_the_slice_of_the_whole_mask() -> None:
         assert torch.equal(fresh.mask_range(1, start, stop), full[start:stop])
     assert not torch.equal(full, drop.mask(torch.Size([n]), 0))
     assert abs(float(full.float().mean()) - 0.3) < 0.01
+    reused = RandomDrop(0.3, torch.Generator().manual_seed(5), 2)
+    for start, stop in ((17, 2 * MASK_CHUNK + 99), (2 * MASK_CHUNK + 99, n)):  # the reused buffer, range after range
+        assert torch.equal(reused.mask_range(1, start, stop, reuse=True), full[start:stop])
+
+
+def test_dare_mask_is_the_documented_pcg64_draw() -> None:
+    """The spec in ``sparsify``'s docstring, written out independently: chunk c of input i keeps entry j when
+    the j-th little-endian int32 half of PCG64(chunk_seed(seed_i, c))'s raw draws is below d·2^32 − 2^31."""
+    import numpy as np
+
+    from streammerge.methods.sparsify import chunk_seed
+
+    for density in (0.1, 0.5, 0.9, 0.0, 1.0):
+        drop = RandomDrop(density, torch.Generator().manual_seed(11), 3)
+        mask = drop.mask(torch.Size([2 * MASK_CHUNK]), 2)
+        for chunk in range(2):
+            raw = np.random.PCG64(chunk_seed(drop.seeds[2], chunk)).random_raw(MASK_CHUNK // 2)
+            halves = raw.astype("<u8").view("<u4").astype(np.int64)  # unsigned, then the signed reading
+            signed = np.where(halves >= 2**31, halves - 2**32, halves)
+            expected = (signed < round(density * 2**32) - 2**31) | (density >= 1.0)
+            assert torch.equal(mask[chunk * MASK_CHUNK:(chunk + 1) * MASK_CHUNK],
+                               torch.from_numpy(expected.astype(np.float32)))
+        kept = float(mask.mean())
+        assert abs(kept - density) <= 4 * (density * (1 - density) / mask.numel()) ** 0.5 + 1e-12
 
 
 # ---- scope: global ---------------------------------------------------------------------------------------

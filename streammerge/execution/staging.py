@@ -92,17 +92,18 @@ class Staging:
         self.lag = 1 if self.cuda else 0  # host blocks waited for one block later: the copy overlaps compute
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._host = HostBufferPool()
-        self._work: torch.Tensor | None = None
+        self._work: dict[int, torch.Tensor] = {}
 
-    def load(self, stored: torch.Tensor, work: bool = False) -> torch.Tensor:
+    def load(self, stored: torch.Tensor, work: bool = False, slot: int = 0) -> torch.Tensor:
         """``stored`` (a view of the memory map, stored dtype) as fp32 on the device.
 
-        ``work``: into the reused fp32 work buffer (valid until the next ``load(work=True)``);
-        otherwise into a fresh tensor.
+        ``work``: into the reused fp32 work buffer number ``slot`` (valid until the next ``load(work=True)``
+        into the same slot); otherwise into a fresh tensor.  A dense method's row blocks hold the base rows
+        and one delta per dense input at once: one slot each.
         """
         moved = self._move(self._stage(stored))
         if work:
-            target = self._work_view(moved.shape)
+            target = self._work_view(moved.shape, slot)
         else:
             target = torch.empty(moved.shape, dtype=torch.float32, device=self.device)
         return target.copy_(moved)
@@ -122,13 +123,14 @@ class Staging:
         moved.record_stream(compute)
         return moved
 
-    def _work_view(self, shape: torch.Size) -> torch.Tensor:
+    def _work_view(self, shape: torch.Size, slot: int = 0) -> torch.Tensor:
         numel = shape.numel()
-        if self._work is None:
-            self._work = torch.empty(BLOCK_BYTES // 4, dtype=torch.float32, device=self.device)
-        if numel > self._work.numel():
+        if numel > BLOCK_BYTES // 4:
             return torch.empty(shape, dtype=torch.float32, device=self.device)  # one row larger than a block
-        return self._work[:numel].view(shape)
+        work = self._work.get(slot)
+        if work is None:
+            work = self._work[slot] = torch.empty(BLOCK_BYTES // 4, dtype=torch.float32, device=self.device)
+        return work[:numel].view(shape)
 
     def unload(self, block: torch.Tensor, dtype: torch.dtype) -> Pending:
         """``block`` (fp32, on the device) cast to ``dtype`` into a host buffer."""

@@ -13,6 +13,7 @@ import math
 from contextlib import nullcontext
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
-from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
+from ..methods.rows import InputsMap, ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
                                tensor_working_set)
@@ -42,9 +43,10 @@ __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_se
 
 @dataclass(frozen=True)
 class RowSource:
-    """How a dense method's row form reads one tensor: ``updates(start, stop)`` gives each input's rows."""
+    """How a dense method's row form reads one tensor: ``updates(start, stop, base)`` gives each input's rows
+    (``base``: the base rows when the caller read them already, else None)."""
 
-    updates: Callable[[int, int], tuple[TaskUpdate, ...]]
+    updates: Callable[[int, int, torch.Tensor | None], tuple[TaskUpdate, ...]]
     weights: tuple[float, ...]
     blocks: list[tuple[int, int]]
 
@@ -154,6 +156,7 @@ class TensorMerger:
         self.model_statistics: ModelThresholds | None = None  # scope: global, from the whole-model pass
         self._stagings: dict[torch.device, Staging] = {}
         self._ahead = Lookahead(background)
+        self._pass_pool: ThreadPoolExecutor | None = None  # the dense row form's inputs, one per thread
 
     def device_for(self, job: TensorJob) -> torch.device:
         """The worker device, or the CPU for a tensor whose working set exceeds --max-gpu-memory."""
@@ -171,15 +174,15 @@ class TensorMerger:
         return staging
 
     def _fetch_rows(self, file: str, key: str, start: int = 0, stop: int | None = None,
-                    work: bool = False) -> torch.Tensor:
+                    work: bool = False, slot: int = 0) -> torch.Tensor:
         """fp32 rows (the whole tensor when ``stop`` is None) on the worker device.
 
         The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
         they are and are converted there (``Staging.load``); on the CPU that is one conversion
-        straight from the memory map.  ``work``: into the reused row-block work buffer.
+        straight from the memory map.  ``work``: into the reused row-block work buffer ``slot``.
         """
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
-            return self._staging().load(stored, work)
+            return self._staging().load(stored, work, slot)
 
     def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
@@ -317,10 +320,17 @@ class TensorMerger:
 
     def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
                        base: torch.Tensor, start: int, stop: int) -> tuple[TaskUpdate, ...]:
-        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta)."""
+        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta).
+
+        Stored rows are read into reused work buffers, one per contribution (slot 0 is the base's): a fresh
+        64 MiB block per input and pass costs more in page faults than its conversion.  The updates are
+        valid until the next call.
+        """
         updates = []
+        slots = {id(c): 1 + k for k, c in enumerate(c for cs in by_input.values() for c in cs)}
         for contribs in by_input.values():
-            parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c))) for c in contribs]
+            parts = [KINDS[c.kind].rows(c, partial(self._fetch_rows, work=True, slot=slots[id(c)]), base, start,
+                                        stop, preloaded.get(id(c))) for c in contribs]
             dense = [p.delta for p in parts if p.delta is not None]
             low = [LowRankUpdate(up=p.up, down=p.down) for p in parts if p.up is not None and p.down is not None]
             if not dense:
@@ -349,8 +359,10 @@ class TensorMerger:
         needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
         zeros = torch.zeros((), device=self.device)
 
-        def updates_of(start: int, stop: int) -> tuple[TaskUpdate, ...]:
-            base = self._base_rows(job, start, stop) if needs_base else zeros.expand(stop - start, *job.shape[1:])
+        def updates_of(start: int, stop: int, base: torch.Tensor | None = None) -> tuple[TaskUpdate, ...]:
+            if base is None:
+                base = (self._base_rows(job, start, stop, work=True) if needs_base
+                        else zeros.expand(stop - start, *job.shape[1:]))
             return self._block_updates(job, by_input, preloaded, base, start, stop)
 
         form = self.method.rows
@@ -373,7 +385,26 @@ class TensorMerger:
         for DARE and Breadcrumbs, nor under ``scope: global``, whose thresholds come from the
         whole-model pass) until they are final; pass 2 merges each block into the base rows.  Blocks
         start on the method's row grid, so the bytes equal the whole-tensor merge's whatever the block size.
+
+        On the CPU the method's ops run on one intra-op thread: they work on cache-sized grid steps (1 MiB),
+        where splitting each op over threads costs more in fork/join than it saves (measured on 2 cores: the
+        same CPU time quiet, several times more under load).  Instead both passes run their inputs on a pool
+        of as many threads (``rows.InputsMap``: each input's selection is independent and fed its blocks in
+        order, each input's rows of a pass-2 grid step are combined in input order: the same result).
         """
+        serial = self.device_for(job).type == "cpu" and torch.get_num_threads() > 1
+        threads = torch.get_num_threads()
+        if serial:
+            torch.set_num_threads(1)
+            if self._pass_pool is None:
+                self._pass_pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-pass1")
+        try:
+            yield from self._two_passes(job, self._pass_pool.map if serial and self._pass_pool else map)
+        finally:
+            if serial:
+                torch.set_num_threads(threads)
+
+    def _two_passes(self, job: TensorJob, inputs_map: InputsMap) -> Iterator[Pending]:
         form = self.method.rows
         assert form is not None
         by_input, source = self._row_inputs(job)
@@ -385,6 +416,8 @@ class TensorMerger:
         params = job_params(self.params, job, list(by_input))
         stats = form.statistics(job.name, job.shape, len(by_input), generator, params,
                                 self._given(job, by_input))
+        if hasattr(stats, "inputs_map"):  # the inputs on the pool's threads (torch ops release the GIL)
+            stats.inputs_map = inputs_map
         for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
             stats.hint(source.updates(start, stop), source.weights)
         while stats.needs_pass():
@@ -392,8 +425,8 @@ class TensorMerger:
                 stats.observe(RowBlock(job.name, job.shape, start, source.updates(start, stop), source.weights))
             stats.end_pass()
         for start, stop in source.blocks:
-            base = self._base_rows(job, start, stop)
-            updates = source.updates(start, stop)
+            base = self._base_rows(job, start, stop, work=True)  # merged in place: the output rows
+            updates = source.updates(start, stop, base)  # dense inputs' deltas from the same base rows
             merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, source.weights), stats,
                                      params, base)
             if self.check_finite and not math.isfinite(float(merged.sum())):
@@ -536,8 +569,11 @@ class TensorMerger:
         return merge
 
     def close(self) -> None:
-        """Stop the lookahead thread."""
+        """Stop the lookahead thread and the dense row form's pool."""
         self._ahead.close()
+        if self._pass_pool is not None:
+            self._pass_pool.shutdown(wait=True)
+            self._pass_pool = None
 
     def _whole_updates(self, job: TensorJob) -> tuple[torch.Tensor, list[TaskUpdate], list[float], list[int], bool]:
         """The base as the method sees it, each changing input's whole update of ``job`` in canonical
@@ -590,5 +626,10 @@ class TensorMerger:
             yield partial(reader.copy_range, job.source, start, stop)
 
     def prefetch(self, job: TensorJob) -> None:
-        """Ask the kernel to start reading ``job``'s base tensor now."""
+        """Ask the kernel to start reading ``job``'s base tensor and its inputs' whole tensors (full fine-tunes,
+        replaced tensors) now: a dense merge over full fine-tunes reads three models, and without it each of
+        their blocks waited for the disk while the CPU idled."""
         self.readers.get(job.source_file).prefetch(job.source)
+        for c in job.contributions:
+            if KINDS[c.kind].whole_tensor:
+                self.readers.get(c.file).prefetch(c.keys[0])

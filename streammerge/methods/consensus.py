@@ -38,25 +38,35 @@ def weight_sum(weights: Sequence[float], device: torch.device) -> torch.Tensor:
 
 
 def agreeing_mean(terms: Iterable[torch.Tensor], sign: torch.Tensor, normalize: str = "count",
-                  weights: Sequence[float] = ()) -> torch.Tensor:
+                  weights: Sequence[float] = (), mark: torch.Tensor | None = None) -> torch.Tensor:
     """The entries that are non-zero and have the elected ``sign``, summed and divided by ``normalize``:
     ``count`` the number of agreeing inputs (TIES' disjoint mean), ``weights`` the sum of their user
     weights (mergekit), ``none`` nothing (mergekit's ``normalize: false``); 0 where none agrees.
     Overwrites the terms.
 
     In float arithmetic, no bool masks: ``relu(δ·γ)`` is ``|δ|`` where δ agrees with γ, else 0;
-    its ``sign`` marks the agreeing inputs; ``γ · Σ / divisor`` restores the sign.
+    its ``sign`` marks the agreeing inputs; ``γ · Σ / divisor`` restores the sign.  The marks are counted
+    in ``mark`` (shaped like the terms; a fresh tensor when None) and in the terms after their values were
+    added: no fresh tensor per input.
     """
     total: torch.Tensor | None = None
     agreeing: torch.Tensor | None = None
     for i, delta in enumerate(terms):
         kept = delta.mul_(sign).relu_()
-        if normalize != "none":
-            mark = kept.sign()
-            if normalize == "weights":
-                mark.mul_(float(weights[i]))
-            agreeing = mark if agreeing is None else agreeing.add_(mark)
-        total = kept if total is None else total.add_(kept)
+        if total is None:  # the first term becomes the sum: its mark goes to the counter first
+            if normalize != "none":
+                agreeing = torch.sign(kept) if mark is None else torch.sign(kept, out=mark.view_as(kept))
+                if normalize == "weights":
+                    agreeing.mul_(float(weights[i]))
+            total = kept
+        else:
+            total.add_(kept)
+            if normalize != "none":
+                kept.sign_()
+                if normalize == "weights":
+                    kept.mul_(float(weights[i]))
+                assert agreeing is not None
+                agreeing.add_(kept)
         del delta, kept
     assert total is not None, "agreeing_mean() needs at least one input"
     total.mul_(sign)

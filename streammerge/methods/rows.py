@@ -27,8 +27,9 @@ How a caller drives one tensor (``merge_by_blocks`` does it over in-memory updat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,8 +41,8 @@ from .consensus import agreeing_mean, weight_sum
 from .selection import HIGH_BINS, LOW_BINS, Threshold, TopKSelect, trim_rows, window_entries
 from .sparsify import Band, RandomDrop, keep_count
 
-__all__ = ["TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds", "merge_by_blocks",
-           "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
+__all__ = ["InputsMap", "TensorStatistics", "merge_rows", "supports_rows", "ModelTrim", "ModelThresholds",
+           "merge_by_blocks", "sample_ranges", "MODEL_CANDIDATE_LIMIT", "working_bytes"]
 
 
 SAMPLE_RANGES, SAMPLE_RUN = 16, 8
@@ -74,21 +75,34 @@ def _columns(shape: tuple[int, ...]) -> int:
     return shape[-1] if shape else 1
 
 
-def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str]) -> None:
+InputsMap = Callable[[Callable[[int], Any], Sequence[int]], Iterable[Any]]
+"""How the passes run their inputs: ``map`` (in turn), or a thread pool's ``map``.  Pass 1: each input's
+selection is its own state, fed its blocks in the same order either way; pass 2: each input's rows of a grid
+step are built and sparsified apart, then combined in input order.  The result does not change."""
+
+
+def _observe_trims(block: RowBlock, selects: Sequence[TopKSelect | None], keys: Sequence[str],
+                   inputs_map: InputsMap = map) -> None:
     """Feed ``w_i ΔW_i`` of every grid step of ``block`` to the selections that still need a pass (they
     select by ``|x|`` and never write into the rows: a dense input's rows go in uncopied)."""
     wanted = [i for i, s in enumerate(selects) if s is not None and s.needs_pass()]
     columns = _columns(block.shape)
     steps = _steps(block)
-    scratch = torch.empty((steps[0][1] - steps[0][0]) * columns, device=_device(block)) if steps else None
-    for lo, hi in steps:
-        for i in wanted:
-            update, weight = block.updates[i], block.weights[i]
-            if isinstance(update, DenseUpdate) and weight == 1.0:
-                rows = update.delta[lo:hi]
-            else:
-                rows = block_rows(update, lo, hi, weight, scratch)
-            selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
+    inference = torch.is_inference_mode_enabled()  # thread-local: a pool thread takes the caller's mode
+
+    def feed(i: int) -> None:
+        update, weight = block.updates[i], block.weights[i]
+        with torch.inference_mode(inference):
+            scratch = torch.empty((steps[0][1] - steps[0][0]) * columns, device=_device(block)) if steps else None
+            for lo, hi in steps:
+                if isinstance(update, DenseUpdate) and weight == 1.0:
+                    rows = update.delta[lo:hi]
+                else:
+                    rows = block_rows(update, lo, hi, weight, scratch)
+                selects[i].observe(keys[i], block.start + lo, rows.view(hi - lo, columns))  # type: ignore[union-attr]
+
+    for _ in inputs_map(feed, wanted):
+        pass
 
 
 class TensorStatistics:
@@ -115,6 +129,8 @@ class TensorStatistics:
         self.rescale = params.get("rescale", "density" if sparsify == "random" else "none")
         self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
         self.given = tuple(given) if given is not None else None
+        self._steps: torch.Tensor | None = None  # pass 2's grid-step buffers, reused over the tensor's blocks
+        self.inputs_map: InputsMap = map  # the engine may run pass 1's inputs on threads (``InputsMap``)
         self.selects: list[TopKSelect | None] = [None] * count
         if sparsify == "magnitude" and self.given is None:
             if params.get("scope", "tensor") != "tensor":
@@ -142,12 +158,20 @@ class TensorStatistics:
         return any(s is not None and s.needs_pass() for s in self.selects)
 
     def observe(self, block: RowBlock) -> None:
-        _observe_trims(block, self.selects, [self.name] * len(self.selects))
+        _observe_trims(block, self.selects, [self.name] * len(self.selects), self.inputs_map)
 
     def end_pass(self) -> None:
         for select in self.selects:
             if select is not None and select.needs_pass():
                 select.end_pass()
+
+    def step_buffers(self, count: int, entries: int, device: torch.device) -> torch.Tensor:
+        """``[count, entries]`` fp32 scratch for pass 2's grid steps (the same one for every block of the tensor:
+        a fresh tensor per step and input costs page faults and cache misses)."""
+        held = self._steps
+        if held is None or held.shape[0] < count or held.shape[1] < entries or held.device != device:
+            held = self._steps = torch.empty(count, entries, device=device)
+        return held
 
     def thresholds(self) -> tuple[Threshold, ...]:
         """Each input's magnitude threshold (after the last pass)."""
@@ -164,7 +188,7 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     if stats.sparsify == "random":
         assert stats.drop is not None
         flat = first_row * rows.shape[-1]
-        mask = stats.drop.mask_range(index, flat, flat + rows.numel()).view(rows.shape)
+        mask = stats.drop.mask_range(index, flat, flat + rows.numel(), reuse=True).view(rows.shape)
         rows = rows.mul_(mask)
         return rows.div_(at_input(stats.density, index)) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
@@ -174,15 +198,26 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     return rows
 
 
-def _combine_rows(terms: list[torch.Tensor], elect: bool, normalize: str, weights: Sequence[float]) -> torch.Tensor:
-    """``consensus.combine`` on rows held at once: the same ops, in the same order."""
-    total = terms[0] if not elect else terms[0].clone()
+def _combine_rows(terms: list[torch.Tensor], elect: bool, normalize: str, weights: Sequence[float],
+                  scratch: torch.Tensor) -> torch.Tensor:
+    """``consensus.combine`` on rows held at once: the same ops, in the same order (``scratch``: two buffers
+    of a term's size, for the elected sign and the agreement count)."""
+    total = terms[0] if not elect else scratch[0].view_as(terms[0]).copy_(terms[0])
     for term in terms[1:]:
         total.add_(term)
     if not elect:
         return total.div_(weight_sum(weights, total.device)) if normalize == "weights" else total
     sign = torch.copysign(torch.ones((), device=total.device), total, out=total)
-    return agreeing_mean(terms, sign, normalize, weights)
+    return agreeing_mean(terms, sign, normalize, weights, mark=scratch[1])
+
+
+def _step_rows(update: TaskUpdate, lo: int, hi: int, weight: float, out: torch.Tensor) -> torch.Tensor:
+    """``block_rows`` written into ``out`` (a step buffer) for a dense input too: the sparsifiers overwrite it."""
+    if isinstance(update, LowRankUpdate):
+        return block_rows(update, lo, hi, weight, out)
+    rows = update.delta[lo:hi]
+    target = out[:rows.numel()].view(rows.shape)
+    return target.copy_(rows) if weight == 1.0 else torch.mul(rows, weight, out=target)
 
 
 def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, Any], out: torch.Tensor | None,
@@ -195,11 +230,22 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
     normalize = params.get("normalize", "count") if elect else normalize
     result = out if out is not None else torch.empty(block.rows, columns, device=_device(block))
     target = result.view(block.rows, columns)
-    for lo, hi in _steps(block):
-        terms = [_sparsify_rows(stats, thresholds, block_rows(u, lo, hi, w).view(hi - lo, columns), i,
-                                block.start + lo)
-                 for i, (u, w) in enumerate(zip(block.updates, block.weights))]
-        merged = _combine_rows(terms, elect, normalize, weights).mul_(scale)
+    steps = _steps(block)
+    count = len(block.updates)
+    buffers = stats.step_buffers(count + 2, (steps[0][1] - steps[0][0]) * columns, _device(block)) if steps else None
+    inference = torch.is_inference_mode_enabled()  # thread-local: a pool thread takes the caller's mode
+
+    def term(i: int, lo: int, hi: int) -> torch.Tensor:
+        assert buffers is not None
+        with torch.inference_mode(inference):
+            rows = _step_rows(block.updates[i], lo, hi, block.weights[i], buffers[i]).view(hi - lo, columns)
+            return _sparsify_rows(stats, thresholds, rows, i, block.start + lo)
+
+    for lo, hi in steps:
+        assert buffers is not None
+        terms = list(stats.inputs_map(partial(term, lo=lo, hi=hi), range(count)))
+        merged = _combine_rows(terms, elect, normalize, weights,
+                               buffers[count:count + 2, :terms[0].numel()]).mul_(scale)
         if out is not None:
             target[lo:hi].add_(merged)
         else:
