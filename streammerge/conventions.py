@@ -9,7 +9,10 @@
   ``dare_ties`` and ``breadcrumbs_ties`` do not divide at all (``normalize: false``);
 * DARE restores each delta's L1 norm (``rescale: true``) instead of multiplying by ``1/density``;
 * Breadcrumbs bands the whole flattened tensor, not each row;
-* the magnitude trim keeps ``max(1, int(density·n))`` entries.
+* the magnitude trim keeps ``max(1, int(density·n))`` entries;
+* with ``dtype: bfloat16`` / ``float16`` every op of that family computes in that dtype, as mergekit's
+  torch ops on the loaded tensors do (``compute_dtype``, ``methods/low_precision.py``); ``linear``
+  computes in fp32 whatever the dtype (mergekit's ``linear_merge`` does).
 
 A recipe's explicit ``params`` always win over its convention's defaults.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CONVENTIONS", "DEFAULT_CONVENTION", "MERGEKIT", "convention_defaults"]
+__all__ = ["CONVENTIONS", "DEFAULT_CONVENTION", "MERGEKIT", "convention_defaults", "mergekit_compute_dtype"]
 
 DEFAULT_CONVENTION = "streammerge"
 MERGEKIT = "mergekit"
@@ -41,3 +44,18 @@ def convention_defaults(method: str, convention: str) -> dict[str, Any]:
     if convention == MERGEKIT:
         return dict(_MERGEKIT.get(method, {}))
     return {}
+
+
+NARROW_COMPUTE = ("bfloat16", "float16")
+"""The ``dtype`` values of a mergekit config in which its task-arithmetic family computes op by op."""
+
+
+def mergekit_compute_dtype(method: str, dtype: str | None) -> str | None:
+    """The ``compute_dtype`` that reproduces mergekit 0.1.5 merging with ``method`` in ``dtype`` (None: fp32).
+
+    mergekit loads every tensor in ``dtype`` and runs its generalized task arithmetic on them (each torch op
+    rounds to ``dtype``); ``linear`` casts to fp32 first, so it needs no narrow arithmetic.
+    """
+    if dtype in NARROW_COMPUTE and method != "linear":
+        return dtype
+    return None

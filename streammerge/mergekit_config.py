@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .conventions import MERGEKIT
+from .conventions import MERGEKIT, mergekit_compute_dtype
 from .errors import PlanError
 from .mergekit_settings import ModelRef, SettingReader
 from .recipe import InputSpec, Recipe, Weight, WeightOverride
@@ -230,7 +230,7 @@ class _Translator(SettingReader):
         normalize = shared.get("normalize")
         normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
         if normalize and method not in _ELECTING:
-            if self.scalar_weights(inputs):
+            if self.scalar_weights(inputs) and "compute_dtype" not in method_params:
                 inputs = self.fold_divisor(method, inputs)
             else:  # weights differ per tensor: divide each tensor by every model's weight there
                 method_params["normalize"] = "total"
@@ -253,6 +253,9 @@ class _Translator(SettingReader):
                 params["min_keep"] = 1
             if method.startswith("breadcrumbs"):
                 params["band"] = "tensor"
+        compute = mergekit_compute_dtype(method, self.doc.get("dtype"))
+        if compute is not None:  # each op rounded to dtype, as mergekit's; its divisor divides after the sum
+            params["compute_dtype"] = compute
         return params
 
     def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
@@ -301,7 +304,14 @@ class _Translator(SettingReader):
     def recipe(self, base: ModelRef, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
         doc = self.doc
         dtype = doc.get("out_dtype") or doc.get("dtype")
-        if doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":
+        if "compute_dtype" in params:
+            self.notes.append(
+                f"dtype: {doc['dtype']}: every op computes in {doc['dtype']} as mergekit's do (compute_dtype); "
+                f"bit-identical to mergekit when the models are stored in {doc['dtype']}"
+                + (f" and out_dtype is {doc['dtype']}" if doc.get("out_dtype") not in (None, doc["dtype"]) else ""))
+        elif doc.get("merge_method") == "linear":
+            pass  # mergekit's linear casts to fp32 before it computes, whatever the dtype
+        elif doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":
             self.notes.append(f"dtype: mergekit computes in {doc['dtype']}; streammerge computes in float32 and "
                               f"casts once to out_dtype {doc['out_dtype']}")
         elif doc.get("dtype") and doc["dtype"] != "float32":
