@@ -305,10 +305,11 @@ class _Translator(SettingReader):
         doc = self.doc
         dtype = doc.get("out_dtype") or doc.get("dtype")
         if "compute_dtype" in params:
+            lora = any(s.kind == "adapter" for s in inputs)
             self.notes.append(
-                f"dtype: {doc['dtype']}: every op computes in {doc['dtype']} as mergekit's do (compute_dtype); "
-                f"bit-identical to mergekit when the models are stored in {doc['dtype']}"
-                + (f" and out_dtype is {doc['dtype']}" if doc.get("out_dtype") not in (None, doc["dtype"]) else ""))
+                f"dtype: {doc['dtype']}: every tensor is rounded to {doc['dtype']} on load and every op computes "
+                "in it, as mergekit's do (compute_dtype)" + ("; a model+lora task vector is fl(s·B·A), mergekit's "
+                                                      "fl(fl(W + s·B·A) − W) from its merged copy" if lora else ""))
         elif doc.get("merge_method") == "linear":
             pass  # mergekit's linear casts to fp32 before it computes, whatever the dtype
         elif doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":

@@ -18,7 +18,7 @@ from streammerge.mergekit_config import translate_mergekit
 from streammerge.methods import DenseUpdate, MergeInputs, get_method
 from streammerge.methods.sparsify import RandomDrop
 from tests.helpers import read_model, run_cli
-from tests.test_mergekit_cli import t_of, write_config
+from tests.test_mergekit_cli import t_of, world as fp32_world, write_config
 from tests.test_mergekit_config import mk_evaluate
 from tools.synthetic import PRESETS, write_finetune, write_model
 
@@ -105,7 +105,8 @@ def ours(method: str, w0: torch.Tensor, models: list[torch.Tensor], weights: lis
     compute = compute or NAMES[w0.dtype]
     params = m.resolve_params({**convention_defaults(method, "mergekit"), "compute_dtype": compute, **given})
     base = w0.float()
-    inputs = MergeInputs("model.layers.0.mlp.up_proj.weight", base, tuple(DenseUpdate(m.float() - base) for m in models),
+    inputs = MergeInputs("model.layers.0.mlp.up_proj.weight", base,
+                         tuple(DenseUpdate(x.float() - base) for x in models),
                          tuple(weights), torch.Generator().manual_seed(seed))
     return (base + m.merge(inputs, params).update.dense()).to(w0.dtype)
 
@@ -225,7 +226,8 @@ def bf16_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "ft2": write_finetune(base, root / "ft2", seed=2, std=0.01)}
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", pytest.param("breadcrumbs_ties", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic",
+                                    pytest.param("breadcrumbs_ties", marks=pytest.mark.slow)])
 def test_a_bf16_mergekit_config_on_bf16_models_gives_mergekits_bytes(bf16_world, tmp_path, method: str) -> None:
     w = bf16_world
     weight1, weight2 = [0.3, 0.9], [{"filter": "mlp", "value": 0.5}, {"value": 0.3}]
@@ -251,6 +253,28 @@ def test_a_bf16_mergekit_config_on_bf16_models_gives_mergekits_bytes(bf16_world,
                             normalize=True, lam=0.9, density=densities, gamma=0.05)
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], expected), name
+
+
+@pytest.mark.parametrize("models,out_dtype", [("fp32", None), ("bf16", "float32")])
+def test_fp32_models_are_rounded_on_load_and_the_result_before_another_out_dtype(fp32_world, bf16_world, tmp_path,
+                                                                                  models: str, out_dtype) -> None:
+    """mergekit loads every tensor in ``dtype`` (fp32 models too) and its merge returns ``dtype`` tensors,
+    which ``out_dtype`` then casts."""
+    w = fp32_world if models == "fp32" else bf16_world
+    doc = {"merge_method": "ties", "base_model": str(w["base"]), "dtype": "bfloat16",
+           "models": [{"model": str(w["ft1"]), "parameters": {"weight": 0.3, "density": 0.4}},
+                      {"model": str(w["ft2"]), "parameters": {"weight": 0.7, "density": 0.4}}]}
+    if out_dtype:
+        doc["out_dtype"] = out_dtype
+    run_cli("merge", str(write_config(tmp_path / "mk.yml", doc)), "--out", str(tmp_path / "out"), "--no-progress",
+            "--device", "cpu")
+    merged, base = read_model(tmp_path / "out"), read_model(w["base"])
+    fts = [read_model(w["ft1"]), read_model(w["ft2"])]
+    for name, w0 in base.items():
+        bf = torch.bfloat16
+        expected = mk_merge(w0.to(bf), [ft[name].to(bf) for ft in fts], [0.3, 0.7], kind="magnitude", consensus=True,
+                            normalize=True, density=0.4)
+        assert torch.equal(merged[name], expected.to(torch.float32 if out_dtype else bf)), name
 
 
 def test_an_unknown_compute_dtype_is_refused_by_name() -> None:

@@ -29,6 +29,7 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
+from ..methods.low_precision import narrow_dtype
 from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
@@ -147,6 +148,9 @@ class TensorMerger:
         # background: the next merge_many window runs on a thread while this one is written (same results)
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
+        # compute_dtype bf16 / fp16 (a mergekit config's dtype): every tensor is rounded to it on load and the
+        # merged one before the cast to the output dtype, as mergekit loads in dtype and returns dtype tensors
+        self.narrow = narrow_dtype(self.params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._fresh_scales: dict[str, list[torch.Tensor]] = {}
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
@@ -178,7 +182,11 @@ class TensorMerger:
         straight from the memory map.  ``work``: into the reused row-block work buffer.
         """
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
-            return self._staging().load(stored, work)
+            rows = self._staging().load(stored, work)
+            narrow = self.narrow
+            if narrow is not None and stored.is_floating_point() and stored.itemsize > narrow.itemsize:
+                rows.copy_(rows.to(narrow))
+            return rows
 
     def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
         tensor = self._fetch_rows(file, key)
@@ -264,8 +272,11 @@ class TensorMerger:
         requantized on the base's scale grid (``start`` is on it), its fresh scale rows kept for
         ``job.scale``'s own job, which follows."""
         fmt = self.plan.fp8
+        out = DTYPES[job.out_dtype].torch_dtype
+        if self.narrow is not None and out != self.narrow:
+            block = block.copy_(block.to(self.narrow))
         if fmt is None or not self._requantizes(job):
-            return self._staging().unload(block, DTYPES[job.out_dtype].torch_dtype)
+            return self._staging().unload(block, out)
         scale_dtype = DTYPES[self.readers.get(job.scale_file).layout.info(job.scale).dtype].torch_dtype
         quantized, scale = quantize_rows(block, start, fmt, scale_dtype)
         self._fresh_scales.setdefault(job.scale, []).append(scale.cpu())

@@ -5,8 +5,11 @@ With ``dtype: bfloat16`` mergekit 0.1.5 loads every tensor in bf16 and runs
 and rounds its result to bf16, and the reductions over the inputs accumulate in fp32 and round once.
 This module does the same ops in the same order on the same values, so the bytes match:
 
-1. ``δ_i = fl(M_i − W0)``: here ``fl(τ_i)`` of the fp32 task vector, the same value when the models
-   are stored in the compute dtype (torch's bf16 subtraction is the fp32 one, rounded);
+1. ``δ_i = fl(M_i − W0)``: here ``fl(τ_i)`` of the fp32 task vector ``τ_i = M_i − W0``, the same value
+   when ``M_i`` and ``W0`` hold compute-dtype values (torch's bf16 subtraction is the fp32 one, rounded);
+   the worker rounds every loaded tensor to the compute dtype first, as mergekit loads in ``dtype``.
+   A LoRA's ``τ_i = s·B·A`` (factors rounded on load) gives ``fl(s·B·A)``, not mergekit's
+   ``fl(fl(W0 + s·B·A) − W0)``;
 2. sparsify ``δ_i`` (unweighted): the magnitude trim and the whole-tensor band pick entries from
    torch's ``argsort`` / ``sort`` of the flattened ``|δ_i|`` as mergekit does (ties in that sort's
    order, so bit-identical with the same torch build on the same device type); DARE multiplies by our
@@ -18,9 +21,10 @@ This module does the same ops in the same order on the same values, so the bytes
    (below 1e-8 → 1); each sum accumulated in fp32 in input order, rounded once;
 5. divided when normalizing, times λ (an fp32 scalar), each rounded.
 
-The engine then adds the update to the fp32 base and casts once: ``fl(W0 + u)``, mergekit's last
-op, when the output dtype is the compute dtype.  All of it is elementwise except the sparsifiers'
-whole-tensor selections, so this runs on whole tensors (no row-block form) except for Task Arithmetic.
+The engine then adds the update to the fp32 base and rounds to the compute dtype: ``fl(W0 + u)``,
+mergekit's last op (then cast to a different ``out_dtype``, as mergekit's writer does).  All of it is
+elementwise except the sparsifiers' whole-tensor selections, so this runs on whole tensors (no
+row-block form) except for Task Arithmetic.
 """
 
 from __future__ import annotations
