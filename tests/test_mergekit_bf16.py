@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from streammerge.conventions import convention_defaults
 from streammerge.errors import MethodParameterError
 from streammerge.mergekit_config import translate_mergekit
-from streammerge.methods import DenseUpdate, MergeInputs, get_method
+from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, get_method
 from streammerge.methods.sparsify import RandomDrop
 from tests.helpers import read_model, run_cli
 from tests.test_mergekit_cli import t_of, world as fp32_world, write_config
@@ -144,6 +145,24 @@ def test_dare_narrow_arithmetic_equals_mergekits_with_the_same_mask(method: str,
     masks = [drop.mask(torch.Size(SHAPE), i) for i in range(len(models))]
     expected = mk_merge(w0, models, WEIGHTS, kind="random", consensus=consensus, density=0.5, l1=True, dare_masks=masks)
     assert torch.equal(ours(method, w0, models, WEIGHTS, {"density": 0.5}), expected)
+
+
+def test_a_lora_inputs_task_vector_is_that_of_the_copy_peft_merges_in_the_narrow_dtype() -> None:
+    """mergekit merges ``model+lora`` with PEFT first: ``fl(W0 + (B·A)·s)`` (the fp32 product added to the bf16
+    weight, rounded once), then takes its task vector like any model's."""
+    w0, models = world(torch.bfloat16, count=1)
+    g = torch.Generator().manual_seed(7)
+    b, a = 0.05 * torch.randn(SHAPE[0], 4, generator=g), torch.randn(4, SHAPE[1], generator=g)
+    merged_copy = (w0.float() + (b @ a) * 2.0).to(torch.bfloat16)
+    expected = mk_merge(w0, [merged_copy, models[0]], [0.3, 0.9], kind="magnitude", consensus=True, normalize=True,
+                        density=0.5)
+    m = get_method("ties")
+    params = m.resolve_params({**convention_defaults("ties", "mergekit"), "compute_dtype": "bfloat16",
+                               "density": 0.5, "normalize": "weights"})
+    base = w0.float()
+    inputs = MergeInputs("w", base, (LowRankUpdate(up=b * 2.0, down=a), DenseUpdate(models[0].float() - base)),
+                         (0.3, 0.9), torch.Generator())
+    assert torch.equal((base + m.merge(inputs, params).update.dense()).to(torch.bfloat16), expected)
 
 
 def test_fp32_compute_differs_from_mergekits_bf16_and_keeps_its_own_bytes() -> None:
@@ -275,6 +294,28 @@ def test_fp32_models_are_rounded_on_load_and_the_result_before_another_out_dtype
         expected = mk_merge(w0.to(bf), [ft[name].to(bf) for ft in fts], [0.3, 0.7], kind="magnitude", consensus=True,
                             normalize=True, density=0.4)
         assert torch.equal(merged[name], expected.to(torch.float32 if out_dtype else bf)), name
+
+
+def test_a_model_plus_lora_bf16_config_gives_mergekits_bytes(fp32_world, tmp_path) -> None:
+    """fp32 files, ``dtype: bfloat16``: mergekit's merged copy is ``fl(fl(W0) + s·B·A)`` (PEFT on the base loaded
+    in bf16, ``--lora-merge-dtype bfloat16``), every tensor then loaded in bf16."""
+    w = fp32_world
+    doc = {"merge_method": "task_arithmetic", "base_model": str(w["base"]), "dtype": "bfloat16",
+           "parameters": {"normalize": True},
+           "models": [{"model": f"{w['base']}+{w['lora']}", "parameters": {"weight": 0.3}},
+                      {"model": str(w["ft1"]), "parameters": {"weight": 0.6}}]}
+    run_cli("merge", str(write_config(tmp_path / "mk.yml", doc)), "--out", str(tmp_path / "out"), "--no-progress",
+            "--device", "cpu")
+    merged, base, ft = read_model(tmp_path / "out"), read_model(w["base"]), read_model(w["ft1"])
+    factors = load_file(str(w["lora"] / "adapter_model.safetensors"))
+    bf = torch.bfloat16
+    for name, w0 in base.items():
+        a_key = f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight"
+        copy = w0.to(bf)
+        if a_key in factors:  # lora_alpha = 2r: s = 2
+            copy = (w0.to(bf).float() + (factors[a_key.replace("lora_A", "lora_B")] @ factors[a_key]) * 2.0).to(bf)
+        expected = mk_merge(w0.to(bf), [copy, ft[name].to(bf)], [0.3, 0.6], normalize=True)
+        assert torch.equal(merged[name], expected), name
 
 
 def test_an_unknown_compute_dtype_is_refused_by_name() -> None:

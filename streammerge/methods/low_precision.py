@@ -8,8 +8,10 @@ This module does the same ops in the same order on the same values, so the bytes
 1. ``δ_i = fl(M_i − W0)``: here ``fl(τ_i)`` of the fp32 task vector ``τ_i = M_i − W0``, the same value
    when ``M_i`` and ``W0`` hold compute-dtype values (torch's bf16 subtraction is the fp32 one, rounded);
    the worker rounds every loaded tensor to the compute dtype first, as mergekit loads in ``dtype``.
-   A LoRA's ``τ_i = s·B·A`` (factors rounded on load) gives ``fl(s·B·A)``, not mergekit's
-   ``fl(fl(W0 + s·B·A) − W0)``;
+   A LoRA (``τ_i = s·B·A``, factors as stored) gives ``fl(fl(W0 + s·B·A) − W0)``, the task vector of the
+   copy mergekit merges with PEFT in the compute dtype (``--lora-merge-dtype`` equal to ``dtype``), up to
+   the fp32 rounding of the product (PEFT computes ``(B·A)·s``, we ``(s·B)·A``; equal after the rounding
+   on the small preset's q_proj);
 2. sparsify ``δ_i`` (unweighted): the magnitude trim and the whole-tensor band pick entries from
    torch's ``argsort`` / ``sort`` of the flattened ``|δ_i|`` as mergekit does (ties in that sort's
    order, so bit-identical with the same torch build on the same device type); DARE multiplies by our
@@ -35,7 +37,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodParameterError
-from .base import MergeInputs, Param, at_input, divisor_weights
+from .base import DenseUpdate, MergeInputs, Param, TaskUpdate, at_input, divisor_weights
 from .common import as_dense
 from .sparsify import RandomDrop, keep_count
 
@@ -135,6 +137,14 @@ def _rounded_sum(terms: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Ten
     return total.to(dtype)
 
 
+def _delta(update: TaskUpdate, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fl(τ)`` of a dense update; of a LoRA ``fl(fl(W0 + s·B·A) − W0)``: mergekit's task vector of the copy
+    PEFT merges in ``dtype`` (``merge_and_unload`` adds the fp32 product to the ``dtype`` weight, rounding once)."""
+    if isinstance(update, DenseUpdate):
+        return as_dense(update).to(dtype)
+    return (base + as_dense(update)).to(dtype) - base.to(dtype)
+
+
 def merge_narrow(inputs: MergeInputs, params: Mapping[str, Any], sparsify: str, elect: bool) -> torch.Tensor:
     """The merged update of ``inputs`` computed in ``params['compute_dtype']`` (steps 1–5 above), as fp32."""
     dtype = narrow_dtype(params)
@@ -143,7 +153,7 @@ def merge_narrow(inputs: MergeInputs, params: Mapping[str, Any], sparsify: str, 
     drop = None
     if sparsify == "random":
         drop = RandomDrop(params["density"], inputs.generator, count, "none")
-    deltas = [sparsify_narrow(sparsify, as_dense(u).to(dtype), i, params, drop)
+    deltas = [sparsify_narrow(sparsify, _delta(u, inputs.base, dtype), i, params, drop)
               for i, u in enumerate(inputs.updates)]
     weights = [torch.tensor(w, dtype=dtype, device=inputs.base.device) for w in inputs.weights]
     deltas = [d.mul_(w) for d, w in zip(deltas, weights)]
