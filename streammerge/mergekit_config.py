@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .conventions import MERGEKIT, mergekit_compute_dtype
+from .conventions import MERGEKIT, mergekit_dtype_params
 from .errors import PlanError
 from .mergekit_settings import ModelRef, SettingReader
 from .recipe import InputSpec, Recipe, Weight, WeightOverride
@@ -253,9 +253,8 @@ class _Translator(SettingReader):
                 params["min_keep"] = 1
             if method.startswith("breadcrumbs"):
                 params["band"] = "tensor"
-        compute = mergekit_compute_dtype(method, self.doc.get("dtype"))
-        if compute is not None:  # each op rounded to dtype, as mergekit's; its divisor divides after the sum
-            params["compute_dtype"] = compute
+        # each op rounded to dtype, as mergekit's (its divisor then divides after the sum: not folded)
+        params.update(mergekit_dtype_params(method, self.doc.get("dtype")))
         return params
 
     def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
@@ -293,23 +292,24 @@ class _Translator(SettingReader):
         inputs = [s for i, r, p in refs if r is not None and (s := self.input_spec(i, r, anchor, p)) is not None]
         if self.problems:
             return None
+        narrow = mergekit_dtype_params("linear", self.doc.get("dtype"))  # fp32 math on tensors loaded in dtype
         if not self.scalar_weights(inputs):  # per-tensor weights: divide each tensor by every model's weight there
-            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "total"})
+            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "total", **narrow})
         folded = self.fold_divisor("linear", inputs)
         kept = [s for s in folded if not (s.kind == "model" and (s.path.rstrip("/"), s.revision) == anchor.model_key())]
         if self.problems:
             return None
-        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
+        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none", **narrow})
 
     def recipe(self, base: ModelRef, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
         doc = self.doc
         dtype = doc.get("out_dtype") or doc.get("dtype")
-        if "compute_dtype" in params:
-            lora = any(s.kind == "adapter" for s in inputs)
+        if "compute_dtype" in params or "load_dtype" in params:
+            how = "every op computes in it" if "compute_dtype" in params else "linear computes in fp32 in between"
             self.notes.append(
-                f"dtype: {doc['dtype']}: every tensor is rounded to {doc['dtype']} on load and every op computes "
-                "in it, as mergekit's do (compute_dtype)" + ("; a model+lora task vector is fl(s·B·A), mergekit's "
-                                                      "fl(fl(W + s·B·A) − W) from its merged copy" if lora else ""))
+                f"dtype: {doc['dtype']}: every model tensor is rounded to {doc['dtype']} on load, a model+lora is "
+                f"merged into a {doc['dtype']} copy of the base and the result rounded to {doc['dtype']}, as "
+                f"mergekit does; {how}")
         elif doc.get("merge_method") == "linear":
             pass  # mergekit's linear casts to fp32 before it computes, whatever the dtype
         elif doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":

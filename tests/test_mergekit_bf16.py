@@ -223,7 +223,8 @@ def test_a_bf16_config_computes_in_bf16_and_linear_and_fp32_configs_do_not(metho
     assert params["compute_dtype"] == "bfloat16"
     assert "compute_dtype" not in dict(translate_mergekit(doc_for(method, "float32")).recipe.params)
     linear = {k: v for k, v in doc_for("linear", "bfloat16").items() if k != "base_model"}
-    assert "compute_dtype" not in dict(translate_mergekit(linear).recipe.params)
+    linear_params = dict(translate_mergekit(linear).recipe.params)
+    assert "compute_dtype" not in linear_params and linear_params["load_dtype"] == "bfloat16"
     assert dict(translate_mergekit(doc_for(method, "float16")).recipe.params)["compute_dtype"] == "float16"
 
 
@@ -316,6 +317,62 @@ def test_a_model_plus_lora_bf16_config_gives_mergekits_bytes(fp32_world, tmp_pat
             copy = (w0.to(bf).float() + (factors[a_key.replace("lora_A", "lora_B")] @ factors[a_key]) * 2.0).to(bf)
         expected = mk_merge(w0.to(bf), [copy, ft[name].to(bf)], [0.3, 0.6], normalize=True)
         assert torch.equal(merged[name], expected), name
+
+
+def mk_linear(models: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """mergekit's ``linear_merge``: fp32 ``Σ w_i M_i`` (``addcmul_``), divided by ``Σ w_i``, cast to the dtype."""
+    result = torch.zeros_like(models[0], dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32)
+    for m, c in zip(models, w):
+        result.addcmul_(m, c)
+    return result.div_(w.sum()).to(models[0].dtype)
+
+
+def test_a_bf16_linear_config_with_model_plus_lora_is_within_one_ulp_of_mergekits(fp32_world, tmp_path) -> None:
+    """``linear`` computes in fp32 on tensors loaded in bf16, a LoRA merged into a bf16 copy first (load_dtype):
+    ours ``W0 + Σ c_i (M_i − W0)``, mergekit's ``Σ w_i M_i / Σ w_i``, the same up to fp32 rounding."""
+    w = fp32_world
+    doc = {"merge_method": "linear", "dtype": "bfloat16",
+           "models": [{"model": str(w["base"]), "parameters": {"weight": 0.2}},
+                      {"model": f"{w['base']}+{w['lora']}", "parameters": {"weight": 0.5}},
+                      {"model": str(w["ft1"]), "parameters": {"weight": 0.3}}]}
+    run_cli("merge", str(write_config(tmp_path / "mk.yml", doc)), "--out", str(tmp_path / "out"), "--no-progress",
+            "--device", "cpu")
+    merged, base, ft = read_model(tmp_path / "out"), read_model(w["base"]), read_model(w["ft1"])
+    factors = load_file(str(w["lora"] / "adapter_model.safetensors"))
+    bf = torch.bfloat16
+    copies = 0
+    for name, w0 in base.items():
+        a_key = f"base_model.model.{name.removesuffix('.weight')}.lora_A.weight"
+        copy = w0.to(bf)
+        if a_key in factors:
+            copy = (w0.to(bf).float() + (factors[a_key.replace("lora_A", "lora_B")] @ factors[a_key]) * 2.0).to(bf)
+            copies += 1
+        expected = mk_linear([w0.to(bf), copy, ft[name].to(bf)], [0.2, 0.5, 0.3])
+        # ulps at max(|W0|, |out|), as benchmarks/README.md §8 counts them: an average that cancels to ~0
+        # keeps the absolute error of its |W0|-sized terms
+        size = torch.maximum(w0.to(bf).abs(), expected.abs())
+        ulp = (torch.nextafter(size, torch.full_like(size, float("inf"))) - size).float()
+        assert merged[name].dtype == bf
+        bad = (merged[name].float() - expected.float()).abs() > ulp
+        assert not bool(bad.any()), (name, int(bad.sum()), merged[name][bad][:4], expected[bad][:4], ulp[bad][:4])
+    assert copies > 0
+
+
+def test_load_dtype_takes_a_loras_task_vector_against_its_merged_copy() -> None:
+    w0, models = world(torch.bfloat16, count=1)
+    g = torch.Generator().manual_seed(7)
+    b, a = 0.05 * torch.randn(SHAPE[0], 4, generator=g), torch.randn(4, SHAPE[1], generator=g)
+    base = w0.float()
+    m = get_method("task_arithmetic")
+    lora = LowRankUpdate(up=b * 2.0, down=a)
+    copy_delta = (base + (b * 2.0) @ a).to(torch.bfloat16).float() - base
+    inputs = MergeInputs("w", base, (lora, DenseUpdate(models[0].float() - base)), (0.4, 0.6), torch.Generator())
+    plain = MergeInputs("w", base, (DenseUpdate(copy_delta), DenseUpdate(models[0].float() - base)), (0.4, 0.6),
+                        torch.Generator())
+    params = m.resolve_params({"load_dtype": "bfloat16"})
+    assert torch.equal(m.merge(inputs, params).update.dense(), m.merge(plain, m.resolve_params({})).update.dense())
+    assert not torch.equal(m.merge(inputs, params).update.dense(), m.merge(inputs, m.resolve_params({})).update.dense())
 
 
 def test_an_unknown_compute_dtype_is_refused_by_name() -> None:

@@ -29,7 +29,7 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
-from ..methods.low_precision import narrow_dtype
+from ..methods.low_precision import load_dtype
 from ..methods.rows import ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
@@ -148,9 +148,10 @@ class TensorMerger:
         # background: the next merge_many window runs on a thread while this one is written (same results)
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
-        # compute_dtype bf16 / fp16 (a mergekit config's dtype): every tensor is rounded to it on load and the
-        # merged one before the cast to the output dtype, as mergekit loads in dtype and returns dtype tensors
-        self.narrow = narrow_dtype(self.params)
+        # load_dtype / compute_dtype bf16 / fp16 (a mergekit config's dtype): every model tensor is rounded to it on
+        # load and the merged one before the cast to the output dtype, as mergekit loads in dtype and returns dtype
+        # tensors
+        self.narrow = load_dtype(self.params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._fresh_scales: dict[str, list[torch.Tensor]] = {}
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
@@ -512,8 +513,8 @@ class TensorMerger:
                 stored_base, transposed)
 
     def _needs_base_values(self, job: TensorJob) -> bool:
-        """Whether the method sees the base's values (a narrow compute dtype: a LoRA's task vector is taken
-        against the merged copy ``fl(W0 + s·B·A)``, as mergekit's is)."""
+        """Whether the method sees the base's values (a narrow load / compute dtype: a LoRA's task vector is
+        taken against the merged copy ``fl(W0 + s·B·A)``, as mergekit's is)."""
         return (self.method.reads_base or self.narrow is not None
                 or any(KINDS[c.kind].needs_base_values for c in job.contributions))
 

@@ -32,6 +32,7 @@ row-block form) except for Task Arithmetic.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,13 +42,36 @@ from .base import DenseUpdate, MergeInputs, Param, TaskUpdate, at_input, divisor
 from .common import as_dense
 from .sparsify import RandomDrop, keep_count
 
-__all__ = ["COMPUTE_DTYPE", "NARROW_DTYPES", "narrow_dtype", "check_narrow", "sparsify_narrow", "merge_narrow"]
+__all__ = ["COMPUTE_DTYPE", "LOAD_DTYPE", "NARROW_DTYPES", "narrow_dtype", "load_dtype", "merged_copies",
+           "check_narrow", "sparsify_narrow", "merge_narrow"]
 
 NARROW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPUTE_DTYPE = Param("compute_dtype", str, "float32",
                       "dtype every op computes in: float32 (cast once at the end), or bfloat16 / float16 op by op as "
                       "mergekit does with dtype: bfloat16 / float16 (set by a mergekit config's dtype)",
                       choices=("float32", *NARROW_DTYPES))
+
+
+LOAD_DTYPE = Param("load_dtype", str, "float32",
+                   "dtype the model tensors are rounded to on load, LoRA inputs are merged into a copy of the base in "
+                   "(fl(W0 + s·B·A)) and the result is rounded to, computing in fp32 in between (mergekit's linear "
+                   "with dtype: bfloat16 / float16); a narrow compute_dtype implies it",
+                   choices=("float32", *NARROW_DTYPES))
+
+
+def load_dtype(params: Mapping[str, Any]) -> torch.dtype | None:
+    """The dtype loaded model tensors and merged tensors are rounded to: ``load_dtype``, else a narrow
+    ``compute_dtype``; None for neither."""
+    return NARROW_DTYPES.get(params.get("load_dtype", "float32")) or narrow_dtype(params)
+
+
+def merged_copies(inputs: MergeInputs, dtype: torch.dtype) -> MergeInputs:
+    """``inputs`` with each LoRA update replaced by the fp32 task vector of its merged copy,
+    ``fl(W0 + s·B·A) − W0`` (PEFT's ``merge_and_unload`` in ``dtype``, as mergekit's ``model+lora``)."""
+    base = inputs.base
+    return replace(inputs, updates=tuple(
+        u if isinstance(u, DenseUpdate) else DenseUpdate((base + as_dense(u)).to(dtype).float().sub_(base))
+        for u in inputs.updates))
 
 
 def narrow_dtype(params: Mapping[str, Any]) -> torch.dtype | None:
