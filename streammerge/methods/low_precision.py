@@ -27,6 +27,10 @@ The engine then adds the update to the fp32 base and rounds to the compute dtype
 mergekit's last op (then cast to a different ``out_dtype``, as mergekit's writer does).  All of it is
 elementwise except the sparsifiers' whole-tensor selections, so this runs on whole tensors (no
 row-block form) except for Task Arithmetic.
+
+``load_dtype`` (mergekit's ``linear``, which casts what it loaded to fp32 and rounds its result) keeps
+the fp32 arithmetic and only rounds: model tensors on load, each LoRA to its merged copy
+(``merged_copies``), the result.
 """
 
 from __future__ import annotations
