@@ -180,8 +180,8 @@ class TensorMerger:
 
         The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
         they are and are converted there (``Staging.load``); on the CPU that is one conversion
-        straight from the memory map.  ``work``: into the reused row-block work buffer.  ``rounded``: to a narrow
-        compute dtype (mergekit loads every model tensor in its ``dtype``; LoRA factors are not).
+        straight from the memory map.  ``work``: into the reused row-block work buffer.  ``rounded``: to a
+        narrow load / compute dtype (mergekit loads every model tensor in its ``dtype``; LoRA factors are not).
         """
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
             rows = self._staging().load(stored, work)
