@@ -181,7 +181,7 @@ def main() -> int:
     parser.add_argument("--inputs", default="full,lora", help="full, lora or both")
     parser.add_argument("--keep", action="store_true", help="keep the outputs under the data dir")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                        help="models and config dtype (mergekit computes in it; streammerge in fp32)")
+                        help="models and config dtype (both compute in it: compute_dtype; linear in fp32)")
     parser.add_argument("--per-model", action="store_true",
                         help="a density / gamma per model (gradient and filter), gradient weights for linear, "
                              "normalize: true for task_arithmetic")

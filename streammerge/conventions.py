@@ -9,7 +9,10 @@
   ``dare_ties`` and ``breadcrumbs_ties`` do not divide at all (``normalize: false``);
 * DARE restores each delta's L1 norm (``rescale: true``) instead of multiplying by ``1/density``;
 * Breadcrumbs bands the whole flattened tensor, not each row;
-* the magnitude trim keeps ``max(1, int(density·n))`` entries.
+* the magnitude trim keeps ``max(1, int(density·n))`` entries;
+* with ``dtype: bfloat16`` / ``float16`` every op of that family computes in that dtype, as mergekit's
+  torch ops on the loaded tensors do (``compute_dtype``, ``methods/low_precision.py``); ``linear``
+  computes in fp32 on tensors loaded in that dtype and rounds its result to it (``load_dtype``).
 
 A recipe's explicit ``params`` always win over its convention's defaults.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CONVENTIONS", "DEFAULT_CONVENTION", "MERGEKIT", "convention_defaults"]
+__all__ = ["CONVENTIONS", "DEFAULT_CONVENTION", "MERGEKIT", "convention_defaults", "mergekit_dtype_params"]
 
 DEFAULT_CONVENTION = "streammerge"
 MERGEKIT = "mergekit"
@@ -41,3 +44,19 @@ def convention_defaults(method: str, convention: str) -> dict[str, Any]:
     if convention == MERGEKIT:
         return dict(_MERGEKIT.get(method, {}))
     return {}
+
+
+NARROW_COMPUTE = ("bfloat16", "float16")
+"""The ``dtype`` values of a mergekit config in which its task-arithmetic family computes op by op."""
+
+
+def mergekit_dtype_params(method: str, dtype: str | None) -> dict[str, str]:
+    """The method parameters that reproduce mergekit 0.1.5 merging with ``method`` in ``dtype`` (none for fp32).
+
+    mergekit loads every tensor in ``dtype`` (its ``model+lora`` copies merged in it) and runs its generalized
+    task arithmetic on them, each torch op rounding to ``dtype`` (``compute_dtype``); ``linear`` casts the loaded
+    tensors to fp32 first and rounds its result to ``dtype`` (``load_dtype``).
+    """
+    if dtype not in NARROW_COMPUTE:
+        return {}
+    return {"load_dtype": dtype} if method == "linear" else {"compute_dtype": dtype}

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .conventions import MERGEKIT
+from .conventions import MERGEKIT, mergekit_dtype_params
 from .errors import PlanError
 from .mergekit_settings import ModelRef, SettingReader
 from .recipe import InputSpec, Recipe, Weight, WeightOverride
@@ -230,7 +230,7 @@ class _Translator(SettingReader):
         normalize = shared.get("normalize")
         normalize = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
         if normalize and method not in _ELECTING:
-            if self.scalar_weights(inputs):
+            if self.scalar_weights(inputs) and "compute_dtype" not in method_params:
                 inputs = self.fold_divisor(method, inputs)
             else:  # weights differ per tensor: divide each tensor by every model's weight there
                 method_params["normalize"] = "total"
@@ -253,6 +253,8 @@ class _Translator(SettingReader):
                 params["min_keep"] = 1
             if method.startswith("breadcrumbs"):
                 params["band"] = "tensor"
+        # each op rounded to dtype, as mergekit's (its divisor then divides after the sum: not folded)
+        params.update(mergekit_dtype_params(method, self.doc.get("dtype")))
         return params
 
     def fold_divisor(self, method: str, inputs: list[InputSpec]) -> list[InputSpec]:
@@ -290,18 +292,27 @@ class _Translator(SettingReader):
         inputs = [s for i, r, p in refs if r is not None and (s := self.input_spec(i, r, anchor, p)) is not None]
         if self.problems:
             return None
+        narrow = mergekit_dtype_params("linear", self.doc.get("dtype"))  # fp32 math on tensors loaded in dtype
         if not self.scalar_weights(inputs):  # per-tensor weights: divide each tensor by every model's weight there
-            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "total"})
+            return self.recipe(anchor, inputs, "task_arithmetic", {"lambda": 1.0, "normalize": "total", **narrow})
         folded = self.fold_divisor("linear", inputs)
         kept = [s for s in folded if not (s.kind == "model" and (s.path.rstrip("/"), s.revision) == anchor.model_key())]
         if self.problems:
             return None
-        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none"})
+        return self.recipe(anchor, kept, "task_arithmetic", {"lambda": 1.0, "normalize": "none", **narrow})
 
     def recipe(self, base: ModelRef, inputs: list[InputSpec], method: str, params: dict[str, Any]) -> Recipe | None:
         doc = self.doc
         dtype = doc.get("out_dtype") or doc.get("dtype")
-        if doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":
+        if "compute_dtype" in params or "load_dtype" in params:
+            how = "every op computes in it" if "compute_dtype" in params else "linear computes in fp32 in between"
+            self.notes.append(
+                f"dtype: {doc['dtype']}: every model tensor is rounded to {doc['dtype']} on load, a model+lora is "
+                f"merged into a {doc['dtype']} copy of the base and the result rounded to {doc['dtype']}, as "
+                f"mergekit does; {how}")
+        elif doc.get("merge_method") == "linear":
+            pass  # mergekit's linear casts to fp32 before it computes, whatever the dtype
+        elif doc.get("dtype") and doc.get("out_dtype") and doc["dtype"] != "float32":
             self.notes.append(f"dtype: mergekit computes in {doc['dtype']}; streammerge computes in float32 and "
                               f"casts once to out_dtype {doc['out_dtype']}")
         elif doc.get("dtype") and doc["dtype"] != "float32":

@@ -67,7 +67,7 @@ def test_every_top_level_field() -> None:
     assert r.inputs == (InputSpec("org/ft1", kind="model", weight=0.6),
                         InputSpec("./ft2", kind="model", weight=0.4, revision="v2"))
     assert dict(r.params) == {"density": 0.5, "lambda": 0.9, "normalize": "weights", "rescale": "none",
-                              "min_keep": 1}
+                              "min_keep": 1, "compute_dtype": "bfloat16"}
     assert any("int8_mask" in n for n in result.notes) and any("bfloat16" in n for n in result.notes)
     assert r.validate() == []
 

@@ -31,6 +31,7 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
 from ..methods.base import RowBlock
 from ..methods.common import gridded_dense
+from ..methods.low_precision import load_dtype
 from ..methods.rows import InputsMap, ModelThresholds, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
@@ -150,6 +151,10 @@ class TensorMerger:
         # background: the next merge_many window runs on a thread while this one is written (same results)
         self.method = get_method(plan.recipe.method)
         self.params = dict(plan.method_params)
+        # load_dtype / compute_dtype bf16 / fp16 (a mergekit config's dtype): every model tensor is rounded to it on
+        # load and the merged one before the cast to the output dtype, as mergekit loads in dtype and returns dtype
+        # tensors
+        self.narrow = load_dtype(self.params)
         self._shared: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._fresh_scales: dict[str, list[torch.Tensor]] = {}
         """FP8 output: ``{weight_scale_inv name: its rows}`` computed while the weight was requantized."""
@@ -174,27 +179,32 @@ class TensorMerger:
         return staging
 
     def _fetch_rows(self, file: str, key: str, start: int = 0, stop: int | None = None,
-                    work: bool = False, slot: int = 0) -> torch.Tensor:
+                    work: bool = False, slot: int = 0, rounded: bool = True) -> torch.Tensor:
         """fp32 rows (the whole tensor when ``stop`` is None) on the worker device.
 
         The stored bytes (bf16 / fp16 / fp8: half the bytes of fp32 or less) go to the device as
         they are and are converted there (``Staging.load``); on the CPU that is one conversion
-        straight from the memory map.  ``work``: into the reused row-block work buffer ``slot``.
+        straight from the memory map.  ``work``: into the reused row-block work buffer ``slot``.  ``rounded``: to
+        a narrow load / compute dtype (mergekit loads every model tensor in its ``dtype``; LoRA factors are not).
         """
         with self.readers.get(file).stored_rows(key, start, stop) as stored:
-            return self._staging().load(stored, work, slot)
+            rows = self._staging().load(stored, work, slot)
+            narrow = self.narrow
+            if rounded and narrow is not None and stored.is_floating_point() and stored.itemsize > narrow.itemsize:
+                rows.copy_(rows.to(narrow))
+            return rows
 
-    def _load(self, file: str, key: str, check: bool = True) -> torch.Tensor:
-        tensor = self._fetch_rows(file, key)
+    def _load(self, file: str, key: str, check: bool = True, rounded: bool = True) -> torch.Tensor:
+        tensor = self._fetch_rows(file, key, rounded=rounded)
         if check and self.check_finite and not bool(torch.isfinite(tensor).all()):
             raise AdapterError(f"tensor {key!r} in {file!r} holds NaN or Inf values; the input is corrupt")
         return tensor
 
-    def _load_shared(self, file: str, key: str, check: bool = True) -> torch.Tensor:
+    def _load_shared(self, file: str, key: str, check: bool = True, rounded: bool = True) -> torch.Tensor:
         """``_load`` for tensors many output tensors read (``InputKind.shared_tensors``): the last few are kept."""
         tensor = self._shared.pop((file, key), None)
         if tensor is None or tensor.device != self.device:
-            tensor = self._load(file, key, check)
+            tensor = self._load(file, key, check, rounded)
         self._shared[(file, key)] = tensor
         while len(self._shared) > SHARED_TENSORS_KEPT:
             self._shared.popitem(last=False)
@@ -204,7 +214,11 @@ class TensorMerger:
         """How a kind's tensors are loaded.  Small adapter tensors were checked for NaN / Inf before the job
         (``jobs.preflight``, rank 0 of a distributed job): they are not checked a second time here."""
         load = self._load_shared if KINDS[kind].shared_tensors else self._load
-        return partial(load, check=False) if KINDS[kind].checked_before_job else load
+        # LoRA factors stay as stored: PEFT's merge in mergekit adds their fp32 product to W0, then rounds
+        rounded = not KINDS[kind].low_rank
+        if KINDS[kind].checked_before_job:
+            return partial(load, check=False, rounded=rounded)
+        return partial(load, rounded=rounded)
 
     def _load_rows(self, file: str, key: str, start: int, stop: int) -> torch.Tensor:
         return self._fetch_rows(file, key, start, stop)
@@ -268,8 +282,11 @@ class TensorMerger:
         requantized on the base's scale grid (``start`` is on it), its fresh scale rows kept for
         ``job.scale``'s own job, which follows."""
         fmt = self.plan.fp8
+        out = DTYPES[job.out_dtype].torch_dtype
+        if self.narrow is not None and out != self.narrow:
+            block = block.copy_(block.to(self.narrow))
         if fmt is None or not self._requantizes(job):
-            return self._staging().unload(block, DTYPES[job.out_dtype].torch_dtype)
+            return self._staging().unload(block, out)
         scale_dtype = DTYPES[self.readers.get(job.scale_file).layout.info(job.scale).dtype].torch_dtype
         quantized, scale = quantize_rows(block, start, fmt, scale_dtype)
         self._fresh_scales.setdefault(job.scale, []).append(scale.cpu())
@@ -519,7 +536,7 @@ class TensorMerger:
         """What the method sees for ``job`` (None when no input changes it) and its params (``job_params``), the
         base values if read, transposed."""
         base, updates, weights, indices, transposed = self._whole_updates(job)
-        needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
+        needs_values = self._needs_base_values(job)
         stored_base = base if needs_values else None
         if not updates:
             return None, self.params, stored_base, transposed
@@ -528,6 +545,12 @@ class TensorMerger:
         return (MergeInputs(job.name, base, tuple(updates), tuple(weights), generator, self._given(job, indices)),
                 job_params(self.params, job, indices),
                 stored_base, transposed)
+
+    def _needs_base_values(self, job: TensorJob) -> bool:
+        """Whether the method sees the base's values (a narrow load / compute dtype: a LoRA's task vector is
+        taken against the merged copy ``fl(W0 + s·B·A)``, as mergekit's is)."""
+        return (self.method.reads_base or self.narrow is not None
+                or any(KINDS[c.kind].needs_base_values for c in job.contributions))
 
     def _batchable(self, job: TensorJob) -> bool:
         """Whether ``job`` may be merged in a batch: the method has ``merge_many``, the tensor merges on the
@@ -581,7 +604,7 @@ class TensorMerger:
         self.device = self.device_for(job)
         transposed = any(c.transposed for c in job.contributions)
         canonical = tuple(reversed(job.shape)) if transposed else job.shape
-        needs_values = self.method.reads_base or any(KINDS[c.kind].needs_base_values for c in job.contributions)
+        needs_values = self._needs_base_values(job)
         base = self._base(job, canonical, transposed, needs_values)
         updates, weights, inputs = [], [], []
         for index, contribs in contributions_by_input(job).items():

@@ -26,6 +26,7 @@ from .base import (BlockStatistics, DenseUpdate, MergeInputs, MergeMethod, Merge
                    TaskUpdate, divisor_weights)
 from .common import as_dense, fold_weights, is_matrix, row_grid
 from .consensus import combine
+from .low_precision import COMPUTE_DTYPE, check_narrow, merge_narrow, narrow_dtype
 from .rows import TensorStatistics
 from .selection import Threshold
 from .sparsify import MagnitudeTrim, Sparsifier, build_sparsifier
@@ -74,6 +75,7 @@ def convention_params(variant: Variant) -> tuple[Param, ...]:
         params.append(BAND)
     if variant.sparsify == "magnitude":
         params.append(MIN_KEEP)
+    params.append(COMPUTE_DTYPE)
     return tuple(params)
 
 
@@ -110,10 +112,13 @@ def _validate(method: str, variant: Variant, params: Mapping[str, Any]) -> None:
         raise MethodParameterError(
             f"method {method!r}: gamma + density must be <= 1 (a row cannot drop {gamma} and keep {density} "
             f"of its entries), got {gamma + density}")
+    check_narrow(method, params)
 
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any], variant: Variant) -> MergeResult:
     """The generalized merge of one tensor for ``variant``; returns a dense update."""
+    if narrow_dtype(params) is not None:  # mergekit's bf16 / fp16 arithmetic, op by op
+        return MergeResult(DenseUpdate(merge_narrow(inputs, params, variant.sparsify, variant.elect_sign)))
     updates: list[TaskUpdate] = fold_weights(inputs)
     given = list(updates)
     count = len(updates)
@@ -161,9 +166,14 @@ def _merge_rows(variant: Variant, block: RowBlock, stats: BlockStatistics, param
     return rows.merge_rows(block, stats, params, out, variant.elect_sign)
 
 
+def _supports_rows(params: Mapping[str, Any]) -> bool:
+    # a narrow compute dtype selects with torch's sort of the whole flattened tensor, as mergekit does
+    return rows.supports_rows(params) and narrow_dtype(params) is None
+
+
 def row_merge(variant: Variant) -> RowMerge:
     """The two-pass row-block form of ``variant`` (bit-identical to ``merge``)."""
-    return RowMerge(supports=rows.supports_rows, grid=row_grid, statistics=partial(_statistics, variant),
+    return RowMerge(supports=_supports_rows, grid=row_grid, statistics=partial(_statistics, variant),
                     merge_rows=partial(_merge_rows, variant), working_bytes=partial(rows.working_bytes, variant.sparsify))
 
 

@@ -17,12 +17,19 @@ from .autoscale import AUTO, apply_scale, scale_param
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, divisor_weights, weighted_sum
 from .consensus import weight_sum
 from .generalized import normalize_param
+from .low_precision import (COMPUTE_DTYPE, LOAD_DTYPE, NARROW_DTYPES, check_narrow, merge_narrow, merged_copies,
+                            narrow_dtype)
 
 LAMBDA = scale_param("lambda", 1.0, "global scale λ of the merged update")
 
 
 def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     scale = params["lambda"]
+    if narrow_dtype(params) is not None:  # mergekit's bf16 / fp16 arithmetic, op by op (elementwise)
+        return MergeResult(DenseUpdate(merge_narrow(inputs, params, "none", elect=False)))
+    copy = NARROW_DTYPES.get(params.get("load_dtype", "float32"))
+    if copy is not None:  # LoRA task vectors against merged copies in that dtype (mergekit's linear in bf16)
+        inputs = merged_copies(inputs, copy)
     mode, divisor_of = divisor_weights(params, inputs.weights)
     normalize = mode == "weights"
     if scale != AUTO:
@@ -50,7 +57,8 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
 METHOD = MergeMethod(
     name="task_arithmetic",
     summary="W0 + λ Σ w_i ΔW_i (λ a number or auto); exact rank-Σr for LoRA inputs",
-    params=(LAMBDA, normalize_param(False)),
+    params=(LAMBDA, normalize_param(False), COMPUTE_DTYPE, LOAD_DTYPE),
     merge=merge,
+    validate=lambda params: check_narrow("task_arithmetic", params),
     elementwise=True,
 )
