@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, MODEL_SUBDIR, REPO, accuracy,  # noqa: E402
-                    features, load_backbone, load_head, load_task, load_tokenizer, set_threads, write_json)
+from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, REPO, accuracy, features,  # noqa: E402
+                    model_dir, load_backbone, load_head, load_task, load_tokenizer, set_threads, write_json)
 from train import MAX_LEN, RESULTS  # noqa: E402
 
 MERGE_RESULTS = "merge_results.json"
@@ -103,7 +103,7 @@ def lam_key(lam: str | float) -> str:
 
 def merge_command(cache: Path, tasks: list[str], config: str, lam: str, out: Path) -> list[str]:
     method, params, scale_name, _ = CONFIGS[config]
-    cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(cache / MODEL_SUBDIR)]
+    cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(model_dir(cache))]
     for task in tasks:
         cmd += ["--adapter", str(cache / ADAPTERS_SUBDIR / task)]
     cmd += ["--method", method]
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         for lam in args.lambdas.split(","):
             jobs.append((config, lam_key(lam.strip()), args.splits.split(",")))
     if jobs or args.select:
-        tok = load_tokenizer(args.cache / MODEL_SUBDIR)
+        tok = load_tokenizer(model_dir(args.cache))
         data = {t: load_task(args.cache, t) for t in tasks}
         heads = {t: load_head(args.cache / HEADS_SUBDIR / f"{t}.safetensors") for t in tasks}
 
