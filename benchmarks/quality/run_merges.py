@@ -229,10 +229,16 @@ def main(argv: list[str] | None = None) -> None:
         eval_s = time.time() - t0
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-        # Another run_merges process may have added keys since we read the file: merge, not overwrite.
+        # Another run_merges process may have added keys, or splits of keys, since we read the file:
+        # the file is the truth for every other key, and its splits of this key are kept.
         if results_path.exists():
-            for k, v in json.loads(results_path.read_text()).items():
-                results.setdefault(k, v)
+            disk = json.loads(results_path.read_text())
+            mine = results.get(key, {})
+            results.clear()
+            results.update(disk)
+            if mine:
+                results[key] = {**mine, **disk.get(key, {}),
+                                "correct": {**mine.get("correct", {}), **disk.get(key, {}).get("correct", {})}}
         entry = results.setdefault(key, {})
         correct = acc.pop("correct")
         entry.update(acc)
