@@ -13,7 +13,7 @@ N="nice -n 10"
 
 STRONG=steps=2000,mu=0.1,max_delta=0.5,on_max_delta=clip           # ~10× the default lr·steps budget, weaker penalty
 VSTRONG=steps=2000,lr=3e-3,mu=0.01,max_delta=1,on_max_delta=clip   # as far as the factors are allowed to move
-$N $PY $Q/run_merges.py --cache "$CACHE" --splits validation --lambdas 0.25,0.5,default \
+$N $PY $Q/run_merges.py --cache "$CACHE" --splits validation --lambdas 0.25,0.5,0.75,default \
     --configs do,do_ortho_only,do_decouple_only \
     --config "do_vstrong=do_merging:$VSTRONG" \
     --config "do_strong=do_merging:$STRONG"
