@@ -195,3 +195,18 @@ def test_encoder_suite_transforms_and_splits(monkeypatch: pytest.MonkeyPatch) ->
     assert sorted(bes.double_word("a b c", 1, rng).split()) in (["a", "a", "b", "c"], ["a", "b", "b", "c"],
                                                                  ["a", "b", "c", "c"])
     assert bes.pair(("hello world", "hallo welt"), 1, rng) == "hallo welt / hello world"
+
+
+def test_parallel_runs_keep_each_others_splits(tmp_path: Path) -> None:
+    """A process that read the results before another one added a test split must not drop it."""
+    path = tmp_path / run_merges.MERGE_RESULTS
+    stale = {"ta|0.5": {"validation": {"t": 0.5}, "correct": {"validation": {"t": "01"}}}}
+    common.write_json(path, {"ta|0.5": {"validation": {"t": 0.5}, "test": {"t": 0.7},
+                                        "correct": {"validation": {"t": "01"}, "test": {"t": "011"}}},
+                             "do|0.5": {"validation": {"t": 0.6}}})
+    run_merges.sync_with_file(stale, "ta|0.5", path)
+    assert stale["ta|0.5"]["test"] == {"t": 0.7} and stale["ta|0.5"]["correct"]["test"] == {"t": "011"}
+    assert stale["do|0.5"] == {"validation": {"t": 0.6}}
+    mine = {"iso_c|2": {"validation": {"t": 0.4}}}
+    run_merges.sync_with_file(mine, "iso_c|2", path)
+    assert set(mine) == {"ta|0.5", "do|0.5", "iso_c|2"} and mine["iso_c|2"]["validation"] == {"t": 0.4}

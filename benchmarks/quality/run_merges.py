@@ -148,6 +148,20 @@ def evaluate(model_dir: Path, cache: Path, tasks: list[str], splits: list[str], 
     return out
 
 
+def sync_with_file(results: dict[str, Any], key: str, path: Path) -> None:
+    """Before writing ``key``: another run_merges process may have added keys, or splits of keys,
+    since we read the file. The file is the truth for every other key; its splits of ``key`` are kept."""
+    if not path.exists():
+        return
+    disk = json.loads(path.read_text())
+    mine = results.get(key, {})
+    results.clear()
+    results.update(disk)
+    if mine:
+        theirs = disk.get(key, {})
+        results[key] = {**mine, **theirs, "correct": {**mine.get("correct", {}), **theirs.get("correct", {})}}
+
+
 def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -229,16 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_s = time.time() - t0
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-        # Another run_merges process may have added keys, or splits of keys, since we read the file:
-        # the file is the truth for every other key, and its splits of this key are kept.
-        if results_path.exists():
-            disk = json.loads(results_path.read_text())
-            mine = results.get(key, {})
-            results.clear()
-            results.update(disk)
-            if mine:
-                results[key] = {**mine, **disk.get(key, {}),
-                                "correct": {**mine.get("correct", {}), **disk.get(key, {}).get("correct", {})}}
+        sync_with_file(results, key, results_path)
         entry = results.setdefault(key, {})
         correct = acc.pop("correct")
         entry.update(acc)
