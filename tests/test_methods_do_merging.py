@@ -229,6 +229,20 @@ def test_orthogonalize_lowers_cross_gram_within_max_delta() -> None:
     assert stats["ortho_steps"] == 200.0
 
 
+@pytest.mark.parametrize("sides", ["A", "B"])
+def test_one_side_only_leaves_the_other_as_trained(sides: str) -> None:
+    updates = overlapping_loras(shared=0.3)
+    both, _ = orthogonalize_updates(updates, OrthoSettings())
+    new, stats = orthogonalize_updates(updates, OrthoSettings(sides=sides))
+    other = "B" if sides == "A" else "A"
+    for u, b, n in zip(updates, both, new):
+        kept, moved = (n.up, n.down) if sides == "A" else (n.down, n.up)
+        torch.testing.assert_close(kept, u.up if sides == "A" else u.down, rtol=0, atol=0)
+        torch.testing.assert_close(moved, b.down if sides == "A" else b.up)  # each side is its own problem
+    assert stats["ortho_steps"] == 200.0 and stats[f"ortho_cross_gram_{other}_before"] == 0.0
+    assert stats[f"ortho_cross_gram_{sides}_after"] < 0.8 * stats[f"ortho_cross_gram_{sides}_before"]
+
+
 def test_max_delta_policies() -> None:
     updates = overlapping_loras(shared=0.9)  # needs a large δ to separate
     params = {"max_delta": 0.01, "steps": 40}

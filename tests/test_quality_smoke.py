@@ -130,3 +130,83 @@ def test_suite_splits_are_disjoint_balanced_and_deterministic() -> None:
     capped = build_suite.split_rows("toy", ("a", "b"), iter(many))["test"]
     counts = [sum(r["label"] == lab for r in capped) for lab in (0, 1)]
     assert len(capped) == build_suite.CAPS["test"] and counts[0] == counts[1]
+
+
+def test_encoder_family_end_to_end(tmp_path: Path, one_torch_thread: None) -> None:
+    """The encoder suite's path: a BERT backbone named by ``family.json``, LoRA on the regex targets
+    of prepare_encoder.py (not the pooler), merged through the CLI; oracles as for the decoder."""
+    import prepare_encoder
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    cache = tmp_path / "cache"
+    _tiny_model_and_tasks(cache)  # the tasks and the tokenizer; the Llama model is replaced below
+    common.write_json(cache / common.FAMILY_FILE, {"model_subdir": "bert", "lora_targets": prepare_encoder.LORA_TARGETS})
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+    BertModel(config).save_pretrained(cache / "bert", safe_serialization=True)
+    for f in (cache / common.MODEL_SUBDIR).iterdir():  # the word-level tokenizer files
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (cache / "bert" / f.name).write_bytes(f.read_bytes())
+    assert common.model_dir(cache) == cache / "bert"
+
+    train.main(["--cache", str(cache), "--steps", "8", "--batch", "16", "--lr", "5e-3", "--head-lr", "1e-2"])
+    trained = json.loads((cache / train.RESULTS).read_text())
+    lora = load_file(str(cache / common.ADAPTERS_SUBDIR / "color" / "adapter_model.safetensors"))
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in lora}
+    assert len(modules) == 2 * 6 and not any("pooler" in m for m in modules)
+
+    run_merges.main(["--cache", str(cache), "--configs", "ta", "--tasks", "color"])
+    single = json.loads((cache / run_merges.MERGE_RESULTS).read_text())["ta@color|default"]
+    for split in ("validation", "test"):
+        assert single[split]["color"] == pytest.approx(trained["color"]["individual"][split], abs=1 / 16 + 1e-9)
+    run_merges.main(["--cache", str(cache), "--configs", "ta", "--keep"])
+    base = load_file(str(cache / "bert" / "model.safetensors"))
+    merged = load_file(str(cache / "merged" / "ta_default" / "model.safetensors"))
+    name = "encoder.layer.1.output.dense.weight"
+    expected = base[name].clone()
+    for task in ("animal", "color"):
+        cfg = json.loads((cache / common.ADAPTERS_SUBDIR / task / "adapter_config.json").read_text())
+        ad = load_file(str(cache / common.ADAPTERS_SUBDIR / task / "adapter_model.safetensors"))
+        prefix = f"base_model.model.{name.removesuffix('.weight')}"
+        expected += cfg["lora_alpha"] / cfg["r"] * ad[f"{prefix}.lora_B.weight"] @ ad[f"{prefix}.lora_A.weight"]
+    torch.testing.assert_close(merged[name], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(merged[name], base[name])
+
+
+def test_encoder_suite_transforms_and_splits(monkeypatch: pytest.MonkeyPatch) -> None:
+    import build_encoder_suite as bes
+
+    texts = [f"word{i} alpha beta gamma delta epsilon zeta{i}" for i in range(3000)]
+    monkeypatch.setitem(bes.FORM_TASKS, "toy", ("toy", ("original", "shuffled"), lambda: iter(texts),
+                                                bes.shuffle_words))
+    first = bes.build_form("toy")
+    assert first == bes.build_form("toy")
+    originals = {s: {" ".join(sorted(r["text"].split())) for r in rows} for s, rows in first.items()}
+    assert not (originals["train"] & originals["test"]) and not (originals["validation"] & originals["test"])
+    for split, rows in first.items():
+        assert len(rows) == bes.CAPS[split] and sum(r["label"] for r in rows) == len(rows) // 2
+        for r in rows:
+            assert (r["text"] in texts) == (r["label"] == 0)
+    rng = __import__("random").Random(0)
+    assert bes.rotate("a b c d e f g h", 2, rng) == "e f g h a b c d"
+    assert bes.swap_halves("a b c d e f", 0, rng) == "a b c d e f"
+    assert sorted(bes.double_word("a b c", 1, rng).split()) in (["a", "a", "b", "c"], ["a", "b", "b", "c"],
+                                                                 ["a", "b", "c", "c"])
+    assert bes.pair(("hello world", "hallo welt"), 1, rng) == "hallo welt / hello world"
+
+
+def test_parallel_runs_keep_each_others_splits(tmp_path: Path) -> None:
+    """A process that read the results before another one added a test split must not drop it."""
+    path = tmp_path / run_merges.MERGE_RESULTS
+    stale = {"ta|0.5": {"validation": {"t": 0.5}, "correct": {"validation": {"t": "01"}}}}
+    common.write_json(path, {"ta|0.5": {"validation": {"t": 0.5}, "test": {"t": 0.7},
+                                        "correct": {"validation": {"t": "01"}, "test": {"t": "011"}}},
+                             "do|0.5": {"validation": {"t": 0.6}}})
+    run_merges.sync_with_file(stale, "ta|0.5", path)
+    assert stale["ta|0.5"]["test"] == {"t": 0.7} and stale["ta|0.5"]["correct"]["test"] == {"t": "011"}
+    assert stale["do|0.5"] == {"validation": {"t": 0.6}}
+    mine = {"iso_c|2": {"validation": {"t": 0.4}}}
+    run_merges.sync_with_file(mine, "iso_c|2", path)
+    assert set(mine) == {"ta|0.5", "do|0.5", "iso_c|2"} and mine["iso_c|2"]["validation"] == {"t": 0.4}

@@ -26,6 +26,19 @@ ADAPTERS_SUBDIR = "adapters"
 HEADS_SUBDIR = "heads"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPLITS = ("train", "validation", "test")
+FAMILY_FILE = "family.json"  # written by prepare_encoder.py: which model dir and LoRA targets a cache uses
+
+
+def family(cache: Path) -> dict[str, Any]:
+    """The model family of a cache: ``{"model_subdir", "lora_targets"}``; the decoder's without a family file."""
+    path = cache / FAMILY_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"model_subdir": MODEL_SUBDIR, "lora_targets": LORA_TARGETS}
+
+
+def model_dir(cache: Path) -> Path:
+    return cache / family(cache)["model_subdir"]
 
 
 # ---------------------------------------------------------------- files

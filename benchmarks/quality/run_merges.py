@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, MODEL_SUBDIR, REPO, accuracy,  # noqa: E402
-                    features, load_backbone, load_head, load_task, load_tokenizer, set_threads, write_json)
+from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, REPO, accuracy, features,  # noqa: E402
+                    model_dir, load_backbone, load_head, load_task, load_tokenizer, set_threads, write_json)
 from train import MAX_LEN, RESULTS  # noqa: E402
 
 MERGE_RESULTS = "merge_results.json"
@@ -103,7 +103,7 @@ def lam_key(lam: str | float) -> str:
 
 def merge_command(cache: Path, tasks: list[str], config: str, lam: str, out: Path) -> list[str]:
     method, params, scale_name, _ = CONFIGS[config]
-    cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(cache / MODEL_SUBDIR)]
+    cmd = [sys.executable, "-m", "streammerge", "merge", "--base", str(model_dir(cache))]
     for task in tasks:
         cmd += ["--adapter", str(cache / ADAPTERS_SUBDIR / task)]
     cmd += ["--method", method]
@@ -146,6 +146,20 @@ def evaluate(model_dir: Path, cache: Path, tasks: list[str], splits: list[str], 
                 hit = heads[t](feats[idx]).argmax(-1) == torch.tensor(labels)
             out["correct"][split][t] = "".join("1" if h else "0" for h in hit.tolist())
     return out
+
+
+def sync_with_file(results: dict[str, Any], key: str, path: Path) -> None:
+    """Before writing ``key``: another run_merges process may have added keys, or splits of keys,
+    since we read the file. The file is the truth for every other key; its splits of ``key`` are kept."""
+    if not path.exists():
+        return
+    disk = json.loads(path.read_text())
+    mine = results.get(key, {})
+    results.clear()
+    results.update(disk)
+    if mine:
+        theirs = disk.get(key, {})
+        results[key] = {**mine, **theirs, "correct": {**mine.get("correct", {}), **theirs.get("correct", {})}}
 
 
 def mean(xs: list[float]) -> float:
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         for lam in args.lambdas.split(","):
             jobs.append((config, lam_key(lam.strip()), args.splits.split(",")))
     if jobs or args.select:
-        tok = load_tokenizer(args.cache / MODEL_SUBDIR)
+        tok = load_tokenizer(model_dir(args.cache))
         data = {t: load_task(args.cache, t) for t in tasks}
         heads = {t: load_head(args.cache / HEADS_SUBDIR / f"{t}.safetensors") for t in tasks}
 
@@ -229,10 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_s = time.time() - t0
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
-        # Another run_merges process may have added keys since we read the file: merge, not overwrite.
-        if results_path.exists():
-            for k, v in json.loads(results_path.read_text()).items():
-                results.setdefault(k, v)
+        sync_with_file(results, key, results_path)
         entry = results.setdefault(key, {})
         correct = acc.pop("correct")
         entry.update(acc)

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, LORA_TARGETS, MODEL_SUBDIR,  # noqa: E402
-                    accuracy, features, load_backbone, load_task, load_tokenizer, make_head, pooled,
+from common import (ADAPTERS_SUBDIR, DEFAULT_CACHE, HEADS_SUBDIR, accuracy,  # noqa: E402
+                    family, features, load_backbone, load_task, load_tokenizer, make_head, pooled,
                     save_head, set_threads, task_names, tokenize, write_json)
 
 MAX_LEN = int(os.environ.get("STREAMMERGE_QUALITY_MAX_LEN", "32"))  # tokens; the suite uses 24
@@ -68,7 +68,7 @@ def train_lora(model_dir: Path, tok: object, data: dict, head: nn.Linear, args: 
 
     torch.manual_seed(seed)
     backbone = load_backbone(model_dir)
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=args.lora_targets,
                         bias="none")
     model = get_peft_model(backbone, config)
     lora_params = [p for p in model.parameters() if p.requires_grad]
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    model_dir = args.cache / MODEL_SUBDIR
+    model_dir = args.cache / family(args.cache)["model_subdir"]
+    args.lora_targets = family(args.cache)["lora_targets"]
     tok = load_tokenizer(model_dir)
     tasks = args.tasks.split(",") if args.tasks else task_names(args.cache)
     results_path = args.cache / RESULTS

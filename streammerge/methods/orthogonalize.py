@@ -55,6 +55,7 @@ __all__ = ["ON_MAX_DELTA", "ORTHOGONALIZE_PARAMS", "OrthoSettings", "RowProblem"
 
 ON_MAX_DELTA = ("warn_skip", "clip", "error")
 SEARCH_SPACES = ("rowspace", "full")
+SIDES = ("both", "A", "B")
 ADAM_BETAS = (0.9, 0.999)
 SERIAL_MAX_ROWS = 256
 """Up to this Σr a CPU Adam step is a few µs of work per op: run it on one thread.  With several
@@ -76,6 +77,8 @@ ORTHOGONALIZE_PARAMS: tuple[Param, ...] = (
     Param("search_space", str, "rowspace",
           "where δ is searched: rowspace (the span of the tasks' factor rows; Σr×Σr work per Adam step) "
           "or full (all of [r, d], the literal reading; d/Σr times the work)", choices=SEARCH_SPACES),
+    Param("sides", str, "both", "which factors are orthogonalized: both, only the A's (input side) or only "
+          "the B's (output side); the other side is left as trained", choices=SIDES),
 )
 
 
@@ -95,6 +98,7 @@ class OrthoSettings:
     on_max_delta: str = "warn_skip"
     svd_rank: int = 64
     search_space: str = "rowspace"
+    sides: str = "both"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> OrthoSettings:
@@ -322,7 +326,9 @@ def orthogonalize_updates_many(tensors: Sequence[Sequence[TaskUpdate]], settings
         ups_t = [factors[i].up.T for i in live]
         prepared.append((updates, factors, live, downs, ups_t))
         problems += [RowProblem(downs, "A", name), RowProblem(ups_t, "B", name)]
-    sides = orthogonalize_many(problems, settings)
+    run = [settings.sides in ("both", p.side) for p in problems]  # the side not chosen stays as trained
+    solved = iter(orthogonalize_many([p for p, r in zip(problems, run) if r], settings))
+    sides = [next(solved) if r else SideResult(list(p.mats), 0.0, 0.0, 0.0, False, 0) for p, r in zip(problems, run)]
     return [_assemble(*p, sides[2 * k], sides[2 * k + 1]) for k, p in enumerate(prepared)]
 
 
