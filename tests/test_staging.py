@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from streammerge import InputSpec, Recipe, build_plan, run_plan
-from streammerge.execution import staging, worker
+from streammerge.execution import dense_rows, staging, worker
 from streammerge.io.reader import CheckpointReader, open_checkpoint
 from streammerge.io.writer import save_tensors
 from streammerge.methods import LowRankUpdate
@@ -49,7 +49,7 @@ def _plain_blocks(merger: worker.TensorMerger, job) -> list[torch.Tensor]:
 @pytest.mark.parametrize("method", ["task_arithmetic", "do_merging"])
 def test_cpu_staging_gives_the_bytes_of_the_plain_path(world, method, monkeypatch):
     root, base, adapters = world
-    monkeypatch.setattr(worker, "rows_per_block", lambda shape: 5)  # many blocks, one work buffer
+    monkeypatch.setattr(dense_rows, "rows_per_block", lambda shape: 5)  # many blocks, one work buffer
     plan = build_plan(Recipe(base=str(base), inputs=tuple(InputSpec(str(a)) for a in adapters), method=method,
                              params=(("steps", 20),) if method == "do_merging" else (), device="cpu"))
     readers = worker.Readers()

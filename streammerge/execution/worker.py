@@ -4,17 +4,18 @@ The worker reads what a tensor's contributions need (through the input-kinds tab
 method on canonical ``[d_out, d_in]`` updates, and streams ``W0 + ΔW`` back in fixed row blocks,
 in the stored orientation and output dtype, on the CPU.  It never knows which output format the
 blocks go to: sinks call ``merged_blocks`` (a full tensor) or ``merge_update`` (the update alone).
+Tensors merged row block by row block (elementwise methods over dense inputs, the dense methods'
+two passes) take the paths in ``dense_rows.py``; methods with ``merge_many`` merge windows of
+tensors ahead (``lookahead.py``).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from contextlib import nullcontext
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,35 +23,21 @@ from typing import Any
 import torch
 
 from ..errors import AdapterError, OutputError
-from ..inputs.kinds import KINDS, REPLACEMENT, TaskPart
+from ..inputs.kinds import KINDS
 from ..io.dtypes import DTYPES
 from ..inputs.base_formats import open_reader
 from ..io.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
 from ..io.reader import CheckpointReader
-from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, LowRankUpdate, MergeInputs, MergeResult, TaskUpdate, get_method
-from ..methods.base import RowBlock
-from ..methods.common import gridded_dense
 from ..methods.low_precision import load_dtype
-from ..methods.rows import InputsMap, ModelThresholds, ModelTrim, sample_ranges
-from ..methods.sparsify import as_rows
-from ..planning.budget import (LOOKAHEAD_BYTES, rows_per_block, streams_dense_rows, streams_method_rows,
-                               tensor_working_set)
-from ..planning.plan import Contribution, MergePlan, TensorJob, tensor_seed
+from ..methods.rows import ModelThresholds
+from ..planning.budget import LOOKAHEAD_BYTES, streams_dense_rows, streams_method_rows, tensor_working_set
+from ..planning.plan import MergePlan, TensorJob, tensor_seed
+from .dense_rows import DenseRowPaths, combine_parts, contributions_by_input, job_params, row_blocks
 from .lookahead import Lookahead
 from .staging import Pending, Staging
 
 __all__ = ["Readers", "TensorMerger", "resolve_device", "row_blocks", "tensor_seed"]
-
-@dataclass(frozen=True)
-class RowSource:
-    """How a dense method's row form reads one tensor: ``updates(start, stop, base)`` gives each input's rows
-    (``base``: the base rows when the caller read them already, else None)."""
-
-    updates: Callable[[int, int, torch.Tensor | None], tuple[TaskUpdate, ...]]
-    weights: tuple[float, ...]
-    blocks: list[tuple[int, int]]
-
 
 # Stored tensors kept by the worker for kinds whose tensors feed many output tensors (MoE expert factors).
 SHARED_TENSORS_KEPT = 4
@@ -63,20 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise OutputError("--device cuda was requested but torch sees no CUDA device; use --device auto or cpu")
     return torch.device(name)
-
-
-def row_blocks(shape: tuple[int, ...], align: int = 1) -> Iterator[tuple[int, int]]:
-    """Row ranges of a tensor whose fp32 blocks stay near ``budget.BLOCK_BYTES`` (at least one row), each
-    starting on a multiple of ``align`` rows (an FP8 weight's scale blocks)."""
-    if not shape:
-        yield 0, 1
-        return
-    rows = shape[0]
-    step = max(align, rows_per_block(shape) // align * align)
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-    if rows == 0:
-        yield 0, 0
 
 
 class Readers:
@@ -100,45 +73,7 @@ class Readers:
         self._readers.clear()
 
 
-def contributions_by_input(job: TensorJob) -> dict[int, list[Contribution]]:
-    """``job``'s contributions grouped by input, in the order the plan lists them (an input may bring several)."""
-    by_input: dict[int, list[Contribution]] = {}
-    for c in job.contributions:
-        by_input.setdefault(c.input_index, []).append(c)
-    return by_input
-
-
-def _combine(parts: list[TaskPart]) -> TaskUpdate | None:
-    """One input's task update from its contributions' parts: factors alone stay low-rank."""
-    dense: torch.Tensor | None = None
-    low_rank: LowRankUpdate | None = None
-    for part in parts:
-        if part.up is not None and part.down is not None:
-            low_rank = LowRankUpdate(up=part.up, down=part.down)
-        elif part.delta is not None:
-            dense = part.delta if dense is None else dense.add_(part.delta)
-    if dense is None:
-        return low_rank
-    if low_rank is not None:
-        dense = dense.add_(low_rank.dense())
-    return DenseUpdate(dense)
-
-
-def job_params(params: dict[str, Any], job: TensorJob, indices: Sequence[int]) -> dict[str, Any]:
-    """The method's params for ``job``: the plan's, the job's own (``all_weights``) and each input's per-input
-    values (``Contribution.params``): one number where the inputs ``indices`` agree, else a tuple aligned with them."""
-    if not job.params and not any(c.params for c in job.contributions):
-        return params
-    result = {**params, **dict(job.params)}
-    own = {i: dict(cs[0].params) for i, cs in contributions_by_input(job).items()}
-    for name in sorted({n for values in own.values() for n in values}):
-        values = tuple(own.get(i, {}).get(name, params[name]) for i in indices)
-        if values:
-            result[name] = values[0] if len(set(values)) == 1 else values
-    return result
-
-
-class TensorMerger:
+class TensorMerger(DenseRowPaths):
     """The device worker: merges one ``TensorJob`` with the plan's method."""
 
     def __init__(self, plan: MergePlan, device: torch.device, readers: Readers, *, check_finite: bool = True,
@@ -298,213 +233,11 @@ class TensorMerger:
             raise OutputError(f"internal error: FP8 scale {job.name!r} is written before its weight {job.scale_of!r}")
         yield torch.cat(rows)
 
-    def _elementwise_blocks(self, job: TensorJob) -> Iterator[Pending]:
-        """Merge an elementwise method one row block at a time: base rows, each input's rows, merge, cast.
-
-        A full fine-tune of a 128k-row embedding then needs a few 64 MiB blocks instead of a whole
-        fp32 base, a whole fp32 delta per input and the result.  Every input's delta enters every
-        block, also where it is zero: the method is elementwise, so the result does not depend on
-        the blocking.
-        """
-        self.device = self.device_for(job)
-        by_input = contributions_by_input(job)
-        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
-                     for c in job.contributions
-                     if KINDS[c.kind].preload is not None}
-        weights = tuple(contribs[0].weight for contribs in by_input.values())
-        params = job_params(self.params, job, list(by_input))
-        generator = torch.Generator(device=self.device)  # unused: elementwise methods draw nothing
-        for start, stop in self._row_blocks(job):
-            base = self._base_rows(job, start, stop)
-            updates = []
-            for contribs in by_input.values():
-                parts = [KINDS[c.kind].rows(c, self._load_rows, base, start, stop, preloaded.get(id(c)))
-                         for c in contribs]
-                update = _combine(parts)
-                assert update is not None  # every input has a contribution here
-                updates.append(update)
-            result = self.method.merge(MergeInputs(job.name, base, tuple(updates), weights, generator), params)
-            update = result.update
-            if (self.check_finite and isinstance(update, DenseUpdate)
-                    and not math.isfinite(float(update.delta.sum()))):
-                self._refuse_non_finite_rows(job, start, stop)
-            if isinstance(update, LowRankUpdate):
-                base.addmm_(update.up, update.down)
-            else:
-                base.add_(update.delta)
-            yield self._unload(job, base, start)
-            del base, updates, result, update
-
-    def _block_updates(self, job: TensorJob, by_input: dict[int, list[Contribution]], preloaded: dict[int, Any],
-                       base: torch.Tensor, start: int, stop: int) -> tuple[TaskUpdate, ...]:
-        """Each input's update restricted to rows ``start:stop`` (LoRA: its ``up`` rows, no dense delta).
-
-        Stored rows are read into reused work buffers, one per contribution (slot 0 is the base's): a fresh
-        64 MiB block per input and pass costs more in page faults than its conversion.  The updates are
-        valid until the next call.
-        """
-        updates = []
-        slots = {id(c): 1 + k for k, c in enumerate(c for cs in by_input.values() for c in cs)}
-        for contribs in by_input.values():
-            parts = [KINDS[c.kind].rows(c, partial(self._fetch_rows, work=True, slot=slots[id(c)]), base, start,
-                                        stop, preloaded.get(id(c))) for c in contribs]
-            dense = [p.delta for p in parts if p.delta is not None]
-            low = [LowRankUpdate(up=p.up, down=p.down) for p in parts if p.up is not None and p.down is not None]
-            if not dense:
-                updates.append(low[0] if low else DenseUpdate(torch.zeros_like(base)))
-                continue
-            total = dense[0]
-            for d in dense[1:]:
-                total = total.add_(d)
-            for update in low:  # a dense and a low-rank part of one input: the GEMM on the method's row grid
-                total = total.add_(gridded_dense(update))
-            updates.append(DenseUpdate(total))
-        return tuple(updates)
-
-    def _row_inputs(self, job: TensorJob) -> tuple[dict[int, list[Contribution]], RowSource | None]:
-        """``job``'s inputs for a dense method's row form, and what reads their rows (None: no input).
-
-        An input whose saved tensor equals the base (PEFT saves unchanged embedding layers) is left
-        out first, as the whole-tensor path does.
-        """
-        self.device = self.device_for(job)
-        by_input = {i: cs for i, cs in contributions_by_input(job).items() if not self._equals_base(job, cs)}
-        if not by_input:
-            return by_input, None
-        preloaded = {id(c): KINDS[c.kind].preload(c, self._loader(c.kind))  # type: ignore[misc]
-                     for cs in by_input.values() for c in cs if KINDS[c.kind].preload is not None}
-        needs_base = any(KINDS[c.kind].needs_base_values for cs in by_input.values() for c in cs)
-        zeros = torch.zeros((), device=self.device)
-
-        def updates_of(start: int, stop: int, base: torch.Tensor | None = None) -> tuple[TaskUpdate, ...]:
-            if base is None:
-                base = (self._base_rows(job, start, stop, work=True) if needs_base
-                        else zeros.expand(stop - start, *job.shape[1:]))
-            return self._block_updates(job, by_input, preloaded, base, start, stop)
-
-        form = self.method.rows
-        assert form is not None
-        fmt = self.plan.fp8
-        align = math.lcm(form.grid(job.shape), fmt.block_rows if job.scale and fmt is not None else 1)
-        return by_input, RowSource(updates_of, tuple(cs[0].weight for cs in by_input.values()),
-                                   list(row_blocks(job.shape, align)))
-
     def _given(self, job: TensorJob, inputs: Iterable[int]) -> Any:
         """Whole-model statistics of ``job`` for its inputs ``inputs`` (``scope: global``), or None."""
         if self.model_statistics is None:
             return None
         return self.model_statistics.for_tensor(job.name, tuple(inputs))
-
-    def _two_pass_blocks(self, job: TensorJob) -> Iterator[Pending]:
-        """A dense method (TIES, DARE, Breadcrumbs, magnitude prune) over row blocks, never whole fp32 tensors.
-
-        Pass 1 feeds every block to the method's statistics (each input's exact top-k threshold; none
-        for DARE and Breadcrumbs, nor under ``scope: global``, whose thresholds come from the
-        whole-model pass) until they are final; pass 2 merges each block into the base rows.  Blocks
-        start on the method's row grid, so the bytes equal the whole-tensor merge's whatever the block size.
-
-        On the CPU the method's ops run on one intra-op thread: they work on cache-sized grid steps (1 MiB),
-        where splitting each op over threads costs more in fork/join than it saves (measured on 2 cores: the
-        same CPU time quiet, several times more under load).  Instead both passes run their inputs on a pool
-        of as many threads (``rows.InputsMap``: each input's selection is independent and fed its blocks in
-        order, each input's rows of a pass-2 grid step are combined in input order: the same result).
-        """
-        serial = self.device_for(job).type == "cpu" and torch.get_num_threads() > 1
-        threads = torch.get_num_threads()
-        if serial:
-            torch.set_num_threads(1)
-            if self._pass_pool is None:
-                self._pass_pool = ThreadPoolExecutor(threads, thread_name_prefix="streammerge-pass1")
-        try:
-            yield from self._two_passes(job, self._pass_pool.map if serial and self._pass_pool else map)
-        finally:
-            if serial:
-                torch.set_num_threads(threads)
-
-    def _two_passes(self, job: TensorJob, inputs_map: InputsMap) -> Iterator[Pending]:
-        form = self.method.rows
-        assert form is not None
-        by_input, source = self._row_inputs(job)
-        if source is None:
-            yield from self._merged_rows(job, None, False, None)
-            return
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(tensor_seed(self.plan.recipe.seed, job.name))
-        params = job_params(self.params, job, list(by_input))
-        stats = form.statistics(job.name, job.shape, len(by_input), generator, params,
-                                self._given(job, by_input))
-        if hasattr(stats, "inputs_map"):  # the inputs on the pool's threads (torch ops release the GIL)
-            stats.inputs_map = inputs_map
-        for start, stop in stats.sample_ranges():  # a first look: pass 1 then usually suffices
-            stats.hint(source.updates(start, stop), source.weights)
-        while stats.needs_pass():
-            for start, stop in source.blocks:
-                stats.observe(RowBlock(job.name, job.shape, start, source.updates(start, stop), source.weights))
-            stats.end_pass()
-        for start, stop in source.blocks:
-            base = self._base_rows(job, start, stop, work=True)  # merged in place: the output rows
-            updates = source.updates(start, stop, base)  # dense inputs' deltas from the same base rows
-            merged = form.merge_rows(RowBlock(job.name, job.shape, start, updates, source.weights), stats,
-                                     params, base)
-            if self.check_finite and not math.isfinite(float(merged.sum())):
-                self._refuse_non_finite_rows(job, start, stop)
-            kill_point("rows")
-            yield self._unload(job, merged, start)
-            del base, updates, merged
-
-    def model_segments(self, job: TensorJob) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """For the whole-model pass (``scope: global``): the inputs that change ``job`` and its canonical shape."""
-        if streams_method_rows(job, self.method, self.params):
-            return tuple(self._row_inputs(job)[0]), job.shape
-        transposed = any(c.transposed for c in job.contributions)
-        return tuple(contributions_by_input(job)), tuple(reversed(job.shape)) if transposed else job.shape
-
-    def feed_model_pass(self, trim: ModelTrim, job: TensorJob, first_look: bool) -> None:
-        """Feed ``job``'s task vectors to the whole-model selection: a first look (a few rows) or one pass."""
-        if streams_method_rows(job, self.method, self.params):
-            by_input, source = self._row_inputs(job)
-            if source is None:
-                return
-            ids, shape = tuple(by_input), job.shape
-            if first_look:
-                for start, stop in sample_ranges(shape):
-                    trim.hint(job.name, shape, source.updates(start, stop), source.weights, ids)
-                return
-            for start, stop in source.blocks:
-                trim.observe(RowBlock(job.name, shape, start, source.updates(start, stop), source.weights, ids))
-            return
-        base, updates, _, inputs, transposed = self._whole_updates(job)
-        found = dict(zip(inputs, updates))  # an input whose tensor equals the base: zeros, counted all the same
-        ids = tuple(contributions_by_input(job))
-        shape = tuple(reversed(job.shape)) if transposed else job.shape
-        rows = tuple(DenseUpdate(as_rows(found[i].dense() if i in found else torch.zeros(shape, device=self.device)))
-                     for i in ids)
-        weights = tuple(cs[0].weight for cs in contributions_by_input(job).values())
-        if first_look:
-            trim.hint(job.name, shape, rows, weights, ids)
-        else:
-            trim.observe(RowBlock(job.name, shape, 0, rows, weights, ids))
-
-    def _equals_base(self, job: TensorJob, contribs: list[Contribution]) -> bool:
-        """An input made only of replacement tensors byte-identical to the base changes nothing."""
-        if not all(c.kind == REPLACEMENT.name for c in contribs):
-            return False
-        base = self.readers.get(job.source_file).read(job.source)
-        return all(torch.equal(self.readers.get(c.file).read(c.keys[0]), base) for c in contribs)
-
-    def _refuse_non_finite_rows(self, job: TensorJob, start: int, stop: int) -> None:
-        """The merged delta of rows ``start:stop`` is not finite: name the whole-tensor input that is NaN / Inf.
-
-        One sum over the merged delta replaces an ``isfinite`` pass over every input (NaN and Inf
-        propagate through it); only when it is not finite are the inputs' rows checked one by one.
-        A finite sum that overflowed finds no culprit and the merge goes on.
-        """
-        for c in job.contributions:
-            if not KINDS[c.kind].whole_tensor:
-                continue  # factors and biases were checked whole when loaded / before the job
-            rows = self.readers.get(c.file).read_rows(c.keys[0], start, stop, torch.float32)
-            if not bool(torch.isfinite(rows).all()):
-                raise AdapterError(f"tensor {c.keys[0]!r} in {c.file!r} holds NaN or Inf values; the input is corrupt")
 
     def expect(self, jobs: Sequence[TensorJob]) -> None:
         """The tensors about to be merged, in order (one output unit's): a method with ``merge_many`` then
@@ -609,7 +342,7 @@ class TensorMerger:
         updates, weights, inputs = [], [], []
         for index, contribs in contributions_by_input(job).items():
             parts = [KINDS[c.kind].update(c, self._loader(c.kind), base, transposed) for c in contribs]
-            update = _combine([p for p in parts if p is not None])
+            update = combine_parts([p for p in parts if p is not None])
             if update is not None:
                 updates.append(update)
                 weights.append(contribs[0].weight)  # the plan gives every input its weight per tensor
