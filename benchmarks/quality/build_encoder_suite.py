@@ -32,7 +32,6 @@ the classes; fixed seed.
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
 import hashlib
 import random
@@ -44,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build_suite  # noqa: E402
 import build_tasks  # noqa: E402
-from common import SPLITS, TASKS_SUBDIR, write_json, write_jsonl  # noqa: E402
+from common import SPLITS, TASKS_SUBDIR, write_json  # noqa: E402
 
 SEED = 20261202
 CAPS = {"train": 960, "validation": 150, "test": 300}
@@ -203,14 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             description, labels, source = build_suite.TASKS[name]
             data = build_suite.split_rows(name, labels, source())
-        for split, rows in data.items():
-            write_jsonl(root / name / f"{split}.jsonl", rows)
-        write_json(root / name / "meta.json", {"name": name, "description": description, "labels": list(labels)})
-        digest = hashlib.sha256("\n".join(r["text"] for s in SPLITS for r in data[s]).encode()).hexdigest()
-        index["tasks"][name] = {**{s: len(r) for s, r in data.items()}, "sha256": digest}
-        counts = collections.Counter(r["label_name"] for r in data["test"])
-        print(f"| {name} | {len(labels)} | {len(data['train'])} | {len(data['validation'])} | {len(data['test'])} "
-              f"| {max(counts.values()) / max(1, len(data['test'])):.3f} |", flush=True)
+        build_suite.write_task(root, name, description, labels, data, index)
     write_json(root / "index.json", index)
 
 

@@ -40,7 +40,7 @@ import random
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -183,16 +183,21 @@ def main(argv: list[str] | None = None) -> None:
     print("| task | classes | train | validation | test | majority (test) |\n|---|---|---|---|---|---|")
     for name in args.tasks.split(","):
         description, labels, source = TASKS[name]
-        data = split_rows(name, labels, source())
-        for split, rows in data.items():
-            write_jsonl(root / name / f"{split}.jsonl", rows)
-        write_json(root / name / "meta.json", {"name": name, "description": description, "labels": list(labels)})
-        digest = hashlib.sha256("\n".join(r["text"] for s in SPLITS for r in data[s]).encode()).hexdigest()
-        index["tasks"][name] = {**{s: len(r) for s, r in data.items()}, "sha256": digest}
-        counts = collections.Counter(r["label_name"] for r in data["test"])
-        print(f"| {name} | {len(labels)} | {len(data['train'])} | {len(data['validation'])} | {len(data['test'])} "
-              f"| {max(counts.values()) / max(1, len(data['test'])):.3f} |", flush=True)
+        write_task(root, name, description, labels, split_rows(name, labels, source()), index)
     write_json(root / "index.json", index)
+
+
+def write_task(root: Path, name: str, description: str, labels: Sequence[str], data: dict[str, list[dict]],
+               index: dict) -> None:
+    """One task's splits and meta under ``root / name``, its entry in ``index`` and its row of the printed table."""
+    for split, rows in data.items():
+        write_jsonl(root / name / f"{split}.jsonl", rows)
+    write_json(root / name / "meta.json", {"name": name, "description": description, "labels": list(labels)})
+    digest = hashlib.sha256("\n".join(r["text"] for s in SPLITS for r in data[s]).encode()).hexdigest()
+    index["tasks"][name] = {**{s: len(r) for s, r in data.items()}, "sha256": digest}
+    counts = collections.Counter(r["label_name"] for r in data["test"])
+    print(f"| {name} | {len(labels)} | {len(data['train'])} | {len(data['validation'])} | {len(data['test'])} "
+          f"| {max(counts.values()) / max(1, len(data['test'])):.3f} |", flush=True)
 
 
 if __name__ == "__main__":
