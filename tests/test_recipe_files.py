@@ -50,7 +50,9 @@ def test_recipe_file_equals_flags_and_flags_override(world, tmp_path):
                    "--out", str(tmp_path / "over"), "--no-progress")
     assert "lambda: 1.0" in proc.stderr and "dtype: float32" in proc.stderr  # the echoed, resolved recipe
     saved = load_recipe_file(tmp_path / "over" / "streammerge_recipe.json")
-    assert dict(saved.params) == {"lambda": 1.0, "normalize": "none"} and saved.dtype == "float32" and saved.seed == 3
+    assert dict(saved.params) == {"lambda": 1.0, "normalize": "none",  # every parameter, defaults resolved
+                                  "compute_dtype": "float32", "load_dtype": "float32"}
+    assert saved.dtype == "float32" and saved.seed == 3
     assert all(t.dtype == torch.float32 for t in read_model(tmp_path / "over").values())
 
 
