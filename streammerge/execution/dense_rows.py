@@ -29,7 +29,8 @@ from ..methods.common import gridded_dense
 from ..methods.rows import InputsMap, ModelTrim, sample_ranges
 from ..methods.sparsify import as_rows
 from ..planning.budget import rows_per_block, streams_method_rows
-from ..planning.plan import Contribution, TensorJob, tensor_seed
+from ..planning.plan import TensorJob, tensor_seed
+from ..planning.tensor_jobs import Contribution
 from .staging import Pending
 
 __all__ = ["DenseRowPaths", "RowSource", "combine_parts", "contributions_by_input", "job_params", "row_blocks"]

@@ -39,7 +39,7 @@ __all__ = ["InputKind", "KINDS", "LORA", "LORA_BIAS", "REPLACEMENT", "FULL", "DO
 
 
 class ContributionLike(Protocol):
-    """The fields of a plan contribution the kinds read (``planning.plan.Contribution``)."""
+    """The fields of a plan contribution the kinds read (``planning.tensor_jobs.Contribution``)."""
 
     kind: str
     file: str

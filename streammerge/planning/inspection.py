@@ -16,7 +16,8 @@ from ..inputs.hub import resolve_source
 from ..io.reader import CheckpointLayout
 from ..names import ADAPTER_CONFIG_NAME
 from ..inputs.base_formats import base_format_of
-from .plan import count_layers, plan_merge
+from .contributions import count_layers
+from .plan import plan_merge
 from ..recipe import InputSpec, Recipe
 
 __all__ = ["inspect_path", "render_inspection"]

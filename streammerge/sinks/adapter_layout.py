@@ -25,7 +25,8 @@ from ..methods import DenseUpdate, LowRankUpdate, TaskUpdate, get_method
 from ..methods.extraction import extract_low_rank
 from ..methods.lowrank import product_svd
 from ..names import EMBEDDING_SUFFIXES
-from ..planning.plan import Contribution, MergePlan, TensorJob
+from ..planning.plan import MergePlan, TensorJob
+from ..planning.tensor_jobs import Contribution
 
 __all__ = ["AdapterTarget", "adapter_targets", "canonical_for", "factorize", "split_name", "CONV1D_MODEL_TYPES"]
 

@@ -37,7 +37,8 @@ from ..jobs.faults import kill_point
 from ..methods import DenseUpdate, TaskUpdate
 from ..methods.extraction import RELATIVE_NORM_STAT, SKIPPED_STAT, relative_norm
 from ..names import ADAPTER_CONFIG_NAME, ADAPTER_PART_TEMPLATE, ADAPTER_WEIGHTS_NAME, SPOOL_SUFFIX
-from ..planning.plan import MergePlan, TensorJob, read_config, resolve_dtype, tensor_seed
+from ..inputs.base_formats import read_config
+from ..planning.plan import MergePlan, TensorJob, resolve_dtype, tensor_seed
 from .adapter_layout import AdapterTarget, adapter_targets, canonical_for, factorize, split_name
 from .base import CardFacts, OutputUnit, ProgressCallback, Sink, TensorSource, UnitResult, UnitTally
 
