@@ -24,4 +24,8 @@ $N $PY $Q/train.py --cache "$CACHE" --tasks $SIX --steps 100 --batch 16 --head-i
 $N $PY $Q/run_merges.py --cache "$CACHE" --configs base,ta,ties,tsv,iso_cts,do,ta_auto
 $N $PY $Q/run_merges.py --cache "$CACHE" --configs ta,do --lambdas 0.25,0.5,0.75 --splits validation
 $N $PY $Q/run_merges.py --cache "$CACHE" --configs ta,do --lambdas default --select
+# As run for the README's table, added after the defaults: TIES / TSV-M and Iso-CTS grids (Iso-CTS's was
+# widened to 2.5, 3 after α 2 was best at the edge), each then scored on test at its validation-best scale.
+$N $PY $Q/run_merges.py --cache "$CACHE" --configs ties,tsv --lambdas 0.5,0.75 --splits validation --select
+$N $PY $Q/run_merges.py --cache "$CACHE" --configs iso_cts --lambdas 0.5,1.5,2,2.5,3 --splits validation --select
 $PY $Q/run_merges.py --cache "$CACHE" --report
