@@ -99,10 +99,14 @@ class Lookahead:
         return jobs
 
     def _drop_in_flight(self) -> None:
-        if self._in_flight is not None:
-            future = self._in_flight[1]
-            self._in_flight = None
-            future.cancel() or future.exception()  # wait: its tensors must not be in use when the thread is reused
+        """Forget the window in flight; one already running is waited for (its error dropped with it), so its
+        tensors are out of use before the thread takes another window."""
+        if self._in_flight is None:
+            return
+        future = self._in_flight[1]
+        self._in_flight = None
+        if not future.cancel():
+            future.exception()
 
     def close(self) -> None:
         """Stop the background thread (a window still in flight is waited for and dropped)."""

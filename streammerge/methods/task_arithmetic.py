@@ -17,7 +17,7 @@ from .autoscale import AUTO, apply_scale, scale_param
 from .base import DenseUpdate, LowRankUpdate, MergeInputs, MergeMethod, MergeResult, divisor_weights, weighted_sum
 from .consensus import weight_sum
 from .generalized import normalize_param
-from .low_precision import (COMPUTE_DTYPE, LOAD_DTYPE, NARROW_DTYPES, check_narrow, merge_narrow, merged_copies,
+from .low_precision import (COMPUTE_DTYPE, LOAD_DTYPE, check_narrow, load_dtype, merge_narrow, merged_copies,
                             narrow_dtype)
 
 LAMBDA = scale_param("lambda", 1.0, "global scale λ of the merged update")
@@ -27,7 +27,7 @@ def merge(inputs: MergeInputs, params: Mapping[str, Any]) -> MergeResult:
     scale = params["lambda"]
     if narrow_dtype(params) is not None:  # mergekit's bf16 / fp16 arithmetic, op by op (elementwise)
         return MergeResult(DenseUpdate(merge_narrow(inputs, params, "none", elect=False)))
-    copy = NARROW_DTYPES.get(params.get("load_dtype", "float32"))
+    copy = load_dtype(params)  # here load_dtype alone: a narrow compute_dtype returned above
     if copy is not None:  # LoRA task vectors against merged copies in that dtype (mergekit's linear in bf16)
         inputs = merged_copies(inputs, copy)
     mode, divisor_of = divisor_weights(params, inputs.weights)
