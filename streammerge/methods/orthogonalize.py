@@ -8,6 +8,13 @@ output space), minimise (ALGORITHMS.md, DO-Merging step 1)::
 with ``X_i = A_i`` (``[r_i, d_in]``) or ``X_i = B_iᵀ`` (``[r_i, d_out]``), by Adam from δ = 0.
 All tasks are stacked into one ``[Σr, d]`` matrix, so each step is two small GEMMs whatever T.
 
+``cross_loss=unsquared`` replaces the cross term by ``Σ_{i≠j} ‖X̂_i X̂_jᵀ‖_F / (‖X_i‖ ‖X_j‖)`` — the
+unsquared norm in which a third-party summary of the paper (themoonlight.io review of arXiv
+2505.15875; the paper itself is not reachable here) writes DO-Merging's loss.  Its gradient does
+not fade as the overlap shrinks (``2 C_ij X_j / ‖C_ij‖`` per pair instead of ``4 C_ij X_j``), so at
+the same μ the search goes much further towards full orthogonality.  The normalisation by the
+factors' norms is kept (it makes μ and lr scale-free, as for the squared loss).
+
 Adam's step is about ``lr`` *per element*.  We therefore optimise ``P_i = δ_i / rms(X_i)``
 (rms = ‖X_i‖_F / √numel): one step then moves ``‖δ_i‖/‖X_i‖`` by at most about ``lr``, for any
 shape, so ``lr · steps = 1e-3 · 200 = 0.2`` matches the default ``max_delta``.  (Read literally,
@@ -56,6 +63,7 @@ __all__ = ["ON_MAX_DELTA", "ORTHOGONALIZE_PARAMS", "OrthoSettings", "RowProblem"
 ON_MAX_DELTA = ("warn_skip", "clip", "error")
 SEARCH_SPACES = ("rowspace", "full")
 SIDES = ("both", "A", "B")
+CROSS_LOSSES = ("squared", "unsquared")
 ADAM_BETAS = (0.9, 0.999)
 SERIAL_MAX_ROWS = 256
 """Up to this Σr a CPU Adam step is a few µs of work per op: run it on one thread.  With several
@@ -79,6 +87,9 @@ ORTHOGONALIZE_PARAMS: tuple[Param, ...] = (
           "or full (all of [r, d], the literal reading; d/Σr times the work)", choices=SEARCH_SPACES),
     Param("sides", str, "both", "which factors are orthogonalized: both, only the A's (input side) or only "
           "the B's (output side); the other side is left as trained", choices=SIDES),
+    Param("cross_loss", str, "squared",
+          "the cross term between tasks' factors: squared (Σ‖X̂_iX̂_jᵀ‖², ALGORITHMS.md) or unsquared "
+          "(Σ‖X̂_iX̂_jᵀ‖, the paper's loss as a third-party summary writes it)", choices=CROSS_LOSSES),
 )
 
 
@@ -99,6 +110,7 @@ class OrthoSettings:
     svd_rank: int = 64
     search_space: str = "rowspace"
     sides: str = "both"
+    cross_loss: str = "squared"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> OrthoSettings:
@@ -123,7 +135,22 @@ def _cross_norms(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm((x @ x.mT).mul_(mask), dim=(-2, -1))
 
 
-def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
+def _cross_gradient(x: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor, cross_loss: str) -> torch.Tensor:
+    """``∂/∂X`` of the cross term for a batch ``[G, n, k]`` of stacked factors.
+
+    ``mask`` zeroes the diagonal blocks of ``X Xᵀ``; ``blocks`` (``[n, T]``, one-hot of each row's task)
+    sums entries into per-pair blocks.  Squared: ``4 C X``; unsquared: ``2 (C ⊘ ‖C_ij‖) X``, each
+    pair's block divided by its own Frobenius norm."""
+    cross = (x @ x.mT).mul_(mask)
+    if cross_loss == "squared":
+        return (cross @ x).mul_(4)
+    pair_norms = (blocks.mT @ cross.square() @ blocks).sqrt_()  # [G, T, T]
+    per_entry = (blocks @ pair_norms @ blocks.mT).clamp_min_(torch.finfo(x.dtype).tiny)
+    return (cross.div_(per_entry) @ x).mul_(2)
+
+
+def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, blocks: torch.Tensor,
+          s: OrthoSettings) -> torch.Tensor:
     """Adam on ``P`` for ``X = x0 + P·scale`` (``scale``: the per-row unit of P); returns ``P``.
 
     ``x0`` is a batch ``[G, n, k]`` of independent problems: every op is one batched op, so G
@@ -135,8 +162,7 @@ def _adam(x0: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor, s: OrthoSet
     penalty = (2 * s.mu) * scale * scale
     for t in range(1, s.steps + 1):
         x = torch.addcmul(x0, p, scale)
-        cross = (x @ x.mT).mul_(mask)
-        grad = (cross @ x).mul_(4 * scale).addcmul_(p, penalty)
+        grad = _cross_gradient(x, mask, blocks, s.cross_loss).mul_(scale).addcmul_(p, penalty)
         m.mul_(b1).add_(grad, alpha=1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = v.sqrt().div_(math.sqrt(1 - b2 ** t)).add_(ADAM_EPS)
@@ -162,12 +188,13 @@ def _search(x0: torch.Tensor, ranks: Sequence[int], rms_units: torch.Tensor, own
             mask: torch.Tensor, s: OrthoSettings) -> torch.Tensor:
     """Run Adam in the chosen search space on a batch ``[G, Σr, d]``; returns δ in units of ``‖X_i‖``."""
     n, d = x0.shape[-2:]
+    blocks = torch.nn.functional.one_hot(owner, len(ranks)).to(x0.dtype)
     if s.search_space == "full" or n >= d:  # n ≥ d: the row span may be all of R^d already
-        return _adam(x0, rms_units[owner][:, None], mask, s).mul_(rms_units[owner][:, None])
+        return _adam(x0, rms_units[owner][:, None], mask, blocks, s).mul_(rms_units[owner][:, None])
     units = torch.tensor([1 / math.sqrt(rank * n) for rank in ranks], device=x0.device)[owner][:, None]
     with _serial_on_cpu(x0):
         u, sigma, basis = _principal_axes(x0)  # x0 = (u σ) basis, basis: [G, n, d]
-        z = _adam(u * sigma[..., None, :], units, mask, s)
+        z = _adam(u * sigma[..., None, :], units, mask, blocks, s)
     return (z * units) @ basis
 
 
