@@ -23,8 +23,8 @@ from .recipe import InputSpec, Recipe, WeightOverride, load_recipe_file
 from .jobs.verify import Verification, verify_output
 
 
-__all__ = ["METHODS", "InputSpec", "MergePlan", "MergeReport", "Recipe", "StreamMergeError", "build_plan",
-           "merge", "run_plan", "verify_output", "Verification", "__version__"]
+__all__ = ["METHODS", "InputSpec", "MergePlan", "MergeReport", "Recipe", "StreamMergeError", "WeightOverride",
+           "build_plan", "load_recipe_file", "merge", "run_plan", "verify_output", "Verification", "__version__"]
 
 
 def merge(recipe: Recipe, out_dir: str, *, restart: bool = False, check_finite: bool = True,

@@ -124,7 +124,7 @@ def test_ties_without_normalize_is_the_agreeing_sum_and_lambda_scales_after() ->
 
 
 def test_ties_count_normalization_stays_the_default_without_the_convention() -> None:
-    ds, weights = deltas(seed=2), [1.0, 1.0, 1.0]
+    ds = deltas(seed=2)
     m = get_method("ties")
     params = m.resolve_params({"density": 0.5})
     assert params["normalize"] == "count" and params["min_keep"] == 0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from streammerge.methods import DenseUpdate, LowRankUpdate, MergeInputs, TaskUpdate, get_method
+from streammerge.methods import DenseUpdate, MergeInputs, TaskUpdate, get_method
 from streammerge.methods.orthogonalize import OrthoSettings, orthogonalize_updates
 from streammerge.methods.sparsify import RandomDrop
 from tests.helpers import random_lora as lora
