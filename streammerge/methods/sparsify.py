@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .base import at_input
+from .row_ranks import largest_per_row
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
@@ -263,15 +264,8 @@ class Band:
             flat = rows.flatten()
             high = kth_largest(flat, drop + 1) if drop else flat.max()
             return kth_largest(flat, drop + keep).reshape(1, 1), high.reshape(1, 1)
-        # One unsorted top (drop + keep) per row (a selection, no sort: ~2.5x faster than two kthvalue); its
-        # smallest is the low bound, the smallest of its top (drop + 1) the high one.  fp32 magnitudes are
-        # selected as their int32 bit patterns, which order the same (|x| >= +0, finite): the same values,
-        # and torch's integer topk takes ~0.6x the time of its float one on CPU.
-        keys = rows.view(torch.int32) if rows.dtype == torch.float32 else rows
-        top = keys.topk(drop + keep, dim=-1, sorted=False).values
-        high = top.topk(drop + 1, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        low = top.amin(dim=-1, keepdim=True)
-        return (low.view(torch.float32), high.view(torch.float32)) if keys is not rows else (low, high)
+        low, high = largest_per_row(rows, (drop + keep, drop + 1))  # exact, without a topk per row
+        return low, high
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._bounds:
