@@ -128,6 +128,7 @@ class TensorStatistics:
         self.gamma = params.get("gamma", 0.0)
         self.rescale = params.get("rescale", "density" if sparsify == "random" else "none")
         self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
+        self.band = Band(self.density, self.gamma) if sparsify == "band" else None  # holds per-input scratch
         self.given = tuple(given) if given is not None else None
         self._steps: torch.Tensor | None = None  # pass 2's grid-step buffers, reused over the tensor's blocks
         self.inputs_map: InputsMap = map  # the engine may run pass 1's inputs on threads (``InputsMap``)
@@ -192,7 +193,8 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
         rows = rows.mul_(mask)
         return rows.div_(at_input(stats.density, index)) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
-        low, high = Band(stats.density, stats.gamma).bounds(rows, index)
+        assert stats.band is not None
+        low, high = stats.band.bounds(rows, index)
         magnitude = rows.abs()
         return rows.mul_((magnitude >= low) & (magnitude <= high))
     return rows

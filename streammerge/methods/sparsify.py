@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .base import at_input
-from .row_ranks import largest_per_row
+from .row_ranks import largest_per_row, scratch_entries
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
@@ -240,6 +240,7 @@ class Band:
         self.gamma = gamma
         self.scope = scope
         self._bounds: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._scratch: dict[int, torch.Tensor] = {}  # per input: largest_per_row's, reused (no page faults per call)
 
     def _rows(self, delta: torch.Tensor) -> torch.Tensor:
         if self.scope == "tensor" or not delta.dim():
@@ -248,7 +249,7 @@ class Band:
 
     def bounds(self, delta: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row ``(low, high)``, each ``[rows, 1]``: input ``index``'s kept entries have ``low <= |v| <= high``."""
-        rows = self._rows(delta).abs()
+        rows = self._rows(delta)
         n = rows.shape[-1]
         density = at_input(self.density, index)
         drop, keep = keep_count(at_input(self.gamma, index), n), keep_count(density, n)
@@ -261,10 +262,14 @@ class Band:
             inf = torch.full((rows.shape[0], 1), float("inf"), device=delta.device)
             return inf, -inf
         if self.scope == "tensor":  # one exact selection over the flattened tensor, no sort
-            flat = rows.flatten()
+            flat = rows.abs().flatten()
             high = kth_largest(flat, drop + 1) if drop else flat.max()
             return kth_largest(flat, drop + keep).reshape(1, 1), high.reshape(1, 1)
-        low, high = largest_per_row(rows, (drop + keep, drop + 1))  # exact, without a topk per row
+        held = self._scratch.get(index)
+        if held is None or held.numel() < scratch_entries(tuple(rows.shape)) or held.device != rows.device:
+            held = self._scratch[index] = torch.empty(scratch_entries(tuple(rows.shape)), dtype=torch.int32,
+                                                      device=rows.device)
+        low, high = largest_per_row(rows, (drop + keep, drop + 1), held)
         return low, high
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
