@@ -121,3 +121,26 @@ def test_band_tensor_scope_is_one_selection_over_the_tensor() -> None:
     drop, keep = keep_count(0.01, delta.numel()), keep_count(0.1, delta.numel())
     assert low.shape == high.shape == (1, 1)
     assert float(low) == float(ordered[drop + keep - 1]) and float(high) == float(ordered[drop])
+
+
+def old_keep(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    magnitude = rows.abs()
+    return rows.mul_((magnitude >= low) & (magnitude <= high))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_keep_between_gives_the_bytes_of_the_bool_mask(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(row_ranks, "CHUNK_ENTRIES", 5 * 1000)  # several chunks
+    g = torch.Generator().manual_seed(6)
+    rows = CASES[case](40, 1000, 7) * torch.where(torch.rand(40, 1000, generator=g) < 0.5, -1.0, 1.0)
+    rows[3, :7] = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-45])
+    low, high = largest_per_row(rows, (300, 11))
+    low[4], high[4] = 0.0, float("inf")
+    low[5], high[5] = float("inf"), float("inf")
+    want = old_keep(rows.clone(), low, high)
+    got = row_ranks.keep_between_(rows.clone(), low, high)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    for odd in ((float("inf"), -float("inf")), (-float("inf"), float("inf")), (float("nan"), 1.0)):  # the bool mask
+        low[6], high[6] = odd
+        want = old_keep(rows.clone(), low, high)
+        assert torch.equal(row_ranks.keep_between_(rows.clone(), low, high).view(torch.int32), want.view(torch.int32))

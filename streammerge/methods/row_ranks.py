@@ -127,3 +127,32 @@ def _zeros_of(values: torch.Tensor) -> torch.Tensor:
     chosen = (groups.amin(dim=1) == 0).nonzero().view(-1)
     inside = (groups.index_select(0, chosen) == 0).nonzero()
     return chosen[inside[:, 0]] * GROUP + inside[:, 1]
+
+
+def keep_between_(rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, scratch: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """``rows.mul_((|rows| >= low) & (|rows| <= high))``: the same bytes, at about half its cost on CPU.
+
+    ``low`` and ``high`` are per row (``[rows, 1]``).  For fp32 rows and bounds in ``[+0, +Inf]`` the test runs
+    on the sign-cleared bit patterns in integer arithmetic (``min(bits - low, high - bits) >= 0``: float
+    compares into bool masks cost ~0.45 ns per entry each on CPU), into ``scratch`` (int32, at least
+    ``scratch_entries(rows.shape)``); a NaN ``|x|`` is outside as before, and the multiply is the same.
+    """
+    count, columns = rows.shape
+    if (rows.dtype != torch.float32 or low.dtype != torch.float32 or high.dtype != torch.float32
+            or not bool(((low >= 0) & (high >= 0)).all())):  # e.g. (Inf, -Inf): nothing kept; NaN bounds
+        magnitude = rows.abs()
+        return rows.mul_((magnitude >= low) & (magnitude <= high))
+    if scratch is None or scratch.numel() < scratch_entries((count, columns)):
+        scratch = torch.empty(scratch_entries((count, columns)), dtype=torch.int32, device=rows.device)
+    bits, low_bits, high_bits = rows.view(torch.int32), low.view(torch.int32), high.view(torch.int32)
+    step = max(1, CHUNK_ENTRIES // max(columns, 1))
+    for lo in range(0, count, step):
+        hi = min(lo + step, count)
+        entries = (hi - lo) * columns
+        above_low = torch.bitwise_and(bits[lo:hi], _SIGN_OFF, out=scratch[:entries].view(hi - lo, columns))
+        below_high = torch.sub(high_bits[lo:hi], above_low, out=scratch[entries:2 * entries].view(hi - lo, columns))
+        inside = torch.minimum(above_low.sub_(low_bits[lo:hi]), below_high, out=above_low)  # >= 0: kept
+        keep = below_high.view(torch.float32).copy_(inside.bitwise_right_shift_(31).add_(1))  # 1.0 or 0.0
+        rows[lo:hi].mul_(keep)
+    return rows

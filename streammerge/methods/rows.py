@@ -195,8 +195,7 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
     if stats.sparsify == "band":
         assert stats.band is not None
         low, high = stats.band.bounds(rows, index)
-        magnitude = rows.abs()
-        return rows.mul_((magnitude >= low) & (magnitude <= high))
+        return stats.band.keep(rows, low, high, index)
     return rows
 
 

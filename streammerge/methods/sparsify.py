@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .base import at_input
-from .row_ranks import largest_per_row, scratch_entries
+from .row_ranks import keep_between_, largest_per_row, scratch_entries
 from .selection import KEEP_ALL, KEEP_NONE, Threshold, trim_rows
 
 __all__ = ["Sparsifier", "SPARSIFIERS", "MASK_CHUNK", "keep_count", "kth_largest", "as_rows", "top_k_threshold",
@@ -265,21 +265,29 @@ class Band:
             flat = rows.abs().flatten()
             high = kth_largest(flat, drop + 1) if drop else flat.max()
             return kth_largest(flat, drop + keep).reshape(1, 1), high.reshape(1, 1)
+        low, high = largest_per_row(rows, (drop + keep, drop + 1), self._scratch_of(rows, index))
+        return low, high
+
+    def _scratch_of(self, rows: torch.Tensor, index: int) -> torch.Tensor:
         held = self._scratch.get(index)
         if held is None or held.numel() < scratch_entries(tuple(rows.shape)) or held.device != rows.device:
             held = self._scratch[index] = torch.empty(scratch_entries(tuple(rows.shape)), dtype=torch.int32,
                                                       device=rows.device)
-        low, high = largest_per_row(rows, (drop + keep, drop + 1), held)
-        return low, high
+        return held
+
+    def keep(self, rows: torch.Tensor, low: torch.Tensor, high: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """``rows`` (2-D, ``_rows``' shape) with the entries outside input ``index``'s band set to 0, in place."""
+        if self.scope == "tensor":  # one row of the whole tensor: no scratch of its size
+            magnitude = rows.abs()
+            return rows.mul_((magnitude >= low) & (magnitude <= high))
+        return keep_between_(rows, low, high, self._scratch_of(rows, index))
 
     def __call__(self, delta: torch.Tensor, index: int) -> torch.Tensor:
         if index not in self._bounds:
             self._bounds[index] = self.bounds(delta, index)
         low, high = self._bounds[index]
         delta = delta.contiguous()  # a transposed (Conv1D) task vector arrives strided
-        rows = self._rows(delta)
-        magnitude = rows.abs()
-        rows.mul_((magnitude >= low) & (magnitude <= high))
+        self.keep(self._rows(delta), low, high, index)
         return delta
 
 
