@@ -95,13 +95,14 @@ def _by_buckets(bits: torch.Tensor, ranks: Sequence[int], scratch: torch.Tensor)
     size = counts.gather(1, target)
     need = wanted - from_top.gather(1, target) + size  # the answer's rank inside its bucket, from its top
     missed = (target == BUCKETS - 1).any(dim=1, keepdim=True)  # the last bucket holds lower entries too
-    # Zero at the entries of the answers' buckets: a product of differences (the first one's |.| < 2 BUCKETS,
-    # the others clamped to [-1, 1]: no overflow); the rows that take topk aim past every bucket.
+    # Zero at the entries of the answers' buckets: a product of differences, each |.| < 2 BUCKETS (from the
+    # third on clamped to [-1, 1]: no overflow); the rows that take topk aim past every bucket.
     aim = torch.where(missed, -BUCKETS, target).to(torch.int32) + offsets
     hit = bucket.sub_(aim[:, :1])
     other = scratch[entries:2 * entries].view(rows, columns)
     for i in range(1, aim.shape[1]):
-        hit.mul_(torch.sub(hit, aim[:, i:i + 1] - aim[:, :1], out=other).clamp_(-1, 1))
+        difference = torch.sub(hit, aim[:, i:i + 1] - aim[:, :1], out=other)
+        hit.mul_(difference if i == 1 else difference.clamp_(-1, 1))
     flat = _zeros_of(hit)
     ordered = ((torch.div(flat, columns, rounding_mode="floor") << 32) | (bits.reshape(-1)[flat] & _SIGN_OFF)).sort()
     ordered = ordered.values
