@@ -256,7 +256,8 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
 
 
 STEP_BYTES = 3 * 4 * GRID_ELEMENTS
-"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies) and histograms or a mask chunk."""
+"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies or the band's int32 scratch) and
+histograms or a mask chunk."""
 
 
 def working_bytes(sparsify: str, shape: tuple[int, ...], count: int, params: Mapping[str, Any]) -> int:
