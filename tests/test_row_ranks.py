@@ -144,3 +144,14 @@ def test_keep_between_gives_the_bytes_of_the_bool_mask(case: str, monkeypatch: p
         low[6], high[6] = odd
         want = old_keep(rows.clone(), low, high)
         assert torch.equal(row_ranks.keep_between_(rows.clone(), low, high).view(torch.int32), want.view(torch.int32))
+
+
+def test_strided_rows_are_read_in_place() -> None:
+    """A transposed (Conv1D) task vector reaches ``Band.bounds`` strided."""
+    delta = lora_rows(1000, 600, 8).T * -1.0  # [600, 1000], column-major
+    assert not delta.is_contiguous()
+    for k, got in zip((11, 111), largest_per_row(delta, (11, 111))):
+        assert torch.equal(got, sorted_reference(delta.abs(), k))
+    low, high = Band(0.1, 0.01).bounds(delta)
+    want = old_keep(delta.contiguous(), low, high)
+    assert torch.equal(row_ranks.keep_between_(delta.clone(), low, high), want)
