@@ -128,6 +128,7 @@ class TensorStatistics:
         self.gamma = params.get("gamma", 0.0)
         self.rescale = params.get("rescale", "density" if sparsify == "random" else "none")
         self.drop = RandomDrop(self.density, generator, count, self.rescale) if sparsify == "random" else None
+        self.band = Band(self.density, self.gamma) if sparsify == "band" else None  # holds per-input scratch
         self.given = tuple(given) if given is not None else None
         self._steps: torch.Tensor | None = None  # pass 2's grid-step buffers, reused over the tensor's blocks
         self.inputs_map: InputsMap = map  # the engine may run pass 1's inputs on threads (``InputsMap``)
@@ -192,9 +193,9 @@ def _sparsify_rows(stats: TensorStatistics, thresholds: Sequence[Threshold], row
         rows = rows.mul_(mask)
         return rows.div_(at_input(stats.density, index)) if stats.rescale == "density" else rows
     if stats.sparsify == "band":
-        low, high = Band(stats.density, stats.gamma).bounds(rows, index)
-        magnitude = rows.abs()
-        return rows.mul_((magnitude >= low) & (magnitude <= high))
+        assert stats.band is not None
+        low, high = stats.band.bounds(rows, index)
+        return stats.band.keep(rows, low, high, index)
     return rows
 
 
@@ -255,7 +256,8 @@ def merge_rows(block: RowBlock, stats: TensorStatistics, params: Mapping[str, An
 
 
 STEP_BYTES = 3 * 4 * GRID_ELEMENTS
-"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies) and histograms or a mask chunk."""
+"""Per input, the grid-step temporaries (its rows, a trim's two shrunk copies or the band's int32 scratch) and
+histograms or a mask chunk."""
 
 
 def working_bytes(sparsify: str, shape: tuple[int, ...], count: int, params: Mapping[str, Any]) -> int:
