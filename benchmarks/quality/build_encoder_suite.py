@@ -18,6 +18,9 @@ dup_word       a French UI message, as written or with one word doubled         
                (fr gettext catalogues)
 code_swap      a line of source code, as written or with two of its               2
                whitespace-separated tokens exchanged (as build_suite.code_lang)
+last_first     a German UI message, as written or with its last word moved to     2
+               the front (msgstr of de gettext catalogues; the decoder's sixth
+               task in place of pair_order, which its frozen probe already solves)
 man_section    an English man page's NAME line -> its section (build_suite)       6
 =============  =================================================================  =======
 
@@ -113,6 +116,11 @@ def swap_tokens(text: str, cls: int, rng: random.Random) -> str:
     return " ".join(w)
 
 
+def last_to_front(text: str, cls: int, rng: random.Random) -> str:
+    w = text.split()
+    return " ".join(w[-1:] + w[:-1]) if cls else text
+
+
 def pair(texts: tuple[str, str], cls: int, rng: random.Random) -> str:
     en, de = texts
     return f"{de} / {en}" if cls else f"{en} / {de}"
@@ -142,6 +150,12 @@ def source_dup() -> Iterator[str]:
     return (fr for _, fr in catalogues("fr") if words_between(fr, 5, 14))
 
 
+def source_german() -> Iterator[str]:
+    # Without the closing punctuation: a moved "word." at the front would be a cue needing no order.
+    stripped = (de.rstrip(".:!?…") for _, de in catalogues("de"))
+    return (de for de in stripped if words_between(de, 5, 14) and unique_words(de))
+
+
 def source_code() -> Iterator[str]:
     return (t for t, _ in build_suite.code_lang() if words_between(t, 5, 14) and unique_words(t))
 
@@ -160,6 +174,8 @@ FORM_TASKS: dict[str, tuple[str, tuple[str, ...], Callable[[], Iterator], Callab
                  source_dup, double_word),
     "code_swap": ("source line as written (0) or with two tokens exchanged (1)", ("original", "swapped"),
                   source_code, swap_tokens),
+    "last_first": ("German UI message as written (0) or its last word moved to the front (1)", ("original", "last_first"),
+                   source_german, last_to_front),
 }
 
 
