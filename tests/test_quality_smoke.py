@@ -195,6 +195,8 @@ def test_encoder_suite_transforms_and_splits(monkeypatch: pytest.MonkeyPatch) ->
     assert sorted(bes.double_word("a b c", 1, rng).split()) in (["a", "a", "b", "c"], ["a", "b", "b", "c"],
                                                                  ["a", "b", "c", "c"])
     assert bes.pair(("hello world", "hallo welt"), 1, rng) == "hallo welt / hello world"
+    assert bes.last_to_front("Datei konnte nicht geöffnet werden", 1, rng) == "werden Datei konnte nicht geöffnet"
+    assert bes.last_to_front("Datei konnte nicht geöffnet werden", 0, rng) == "Datei konnte nicht geöffnet werden"
 
 
 def test_parallel_runs_keep_each_others_splits(tmp_path: Path) -> None:
