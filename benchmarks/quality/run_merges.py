@@ -208,12 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     subset = "" if tasks == sorted(train_results) else "@" + "+".join(tasks)
     results_path = args.cache / MERGE_RESULTS
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for key, entry in results.items():  # ad-hoc (--config) configurations of earlier runs: known again
-        name = key.split("|")[0].split("@")[0]
-        if name not in CONFIGS and "config" in entry:
-            method, params, scale_name, default = entry["config"]
-            CONFIGS[name] = (method, dict(params), scale_name, default)
-            LABELS[name] = name
+    know_adhoc_configs(results)
     configs = [c for c in args.configs.split(",") if c] + [n for n, _, _ in args.config]
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -265,7 +260,18 @@ def main(argv: list[str] | None = None) -> None:
             lam = best_lambda(results, config + subset)
             if lam is not None:
                 do_job(config, lam, ["validation", "test"])
+    know_adhoc_configs(results)  # a parallel run may have added its own ad-hoc keys since
     print_report({k: v for k, v in results.items() if "@" not in k}, train_results, sorted(train_results))
+
+
+def know_adhoc_configs(results: dict[str, Any]) -> None:
+    """Register the ad-hoc (``--config``) configurations that results of other runs name."""
+    for key, entry in results.items():
+        name = key.split("|")[0].split("@")[0]
+        if name not in CONFIGS and "config" in entry:
+            method, params, scale_name, default = entry["config"]
+            CONFIGS[name] = (method, dict(params), scale_name, default)
+            LABELS[name] = name
 
 
 # ---------------------------------------------------------------- tables
