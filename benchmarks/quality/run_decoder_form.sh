@@ -31,6 +31,7 @@ fi
 if has merges; then
     # Every method at its default scale and the auto rule, on validation and test.
     $M --configs base,ta,ties,do & $M --configs tsv,iso_c,iso_cts,ta_auto; wait
+    $M --configs ties_auto,tsv_auto & $M --configs iso_c_auto,iso_cts_auto; wait
     # Scale grids on validation only; --select then scores test once, at the validation-best scale.
     $M --configs ta,do --lambdas 0.25,0.5,0.75 --splits validation --select &
     $M --configs ties,tsv --lambdas 0.5,0.75 --splits validation --select; wait
