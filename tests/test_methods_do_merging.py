@@ -22,6 +22,10 @@ METHOD = get_method("do_merging")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+SPEC = {"cross_loss": "squared", "lr": 1e-3, "mu": 1.0, "max_delta": 0.2, "on_max_delta": "warn_skip"}
+"""ALGORITHMS.md's orthogonalization settings (the defaults until 2026-12-03): what the references below compute."""
+
+
 def inputs_of(updates: Sequence[TaskUpdate], weights: Sequence[float] | None = None,
               base: torch.Tensor | None = None) -> MergeInputs:
     shape = updates[0].dense().shape
@@ -196,7 +200,7 @@ def test_unsquared_cross_loss_removes_more_overlap_at_the_same_penalty() -> None
     ends closer to orthogonal (and moves the factors further) than the squared one."""
     mats = [u.down for u in overlapping_loras(d_in=200, shared=0.3)]
     settings = {"steps": 400, "lr": 3e-3, "mu": 1.0, "max_delta": 1.0}
-    squared = orthogonalize_rows(mats, OrthoSettings(**settings))
+    squared = orthogonalize_rows(mats, OrthoSettings(**settings, cross_loss="squared"))
     unsquared = orthogonalize_rows(mats, OrthoSettings(**settings, cross_loss="unsquared"))
     assert squared.cross_before == unsquared.cross_before
     assert unsquared.cross_after < 0.5 * squared.cross_after
@@ -222,7 +226,7 @@ def test_rowspace_search_stays_in_the_row_span_and_matches_full_search_loss() ->
 @pytest.mark.parametrize("axis", ["row", "col", "matrix"])
 def test_orthogonalize_then_decouple_equals_dense_reference(axis: str) -> None:
     updates = overlapping_loras()
-    result = METHOD.merge(inputs_of(updates), METHOD.resolve_params({"norm_axis": axis, "steps": 50}))
+    result = METHOD.merge(inputs_of(updates), METHOD.resolve_params({**SPEC, "norm_axis": axis, "steps": 50}))
     a_hat = ref_orthogonalize([u.down for u in updates], steps=50)
     bt_hat = ref_orthogonalize([u.up.T for u in updates], steps=50)
     expected = ref_decouple([bt.T @ a for bt, a in zip(bt_hat, a_hat)], axis)
@@ -232,7 +236,7 @@ def test_orthogonalize_then_decouple_equals_dense_reference(axis: str) -> None:
 
 def test_orthogonalize_lowers_cross_gram_within_max_delta() -> None:
     updates = overlapping_loras(shared=0.3)
-    new, stats = orthogonalize_updates(updates, OrthoSettings())
+    new, stats = orthogonalize_updates(updates, OrthoSettings(**SPEC))
     for side, get in (("A", lambda u: u.down), ("B", lambda u: u.up.T)):
         before, after = cross_gram([get(u) for u in updates]), cross_gram([get(u) for u in new])
         assert after < 0.8 * before
@@ -243,6 +247,21 @@ def test_orthogonalize_lowers_cross_gram_within_max_delta() -> None:
         assert stats[f"ortho_delta_{side}_max"] == pytest.approx(max(ratios), rel=1e-3)
         assert stats[f"ortho_skipped_{side}"] == 0.0
     assert stats["ortho_steps"] == 200.0
+
+
+def test_defaults_remove_nearly_all_overlap_within_max_delta() -> None:
+    """The defaults (unsquared cross loss, lr 3e-2, μ 0.01, max_delta 1, clip) go near orthogonal in 200 steps,
+    further than the spec's settings, and never past max_delta."""
+    updates = overlapping_loras(shared=0.3)
+    new, stats = orthogonalize_updates(updates, OrthoSettings())
+    _, spec_stats = orthogonalize_updates(updates, OrthoSettings(**SPEC))
+    assert stats["ortho_steps"] == 200.0
+    for side, get in (("A", lambda u: u.down), ("B", lambda u: u.up.T)):
+        before, after = cross_gram([get(u) for u in updates]), cross_gram([get(u) for u in new])
+        assert after < 0.05 * before and after < 0.1 * spec_stats[f"ortho_cross_gram_{side}_after"]
+        ratios = [float((get(n) - get(u)).norm() / get(u).norm()) for u, n in zip(updates, new)]
+        assert 0 < max(ratios) <= 1.0 + 1e-6
+        assert stats[f"ortho_skipped_{side}"] == 0.0
 
 
 @pytest.mark.parametrize("sides", ["A", "B"])
@@ -261,7 +280,7 @@ def test_one_side_only_leaves_the_other_as_trained(sides: str) -> None:
 
 def test_max_delta_policies() -> None:
     updates = overlapping_loras(shared=0.9)  # needs a large δ to separate
-    params = {"max_delta": 0.01, "steps": 40}
+    params = {**SPEC, "max_delta": 0.01, "steps": 40}
     with pytest.warns(RuntimeWarning) as record:
         skipped = METHOD.merge(inputs_of(updates), METHOD.resolve_params(params))
     messages = [str(w.message) for w in record]
@@ -288,14 +307,14 @@ def test_skipped_orthogonalization_equals_decouple_alone() -> None:
     updates = overlapping_loras(shared=0.9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        result = METHOD.merge(inputs_of(updates), METHOD.resolve_params({"max_delta": 0.0}))
+        result = METHOD.merge(inputs_of(updates), METHOD.resolve_params({"max_delta": 0.0, "on_max_delta": "warn_skip"}))
     assert result.stats["ortho_skipped_A"] == result.stats["ortho_skipped_B"] == 1.0
     torch.testing.assert_close(result.update.dense(), run(updates, orthogonalize=False), **TOL)
 
 
 def test_full_fine_tunes_orthogonalize_through_svd_factors() -> None:
     taus = [torch.randn(16, 24) + 2 * torch.outer(torch.randn(16), torch.randn(24)) for _ in range(2)]
-    result = METHOD.merge(inputs_of([DenseUpdate(t) for t in taus]), METHOD.resolve_params({"svd_rank": 3, "steps": 30}))
+    result = METHOD.merge(inputs_of([DenseUpdate(t) for t in taus]), METHOD.resolve_params({**SPEC, "svd_rank": 3, "steps": 30}))
     # Reference: balanced rank-3 SVD factors, orthogonalized, the SVD tail kept.
     factors = []
     for t in taus:
@@ -378,7 +397,7 @@ def _module_batch() -> list[MergeInputs]:
 @pytest.mark.parametrize("search_space", ["rowspace", "full"])
 def test_merge_many_equals_merge_per_tensor(search_space: str) -> None:
     """The batched problems (equal shapes and ranks stacked) give each tensor's own result."""
-    params = METHOD.resolve_params({"search_space": search_space, "max_delta": 0.05, "steps": 60})
+    params = METHOD.resolve_params({**SPEC, "search_space": search_space, "max_delta": 0.05, "steps": 60})
     batch = _module_batch()
     with warnings.catch_warnings(record=True) as batched_warnings:
         warnings.simplefilter("always", RuntimeWarning)

@@ -25,7 +25,8 @@ def test_registry_lists_every_method_of_the_spec() -> None:
 
 @pytest.mark.parametrize(("method", "defaults"), [
     ("do_merging", {"orthogonalize": True, "decouple": True, "norm_axis": "row", "direction_reduce": "sum",
-                    "steps": 200, "lr": 1e-3, "mu": 1.0, "max_delta": 0.2, "on_max_delta": "warn_skip",
+                    "steps": 200, "lr": 3e-2, "mu": 0.01, "max_delta": 1.0, "on_max_delta": "clip",
+                    "cross_loss": "unsquared",
                     "eps": 1e-6, "lambda": 1.0, "svd_rank": 64}),
     ("task_arithmetic", {"lambda": 1.0}),
     ("linear", {}),
