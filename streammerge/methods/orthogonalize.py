@@ -17,9 +17,9 @@ factors' norms is kept (it makes μ and lr scale-free, as for the squared loss).
 
 **Defaults** (since 2026-12-03; ALGORITHMS.md's are ``cross_loss=squared, lr=1e-3, mu=1, max_delta=0.2,
 on_max_delta=warn_skip``): ``cross_loss=unsquared, steps=200, lr=3e-2, mu=0.01, max_delta=1, on_max_delta=clip``.
-On validation of both quality suites (benchmarks/quality/README.md, "New DO-Merging defaults") they beat the
-spec's settings by 1.0 (decoder) and 1.6 (encoder) points at the same 200 Adam steps, removing almost all of
-the factors' cross-Gram; the spec's reading stays one set of ``--param`` away.
+On validation of both quality suites (benchmarks/quality/README.md, "New DO-Merging defaults") they beat
+the spec's settings by 1.5 (decoder) and 1.6 (encoder) points, each at its best λ, in the same 200 Adam
+steps, removing almost all of the factors' cross-Gram; the spec's reading stays one set of ``--param`` away.
 
 Adam's step is about ``lr`` *per element*.  We therefore optimise ``P_i = δ_i / rms(X_i)``
 (rms = ‖X_i‖_F / √numel): one step then moves ``‖δ_i‖/‖X_i‖`` by at most about ``lr``, for any
