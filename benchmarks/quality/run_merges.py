@@ -44,6 +44,9 @@ CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
     "base": ("task_arithmetic", {"lambda": "0"}, "lambda", 0.0),
     "ta": ("task_arithmetic", {}, "lambda", 1.0),
     "do": ("do_merging", {}, "lambda", 1.0),
+    # ALGORITHMS.md's orthogonalization: DO-Merging's defaults until 2026-12-03 (the "do" rows of earlier runs)
+    "do_spec": ("do_merging", {"cross_loss": "squared", "lr": "1e-3", "mu": "1", "max_delta": "0.2",
+                               "on_max_delta": "warn_skip"}, "lambda", 1.0),
     "do_ortho_only": ("do_merging", {"decouple": "false"}, "lambda", 1.0),
     "do_decouple_only": ("do_merging", {"orthogonalize": "false"}, "lambda", 1.0),
     "do_col": ("do_merging", {"norm_axis": "col"}, "lambda", 1.0),
@@ -67,7 +70,7 @@ CONFIGS: dict[str, tuple[str, dict[str, str], str, float]] = {
 }
 LABELS = {
     "base": "No merge (base backbone, each task's trained head)",
-    "ta": "Task Arithmetic", "do": "DO-Merging", "do_ortho_only": "orthogonalize only",
+    "ta": "Task Arithmetic", "do": "DO-Merging", "do_spec": "DO-Merging, spec settings", "do_ortho_only": "orthogonalize only",
     "do_decouple_only": "decouple only", "do_col": "DO-Merging, norm_axis=col",
     "do_matrix": "DO-Merging, norm_axis=matrix", "do_mean": "DO-Merging, direction_reduce=mean",
     "linear": "Linear (average)", "ties": "TIES", "ties_do": "TIES + DO components", "dare_ties": "DARE-TIES",
