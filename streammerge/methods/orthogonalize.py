@@ -23,8 +23,9 @@ steps, removing almost all of the factors' cross-Gram; the spec's reading stays 
 
 Adam's step is about ``lr`` *per element*.  We therefore optimise ``P_i = δ_i / rms(X_i)``
 (rms = ‖X_i‖_F / √numel): one step then moves ``‖δ_i‖/‖X_i‖`` by at most about ``lr``, for any
-shape, so ``lr · steps`` bounds how far δ can go (the spec's ``1e-3 · 200 = 0.2`` matches its ``max_delta``).  (Read literally,
-"lr on δ/‖X_i‖" would move ``‖δ‖/‖X‖`` by ``lr·√numel`` per step: 0.25 for a 16×4096 A.)
+shape, so ``lr · steps`` bounds how far δ can go (the spec's ``1e-3 · 200 = 0.2`` matches its
+``max_delta``).  (Read literally, "lr on δ/‖X_i‖" would move ``‖δ‖/‖X‖`` by ``lr·√numel`` per step:
+0.25 for a 16×4096 A.)
 The gradient is analytic (``∂L/∂X = 4 C X``, C = off-diagonal blocks of ``X Xᵀ``), so this
 runs under ``torch.inference_mode`` and on any device.
 
@@ -104,19 +105,22 @@ def switch(default: bool) -> Param:
     return Param("orthogonalize", bool, default, "orthogonalize the tasks' factors first (DO-Merging step 1)")
 
 
+_DEFAULTS = {p.name: p.default for p in ORTHOGONALIZE_PARAMS}
+
+
 @dataclass(frozen=True)
 class OrthoSettings:
-    """The orthogonalization parameters, resolved."""
+    """The orthogonalization parameters, resolved (defaults: ``ORTHOGONALIZE_PARAMS``')."""
 
-    steps: int = 200
-    lr: float = 3e-2
-    mu: float = 0.01
-    max_delta: float = 1.0
-    on_max_delta: str = "clip"
-    svd_rank: int = 64
-    search_space: str = "rowspace"
-    sides: str = "both"
-    cross_loss: str = "unsquared"
+    steps: int = _DEFAULTS["steps"]
+    lr: float = _DEFAULTS["lr"]
+    mu: float = _DEFAULTS["mu"]
+    max_delta: float = _DEFAULTS["max_delta"]
+    on_max_delta: str = _DEFAULTS["on_max_delta"]
+    svd_rank: int = _DEFAULTS["svd_rank"]
+    search_space: str = _DEFAULTS["search_space"]
+    sides: str = _DEFAULTS["sides"]
+    cross_loss: str = _DEFAULTS["cross_loss"]
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> OrthoSettings:
